@@ -1,0 +1,93 @@
+"""Routing statistics measured on calibration text, by running the model itself layer by layer.
+
+Per MoE layer: how many tokens each expert received (popularity).  Per layer i ≥ 1 that has a router:
+the mean cosine similarity between the gate inputs of layers i-1 and i, and the recall of the
+cross-layer prediction — layer i's router applied to layer i-1's gate input — with k, k+1, k+2 and
+k+4 candidates: the share of the experts layer i really chose that were among the predicted ones.
+
+Memory stays bounded: only one layer's non-expert weights and one expert are materialised at a time,
+plus the hidden states of the calibration tokens (tokens × hidden × 4 bytes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fate.convert import arch as A
+from fate.formats import constants as C
+from fate.formats.hf import HFCheckpoint
+from fate.runtime.config import ModelConfig
+from fate.runtime.model import DenseExperts, MoEModel
+
+
+@dataclass
+class CalibStats:
+    popularity: torch.Tensor  # int64 [L, E]
+    cosine: torch.Tensor  # float32 [L], NaN where undefined
+    recall: torch.Tensor  # float32 [L, len(RECALL_EXTRA)], NaN where undefined
+    tokens: int
+
+
+class _LayerWeights:
+    """WeightSource over the checkpoint that keeps only the tensors of the current layer in memory."""
+
+    def __init__(self, ckpt: HFCheckpoint, mapping: dict[str, tuple[str, tuple[int, ...]]]):
+        self.ckpt, self.mapping, self.cache = ckpt, mapping, {}
+
+    def get(self, name: str):
+        t = self.cache.get(name)
+        if t is None:
+            if name not in self.mapping:
+                return None
+            hf_name, shape = self.mapping[name]
+            t = self.ckpt.get(hf_name, shape).to(torch.float32)
+            self.cache[name] = t
+        return t
+
+    def drop(self) -> None:
+        self.cache = {}
+
+
+def calibrate(ckpt: HFCheckpoint, spec: A.ArchSpec, cfg: ModelConfig, token_ids: list[int], seq_len: int,
+              get_expert, progress=None) -> CalibStats:
+    """``get_expert(layer, e) -> (gate, up, down)`` float32 tensors of the original weights."""
+    weights = _LayerWeights(ckpt, A.non_expert_tensors(spec, cfg))
+    model = MoEModel(cfg, weights, DenseExperts(get_expert), dtype=torch.float32, device="cpu")
+    L, E, k = cfg.n_layers, max(cfg.n_experts, 1), cfg.top_k
+    extras = C.RECALL_EXTRA
+    popularity = torch.zeros(L, E, dtype=torch.int64)
+    cosine = torch.full((L,), float("nan"))
+    recall = torch.full((L, len(extras)), float("nan"))
+
+    seqs = [torch.tensor(token_ids[s:s + seq_len], dtype=torch.long) for s in range(0, len(token_ids), seq_len)]
+    lengths = [len(ids) for ids in seqs]
+    with torch.inference_mode():
+        h = torch.cat([model.embed(ids) for ids in seqs])
+        weights.drop()
+        prev_g: torch.Tensor | None = None
+        for i in range(L):
+            # attention runs per sequence (causal within it); everything after it is per token, so the
+            # FFN runs once over all tokens and each expert is read from the checkpoint once per layer
+            h = torch.cat([model.attention(i, part, torch.arange(len(part)), None)
+                           for part in torch.split(h, lengths)])
+            g = model.gate_input(i, h)
+            if cfg.moe_layers[i]:
+                _, topk, _ = model.route(i, g)
+                popularity[i] = torch.bincount(topk.flatten(), minlength=E)
+                if prev_g is not None:
+                    router = weights.get(C.T_FFN_GATE_INP.format(i=i))
+                    order = F.linear(prev_g, router).argsort(dim=-1, descending=True, stable=True)
+                    for j, m in enumerate(extras):
+                        cand = order[:, : min(k + m, E)]
+                        hit = (topk.unsqueeze(-1) == cand.unsqueeze(1)).any(-1).sum(-1)
+                        recall[i, j] = hit.double().mean().item() / k
+                    cosine[i] = F.cosine_similarity(prev_g.double(), g.double(), dim=-1).mean().item()
+            h = h + model.ffn(i, g)
+            prev_g = g
+            weights.drop()
+            if progress is not None:
+                progress.update(1)
+    return CalibStats(popularity, cosine, recall, len(token_ids))

@@ -1,0 +1,320 @@
+"""fate-convert on tiny random checkpoints of every architecture: blobs, checksums, calibration
+statistics against an independent transformers computation, both output formats, and bad inputs."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import fate
+from fate import quant as Q
+from fate.convert import arch as A
+from fate.convert.cli import main as convert_main
+from fate.convert.convert import ConvertError
+from fate.formats import constants as C
+from fate.formats.bundle import Bundle
+from tests.tiny_models import ARCHS, load_oracle, make_checkpoint
+
+CALIB_TEXT = ("The quick brown fox jumps over the lazy dog. Experts are routed by a gate; "
+              "cross-layer prediction reads the next router early. 1 2 3 4 5. def f(x): return x * 2\n") * 8
+CALIB_TOKENS = 200
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text(CALIB_TEXT)
+    return p
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, calib_file):
+    """arch → (checkpoint dir, gguf bundle path) with f16, q4 and q2 experts and calibration."""
+    out = {}
+    for arch in ARCHS:
+        d = tmp_path_factory.mktemp(arch)
+        ckpt = d / "ckpt"
+        make_checkpoint(arch, ckpt, shards=2 if arch == "mixtral" else 1)
+        bundle = d / "model.gguf"
+        fate.convert(ckpt, bundle, experts="f16,q4,q2", calib=str(calib_file), calib_tokens=CALIB_TOKENS,
+                     progress=False)
+        out[arch] = (ckpt, bundle)
+    return out
+
+
+def _hf(ckpt: Path):
+    from fate.formats.hf import HFCheckpoint
+
+    c = HFCheckpoint(ckpt)
+    return c, A.spec_for(c.config), A.model_config(c.config)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_experts_blobs_checksums_and_round_trip(converted, arch):
+    ckpt_dir, path = converted[arch]
+    ckpt, spec, cfg = _hf(ckpt_dir)
+    b = Bundle(path)
+    align = b.metadata[C.K_EXPERT_ALIGNMENT]
+    assert b.metadata[C.K_PRECISIONS] == ["f16", "q4", "q2"]
+    for i in range(cfg.n_layers):
+        for p in ("f16", "q4", "q2"):
+            name = C.T_EXPERTS.format(i=i, p=p)
+            if not cfg.moe_layers[i]:
+                assert name not in b.tensors
+                continue
+            entry = b.tensors[name]
+            stride = b.metadata[C.K_PRECISION_BLOB_STRIDE.format(p=p)]
+            size = b.metadata[C.K_PRECISION_BLOB_SIZE.format(p=p)]
+            assert entry.shape == (cfg.n_experts, stride)
+            assert entry.offset % align == 0 and stride % align == 0
+            crcs = b.tensor(C.T_EXPERTS_CRC.format(i=i, p=p))
+            raw = b.tensor(name).view(torch.uint8)
+            for e in range(cfg.n_experts):
+                assert zlib.crc32(raw[e, :size].numpy().tobytes()) == int(crcs[e])
+    # round trip on the first MoE layer: f16 exact, q4/q2 equal to hqq's own dequantization
+    i = cfg.moe_layer_ids[0]
+    for e in (0, cfg.n_experts - 1):
+        src = [ckpt.get(n).float() for n in A.expert_tensor_names(spec, i, e)]
+        for p in ("f16", "q4", "q2"):
+            s = Q.QuantSpec(p, b.metadata[C.K_PRECISION_BITS.format(p=p)], b.metadata[C.K_PRECISION_GROUP.format(p=p)])
+            layout = Q.expert_blob_layout(cfg.hidden_size, cfg.expert_ffn, s)
+            got = Q.unpack_expert(b.expert_blob(i, p, e), layout)
+            for w, g in zip(src, got):
+                if p == "f16":
+                    assert torch.equal(g, w.half().float())
+                else:
+                    torch.testing.assert_close(g, Q.hqq_reference_dequant(w, s), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_non_expert_tensors_and_gguf_reader(converted, arch):
+    from gguf import GGUFReader
+
+    ckpt_dir, path = converted[arch]
+    ckpt, spec, cfg = _hf(ckpt_dir)
+    r = GGUFReader(path)
+    names = {t.name for t in r.tensors}
+    assert {"token_embd.weight", "output_norm.weight", "blk.0.attn_q.weight", "blk.0.ffn_norm.weight"} <= names
+    arch_name = C.LLAMA_CPP_ARCH[arch]
+    assert r.fields["general.architecture"].contents() == arch_name
+    assert r.fields[f"{arch_name}.block_count"].contents() == cfg.n_layers
+    assert r.fields[f"{arch_name}.expert_count"].contents() == cfg.n_experts
+    b = Bundle(path)
+    for name, (hf_name, shape) in A.non_expert_tensors(spec, cfg).items():
+        t = b.tensor(name)
+        src = ckpt.get(hf_name)
+        want = src.float() if (name.endswith("norm.weight") or ".ffn_gate_inp" in name) else src.half()
+        assert t.shape == tuple(shape)
+        assert torch.equal(t, want), name
+    assert json.loads(b.metadata[C.K_MODEL_CONFIG]) == json.loads(cfg.to_json())
+    assert b.metadata[C.K_TOKENIZER_HF_JSON] == (ckpt_dir / "tokenizer.json").read_text()
+    assert "<|im_start|>" in b.metadata[C.K_CHAT_TEMPLATE]
+
+
+def _oracle_stats(arch: str, ckpt_dir: Path, ids: list[int], cfg):
+    """Calibration statistics computed independently: transformers' forward, gate inputs captured with
+    hooks on post_attention_layernorm, routers applied by hand from the oracle's own parameters."""
+    model = load_oracle(arch, ckpt_dir)
+    layers = model.model.layers
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [layer.post_attention_layernorm.register_forward_hook(
+        lambda mod, inp, out, i=i: captured.__setitem__(i, out[0].detach().float())) for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    L, E, k = cfg.n_layers, cfg.n_experts, cfg.top_k
+    pop = torch.zeros(L, E, dtype=torch.int64)
+    cos = torch.full((L,), float("nan"))
+    rec = torch.full((L, 4), float("nan"))
+    for i in range(L):
+        if not cfg.moe_layers[i]:
+            continue
+        moe = layers[i].mlp if hasattr(layers[i].mlp, "gate") else layers[i].block_sparse_moe
+        w = moe.gate.weight.float()
+        probs = torch.softmax(captured[i] @ w.T, dim=-1)
+        top = probs.topk(k, dim=-1).indices
+        pop[i] = torch.bincount(top.flatten(), minlength=E)
+        if i > 0:
+            pred = captured[i - 1] @ w.T
+            cos[i] = torch.nn.functional.cosine_similarity(captured[i - 1].double(), captured[i].double(), dim=-1).mean()
+            for j, m in enumerate((0, 1, 2, 4)):
+                cand = pred.topk(min(k + m, E), dim=-1).indices
+                rec[i, j] = (top.unsqueeze(-1) == cand.unsqueeze(1)).any(-1).sum(-1).double().mean() / k
+    return pop, cos, rec
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_calibration_statistics_match_transformers(converted, arch, calib_file):
+    from tokenizers import Tokenizer
+
+    ckpt_dir, path = converted[arch]
+    _, _, cfg = _hf(ckpt_dir)
+    b = Bundle(path)
+    ids = Tokenizer.from_file(str(ckpt_dir / "tokenizer.json")).encode(CALIB_TEXT, add_special_tokens=False).ids
+    ids = ids[:CALIB_TOKENS]
+    assert b.metadata[C.K_CALIB_TOKENS] == len(ids) == CALIB_TOKENS
+    pop, cos, rec = _oracle_stats(arch, ckpt_dir, ids, cfg)
+    assert torch.equal(b.tensor(C.T_CALIB_POPULARITY), pop)
+    assert pop.sum() == CALIB_TOKENS * cfg.top_k * len(cfg.moe_layer_ids)
+    torch.testing.assert_close(b.tensor(C.T_CALIB_COSINE), cos.float(), atol=1e-4, rtol=0, equal_nan=True)
+    torch.testing.assert_close(b.tensor(C.T_CALIB_RECALL), rec.float(), atol=1e-4, rtol=0, equal_nan=True)
+    r = b.tensor(C.T_CALIB_RECALL)
+    finite = r[~torch.isnan(r[:, 0])]
+    assert len(finite) >= 1 and (finite[:, 1:] >= finite[:, :-1]).all()  # more candidates, more recall
+
+
+def test_safetensors_output_matches_gguf(converted, tmp_path):
+    from safetensors import safe_open
+
+    ckpt_dir, gguf_path = converted["qwen2_moe"]
+    out = tmp_path / "model.safetensors"
+    fate.convert(ckpt_dir, out, experts="q4,q2", calib_tokens=64, progress=False)
+    g, s = Bundle(gguf_path), Bundle(out)
+    with safe_open(str(out), framework="pt") as f:
+        keys = set(f.keys())
+        assert "token_embd.weight" in keys and "blk.0.fate_exps.q4" in keys
+        assert json.loads(f.metadata()[C.MAGIC_KEY]) == C.FORMAT_VERSION
+        assert torch.equal(f.get_tensor("blk.1.attn_q.weight"), g.tensor("blk.1.attn_q.weight"))
+    assert s.metadata[C.K_PRECISIONS] == ["q4", "q2"]
+    for p in ("q4", "q2"):  # quantization is deterministic: the same blobs in both containers
+        assert torch.equal(s.expert_blob(0, p, 3), g.expert_blob(0, p, 3))
+    for t in s.tensors.values():
+        assert t.offset % s.metadata[C.K_EXPERT_ALIGNMENT] == 0
+
+
+def test_builtin_calibration_and_no_calib(converted, tmp_path):
+    ckpt_dir, _ = converted["olmoe"]
+    a = tmp_path / "a.gguf"
+    fate.convert(ckpt_dir, a, calib_tokens=128, progress=False)
+    b = Bundle(a)
+    assert b.metadata[C.K_CALIB_SOURCE] == "builtin:calib.txt" and b.metadata[C.K_CALIB_TOKENS] == 128
+    n = tmp_path / "n.gguf"
+    fate.convert(ckpt_dir, n, no_calib=True, progress=False)
+    bn = Bundle(n)
+    assert bn.metadata[C.K_CALIB_PRESENT] is False and C.T_CALIB_POPULARITY not in bn.tensors
+
+
+# --- bad input: one clear line, non-zero exit, nothing written -----------------------------------------
+
+def _cli(args):
+    return CliRunner().invoke(convert_main, [str(a) for a in args])
+
+
+def _assert_one_line_error(res, *needles):
+    assert res.exit_code == 2, res.output
+    lines = [l for l in res.output.strip().splitlines() if l]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture
+def small_ckpt(tmp_path):
+    d = tmp_path / "ckpt"
+    make_checkpoint("mixtral", d, n_layers=2)
+    return d
+
+
+def test_cli_success_prints_summary(small_ckpt, tmp_path):
+    out = tmp_path / "m.gguf"
+    res = _cli([small_ckpt, out, "--no-calib", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "wrote" in res.output and "q4" in res.output and out.is_file()
+    res = _cli([small_ckpt, out, "--no-calib", "-q"])
+    _assert_one_line_error(res, "already exists", "--force")
+    assert _cli([small_ckpt, out, "--no-calib", "-q", "--force"]).exit_code == 0
+
+
+def test_bad_inputs(small_ckpt, tmp_path):
+    out = tmp_path / "o.gguf"
+    _assert_one_line_error(_cli([tmp_path / "nope", out]), "no such directory")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _assert_one_line_error(_cli([empty, out]), "config.json is missing")
+    _assert_one_line_error(_cli([small_ckpt, tmp_path / "o.bin"]), ".gguf or .safetensors")
+    _assert_one_line_error(_cli([small_ckpt, tmp_path / "missing-dir" / "o.gguf"]), "does not exist")
+    _assert_one_line_error(_cli([small_ckpt, out, "--experts", "q3"]), "--experts")
+    _assert_one_line_error(_cli([small_ckpt, out, "--group-size-q4", "48"]), "group size 48", "--group-size-q4")
+    empty_calib = tmp_path / "empty.txt"
+    empty_calib.write_text("  \n")
+    _assert_one_line_error(_cli([small_ckpt, out, "--calib", empty_calib]), "empty")
+    _assert_one_line_error(_cli([small_ckpt, out, "--calib", tmp_path / "nope.txt"]), "no such file")
+    assert not out.exists()
+
+
+def _variant(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_checkpoints(small_ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "o.gguf"
+    d = _variant(small_ckpt, tmp_path / "arch")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "llama4"
+    (d / "config.json").write_text(json.dumps(cfg))
+    _assert_one_line_error(_cli([d, out]), "'llama4' is not supported", "qwen2_moe")
+
+    d = _variant(small_ckpt, tmp_path / "trunc")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    _assert_one_line_error(_cli([d, out]), "truncated")
+
+    d = _variant(small_ckpt, tmp_path / "missing")
+    t = load_file(d / "model.safetensors")
+    del t["model.layers.1.block_sparse_moe.experts.5.w2.weight"]
+    save_file(t, d / "model.safetensors")
+    _assert_one_line_error(_cli([d, out]), "experts.5.w2.weight", "missing")
+
+    d = _variant(small_ckpt, tmp_path / "shape")
+    t = load_file(d / "model.safetensors")
+    t["model.layers.0.self_attn.q_proj.weight"] = t["model.layers.0.self_attn.q_proj.weight"][:-1].contiguous()
+    save_file(t, d / "model.safetensors")
+    _assert_one_line_error(_cli([d, out]), "q_proj.weight", "shape")
+
+    d = _variant(small_ckpt, tmp_path / "notok")
+    (d / "tokenizer.json").unlink()
+    _assert_one_line_error(_cli([d, out]), "tokenizer.json is missing")
+    assert not out.exists() and not list(tmp_path.glob(".o.gguf.part-*"))
+
+
+def test_interrupted_or_failed_write_leaves_nothing(small_ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "o.gguf"
+    calls = {"n": 0}
+    real = Q.pack_expert
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(Q, "pack_expert", dying)
+    with pytest.raises(KeyboardInterrupt):
+        fate.convert(small_ckpt, out, no_calib=True, progress=False)
+    assert not out.exists() and not list(tmp_path.glob(".o.gguf.part-*"))
+    monkeypatch.setattr(Q, "pack_expert", real)
+
+    real_pwrite = os.pwrite
+
+    def full(fd, data, offset):
+        if offset > 4096:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(ConvertError, match="No space left on device"):
+        fate.convert(small_ckpt, out, no_calib=True, progress=False)
+    assert not out.exists() and not list(tmp_path.glob(".o.gguf.part-*"))
