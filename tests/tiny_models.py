@@ -1,0 +1,456 @@
+"""Tiny random Hugging Face checkpoints for every supported architecture, made in the test (nothing is
+downloaded), plus the oracles they are checked against.
+
+* :func:`make_checkpoint` writes a real checkpoint directory — ``config.json``, ``model.safetensors``
+  (or shards with ``model.safetensors.index.json``), ``tokenizer.json``, ``tokenizer_config.json`` and
+  ``generation_config.json`` — exactly as a converter would find one on disk.
+* :func:`load_oracle` returns a transformers model computing the same function.
+* :func:`load_fate_model` builds fate's :class:`~fate.runtime.model.MoEModel` straight from the
+  checkpoint (through ``fate.convert.arch``'s tensor mapping), with experts as plain tensors.
+
+Dimensions: hidden 64, 4 heads, 2 kv heads, expert FFN 64, 8 experts, top-2, vocab 384.  hidden and
+the expert FFN are multiples of 64 because the converter quantizes in groups of 64 along the input
+dimension.  Weights are drawn with a larger spread than transformers' default init so activations stay
+well away from zero, and router weights larger still so top-k choices are decisive (no near-ties that
+a different summation order could flip); the LM head is scaled up so greedy choices are decisive too.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+ARCHS = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek")
+
+VOCAB = 384
+HIDDEN = 64
+HEADS = 4
+KV_HEADS = 2
+EXPERT_FFN = 64
+DENSE_FFN = 128
+SHARED_FFN = 128
+EXPERTS = 8
+TOP_K = 2
+MAX_POS = 512
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+EOS = "<|im_end|>"
+PAD = "<|endoftext|>"
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# standard deviations of the random weights, by kind
+STD_LINEAR = 0.08
+STD_EMBED = 0.5
+STD_ROUTER = 0.7
+STD_HEAD = 0.5
+STD_BIAS = 0.1
+STD_NORM = 0.1  # norms are 1 + N(0, STD_NORM)
+
+_CORPUS_WORDS = (
+    "the quick brown fox jumps over the lazy dog while experts stream from disk into a small cache "
+    "mixture of experts models route every token to a few experts chosen by a learned router "
+    "prefetching predicts the next layer's experts from this layer's gate input one layer early "
+    "hello world tiny models are built in the test and never downloaded from anywhere at all "
+    "numbers 0 1 2 3 4 5 6 7 8 9 10 42 100 2024 and punctuation , . ; : ! ? ( ) [ ] { } - + = * / "
+    "user assistant system chat template message content role answer question why how what when"
+).split()
+
+
+def _corpus() -> list[str]:
+    g = torch.Generator().manual_seed(1234)
+    lines = []
+    for _ in range(400):
+        n = int(torch.randint(4, 16, (1,), generator=g))
+        idx = torch.randint(0, len(_CORPUS_WORDS), (n,), generator=g).tolist()
+        lines.append(" ".join(_CORPUS_WORDS[i] for i in idx))
+    return lines
+
+
+@functools.lru_cache(maxsize=8)
+def tokenizer_json(vocab_size: int = VOCAB) -> str:
+    """A byte-level BPE tokenizer trained on a few hundred generated sentences, ``vocab_size`` entries
+    (specials first: <|endoftext|>=0, <|im_start|>=1, <|im_end|>=2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer)
+    if tok.get_vocab_size() > vocab_size:
+        raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} entries for a vocab of {vocab_size}")
+    return tok.to_str()
+
+
+def token_id(token: str) -> int:
+    return SPECIAL_TOKENS.index(token)
+
+
+def _rope_params(theta: float = 10000.0) -> dict:
+    return {"rope_type": "default", "rope_theta": theta}
+
+
+def hf_config_kwargs(arch: str, n_layers: int) -> dict:
+    """transformers config kwargs of the tiny model of ``arch`` (before overrides)."""
+    common = dict(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=n_layers, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, rms_norm_eps=1e-6, max_position_embeddings=MAX_POS,
+        rope_parameters=_rope_params(), tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=token_id(EOS), pad_token_id=token_id(PAD),
+    )
+    if arch == "qwen2_moe":
+        return dict(common, intermediate_size=DENSE_FFN, moe_intermediate_size=EXPERT_FFN,
+                    shared_expert_intermediate_size=SHARED_FFN, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
+                    norm_topk_prob=False, qkv_bias=True, decoder_sparse_step=1, mlp_only_layers=[])
+    if arch == "qwen3_moe":
+        return dict(common, head_dim=32, intermediate_size=DENSE_FFN, moe_intermediate_size=EXPERT_FFN,
+                    num_experts=EXPERTS, num_experts_per_tok=TOP_K, norm_topk_prob=True,
+                    decoder_sparse_step=1, mlp_only_layers=[])
+    if arch == "mixtral":
+        return dict(common, intermediate_size=EXPERT_FFN, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K,
+                    sliding_window=None)
+    if arch == "olmoe":
+        return dict(common, intermediate_size=EXPERT_FFN, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
+                    norm_topk_prob=False, clip_qkv=None)
+    raise ValueError(f"no transformers class for {arch!r}")
+
+
+def deepseek_config(n_layers: int, **overrides) -> dict:
+    """config.json of a DeepSeekMoE (v1, ``model_type: deepseek``) checkpoint."""
+    cfg = {
+        "architectures": ["DeepseekForCausalLM"],
+        "model_type": "deepseek",
+        "vocab_size": VOCAB,
+        "hidden_size": HIDDEN,
+        "intermediate_size": DENSE_FFN,
+        "moe_intermediate_size": EXPERT_FFN,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "n_routed_experts": EXPERTS,
+        "n_shared_experts": 2,
+        "num_experts_per_tok": TOP_K,
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "norm_topk_prob": False,
+        "scoring_func": "softmax",
+        "aux_loss_alpha": 0.001,
+        "seq_aux": True,
+        "hidden_act": "silu",
+        "max_position_embeddings": MAX_POS,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": None,
+        "eos_token_id": token_id(EOS),
+        "pad_token_id": token_id(PAD),
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def _std_for(name: str) -> tuple[float, float]:
+    """(mean, std) of the random init of the tensor called ``name``."""
+    if name.endswith("norm.weight"):
+        return 1.0, STD_NORM
+    if name == "lm_head.weight":
+        return 0.0, STD_HEAD
+    if name.endswith("embed_tokens.weight"):
+        return 0.0, STD_EMBED
+    if name.endswith(".bias"):
+        return 0.0, STD_BIAS
+    if name.endswith("mlp.gate.weight") or name.endswith("block_sparse_moe.gate.weight"):
+        return 0.0, STD_ROUTER
+    return 0.0, STD_LINEAR
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            mean, std = _std_for(name)
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std + mean)
+
+
+def _deepseek_tensors(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Random tensors of a DeepSeekMoE checkpoint in its own Hugging Face naming."""
+    g = torch.Generator().manual_seed(seed)
+    H, V = cfg["hidden_size"], cfg["vocab_size"]
+    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    D = H // nh
+    F_exp, F_dense = cfg["moe_intermediate_size"], cfg["intermediate_size"]
+    F_sh = F_exp * cfg["n_shared_experts"]
+    out: dict[str, torch.Tensor] = {}
+
+    def put(name: str, *shape: int) -> None:
+        mean, std = _std_for(name)
+        out[name] = torch.randn(shape, generator=g, dtype=torch.float32) * std + mean
+
+    put("model.embed_tokens.weight", V, H)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        put(p + "input_layernorm.weight", H)
+        put(p + "post_attention_layernorm.weight", H)
+        put(p + "self_attn.q_proj.weight", nh * D, H)
+        put(p + "self_attn.k_proj.weight", nkv * D, H)
+        put(p + "self_attn.v_proj.weight", nkv * D, H)
+        put(p + "self_attn.o_proj.weight", H, nh * D)
+        if deepseek_layer_is_moe(cfg, i):
+            put(p + "mlp.gate.weight", cfg["n_routed_experts"], H)
+            for e in range(cfg["n_routed_experts"]):
+                q = p + f"mlp.experts.{e}."
+                put(q + "gate_proj.weight", F_exp, H)
+                put(q + "up_proj.weight", F_exp, H)
+                put(q + "down_proj.weight", H, F_exp)
+            if F_sh:
+                put(p + "mlp.shared_experts.gate_proj.weight", F_sh, H)
+                put(p + "mlp.shared_experts.up_proj.weight", F_sh, H)
+                put(p + "mlp.shared_experts.down_proj.weight", H, F_sh)
+        else:
+            put(p + "mlp.gate_proj.weight", F_dense, H)
+            put(p + "mlp.up_proj.weight", F_dense, H)
+            put(p + "mlp.down_proj.weight", H, F_dense)
+    put("model.norm.weight", H)
+    if not cfg.get("tie_word_embeddings", False):
+        put("lm_head.weight", V, H)
+    return out
+
+
+def deepseek_layer_is_moe(cfg: dict, i: int) -> bool:
+    """DeepSeekMoE's own rule: routed experts from ``first_k_dense_replace`` on, every ``moe_layer_freq``."""
+    return (cfg.get("n_routed_experts") or 0) > 0 and i >= cfg.get("first_k_dense_replace", 0) \
+        and i % cfg.get("moe_layer_freq", 1) == 0
+
+
+def _write_shards(tensors: dict[str, torch.Tensor], out_dir: Path, shards: int) -> None:
+    for f in out_dir.glob("model*.safetensors*"):
+        f.unlink()
+    names = sorted(tensors)
+    if shards <= 1:
+        save_file({n: tensors[n].contiguous() for n in names}, str(out_dir / "model.safetensors"),
+                  metadata={"format": "pt"})
+        return
+    shards = min(shards, len(names))
+    per = -(-len(names) // shards)
+    weight_map, total = {}, 0
+    for s in range(shards):
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n].contiguous() for n in names[s * per:(s + 1) * per]}
+        save_file(part, str(out_dir / fname), metadata={"format": "pt"})
+        for n, t in part.items():
+            weight_map[n] = fname
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def _write_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    (out_dir / "tokenizer.json").write_text(tokenizer_json(vocab_size))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "unk_token": None,
+        "add_bos_token": False,
+        "model_max_length": MAX_POS,
+        "chat_template": CHATML,
+    }, indent=2))
+    (out_dir / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": None,
+        "eos_token_id": [token_id(EOS), token_id(PAD)],
+        "pad_token_id": token_id(PAD),
+        "do_sample": False,
+    }, indent=2))
+
+
+def make_checkpoint(arch: str, out_dir: str | os.PathLike, *, seed: int = 0, n_layers: int = 3,
+                    dtype: torch.dtype = torch.float32, shards: int = 1, **overrides) -> dict:
+    """Write a tiny random ``arch`` checkpoint to ``out_dir``; return its config dict (config.json).
+
+    ``overrides`` are config keys (transformers' names; DeepSeekMoE's for ``deepseek``), e.g.
+    ``tie_word_embeddings=True``, ``mlp_only_layers=[1]``, ``clip_qkv=0.5``, ``norm_topk_prob=True``,
+    ``rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}``.
+    qwen2_moe/qwen3_moe/mixtral/olmoe are built with transformers' own classes and written with
+    ``save_pretrained`` (per-expert tensor names); deepseek, which transformers lacks, is written by hand
+    in DeepSeekMoE's naming.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; known: {ARCHS}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if arch == "deepseek":
+        cfg = deepseek_config(n_layers, **overrides)
+        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+        tensors = {n: t.to(dtype) for n, t in _deepseek_tensors(cfg, seed).items()}
+        _write_shards(tensors, out, shards)
+        (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    else:
+        import transformers
+
+        cls_cfg, cls_model = {
+            "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+            "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+            "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+            "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
+        }[arch]
+        hf_cfg = cls_cfg(**{**hf_config_kwargs(arch, n_layers), **overrides})
+        model = cls_model(hf_cfg)
+        _randomize(model, seed)
+        model = model.to(dtype)
+        model.save_pretrained(out)
+        if shards > 1:
+            tensors = read_checkpoint_tensors(out)
+            _write_shards(tensors, out, shards)
+        cfg = json.loads((out / "config.json").read_text())
+        if arch == "qwen3_moe" and "num_local_experts" in cfg:
+            # transformers 5 writes Qwen3-MoE's expert count as num_local_experts (its attribute_map);
+            # released Qwen3-MoE checkpoints say num_experts.  Keep the released spelling.
+            cfg["num_experts"] = cfg.pop("num_local_experts")
+            (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    _write_tokenizer(out, cfg["vocab_size"])
+    return cfg
+
+
+# --- reading a checkpoint back -------------------------------------------------------------------
+
+def checkpoint_files(ckpt_dir: str | os.PathLike) -> list[Path]:
+    d = Path(ckpt_dir)
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [d / f for f in sorted(set(weight_map.values()))]
+    return [d / "model.safetensors"]
+
+
+def read_checkpoint_tensors(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in checkpoint_files(ckpt_dir):
+        with safe_open(str(f), "pt") as sf:
+            for n in sf.keys():
+                out[n] = sf.get_tensor(n)
+    return out
+
+
+def load_fate_model(ckpt_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32, observer=None,
+                    max_ctx: int | None = None):
+    """(MoEModel, ModelConfig) for a checkpoint: non-expert tensors through ``arch.non_expert_tensors``
+    (shape-checked), routed experts through ``arch.expert_tensor_names`` as plain tensors."""
+    from fate.convert import arch as A
+    from fate.runtime.model import DenseExperts, DictWeights, MoEModel
+
+    hf = json.loads((Path(ckpt_dir) / "config.json").read_text())
+    spec = A.spec_for(hf)
+    cfg = A.model_config(hf)
+    raw = read_checkpoint_tensors(ckpt_dir)
+    bundle: dict[str, torch.Tensor] = {}
+    for name, (hf_name, shape) in A.non_expert_tensors(spec, cfg).items():
+        t = raw[hf_name]
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{hf_name}: shape {tuple(t.shape)}, expected {shape}")
+        bundle[name] = t
+    experts: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+    for layer in cfg.moe_layer_ids:
+        for e in range(cfg.n_experts):
+            experts[layer, e] = tuple(raw[n].to(dtype) for n in A.expert_tensor_names(spec, layer, e))
+    model = MoEModel(cfg, DictWeights(bundle, dtype=dtype), DenseExperts(lambda l, e: experts[l, e]),
+                     dtype=dtype, observer=observer, max_ctx=max_ctx)
+    return model, cfg
+
+
+# --- oracles ---------------------------------------------------------------------------------------
+
+def load_oracle(arch: str, ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """A transformers model computing the same function as the checkpoint in ``ckpt_dir``.
+
+    qwen2_moe, qwen3_moe, mixtral, olmoe: the checkpoint loaded with ``AutoModelForCausalLM``.
+
+    deepseek: transformers has no DeepSeekMoE (v1) class, so the oracle is an independent construction
+    — an equivalent ``Qwen2MoeForCausalLM`` built from the raw DeepSeek tensors:
+      * ``qkv_bias=False`` (DeepSeekMoE attention has no biases; otherwise it is Llama attention, as is
+        Qwen2-MoE's);
+      * the shared expert is DeepSeek's ``shared_experts`` MLP (the ``n_shared_experts`` shared experts
+        are already one MLP of width ``n_shared_experts * moe_intermediate_size``);
+      * Qwen2-MoE multiplies the shared expert by ``sigmoid(shared_expert_gate(x))``: its weight is set
+        to zero, so the factor is sigmoid(0) = 0.5, and the shared down projection is doubled to cancel
+        it (both scalings are by powers of two, hence exact);
+      * DeepSeek's dense layers (before ``first_k_dense_replace``, or off the ``moe_layer_freq`` grid)
+        become Qwen2-MoE ``mlp_only_layers`` with ``intermediate_size`` = DeepSeek's dense width;
+      * routing: softmax over the routed experts, top-k, no renormalization (``norm_topk_prob`` carried
+        over) — Qwen2-MoE's router computes the same.
+    """
+    import transformers
+
+    if arch != "deepseek":
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt_dir), dtype=dtype)
+        return model.eval()
+
+    ds = json.loads((Path(ckpt_dir) / "config.json").read_text())
+    raw = read_checkpoint_tensors(ckpt_dir)
+    L = ds["num_hidden_layers"]
+    moe = [deepseek_layer_is_moe(ds, i) for i in range(L)]
+    E = ds["n_routed_experts"]
+    rope = {"rope_type": "default", "rope_theta": float(ds.get("rope_theta", 10000.0))}
+    rs = ds.get("rope_scaling") or {}
+    if rs:
+        rope = {"rope_type": rs.get("type", rs.get("rope_type")), "factor": float(rs["factor"]),
+                "rope_theta": rope["rope_theta"]}
+    qcfg = transformers.Qwen2MoeConfig(
+        vocab_size=ds["vocab_size"], hidden_size=ds["hidden_size"], intermediate_size=ds["intermediate_size"],
+        moe_intermediate_size=ds["moe_intermediate_size"],
+        shared_expert_intermediate_size=ds["moe_intermediate_size"] * ds["n_shared_experts"],
+        num_hidden_layers=L, num_attention_heads=ds["num_attention_heads"],
+        num_key_value_heads=ds.get("num_key_value_heads", ds["num_attention_heads"]),
+        num_experts=E, num_experts_per_tok=ds["num_experts_per_tok"], norm_topk_prob=ds["norm_topk_prob"],
+        decoder_sparse_step=1, mlp_only_layers=[i for i in range(L) if not moe[i]], qkv_bias=False,
+        rms_norm_eps=ds["rms_norm_eps"], max_position_embeddings=ds["max_position_embeddings"],
+        rope_parameters=rope, tie_word_embeddings=ds.get("tie_word_embeddings", False),
+        bos_token_id=ds.get("bos_token_id"), eos_token_id=ds.get("eos_token_id"),
+        pad_token_id=ds.get("pad_token_id"),
+    )
+    model = transformers.Qwen2MoeForCausalLM(qcfg)
+    sd = {}
+    for name, t in raw.items():
+        sd[name] = t.float()
+    for i in range(L):
+        p = f"model.layers.{i}."
+        if moe[i]:
+            gate_up, down = [], []
+            for e in range(E):
+                q = p + f"mlp.experts.{e}."
+                gate_up.append(torch.cat([sd.pop(q + "gate_proj.weight"), sd.pop(q + "up_proj.weight")], 0))
+                down.append(sd.pop(q + "down_proj.weight"))
+            sd[p + "mlp.experts.gate_up_proj"] = torch.stack(gate_up)
+            sd[p + "mlp.experts.down_proj"] = torch.stack(down)
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                w = sd.pop(p + f"mlp.shared_experts.{proj}.weight")
+                sd[p + f"mlp.shared_expert.{proj}.weight"] = 2.0 * w if proj == "down_proj" else w
+            sd[p + "mlp.shared_expert_gate.weight"] = torch.zeros(1, ds["hidden_size"])
+    if qcfg.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    model.load_state_dict(sd, strict=True)
+    # .to(dtype) would also round RoPE's inverse frequencies (a buffer); from_pretrained keeps them in
+    # float32, and so must this oracle.
+    rot = model.model.rotary_emb
+    inv, orig = rot.inv_freq.clone(), rot.original_inv_freq.clone()
+    model = model.to(dtype)
+    rot.inv_freq, rot.original_inv_freq = inv, orig
+    return model.eval()
