@@ -20,34 +20,8 @@ from fate.convert.cli import main as convert_main
 from fate.convert.convert import ConvertError
 from fate.formats import constants as C
 from fate.formats.bundle import Bundle
+from tests.conftest import CALIB_TEXT, CALIB_TOKENS
 from tests.tiny_models import ARCHS, load_oracle, make_checkpoint
-
-CALIB_TEXT = ("The quick brown fox jumps over the lazy dog. Experts are routed by a gate; "
-              "cross-layer prediction reads the next router early. 1 2 3 4 5. def f(x): return x * 2\n") * 8
-CALIB_TOKENS = 200
-
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text(CALIB_TEXT)
-    return p
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory, calib_file):
-    """arch → (checkpoint dir, gguf bundle path) with f16, q4 and q2 experts and calibration."""
-    out = {}
-    for arch in ARCHS:
-        d = tmp_path_factory.mktemp(arch)
-        ckpt = d / "ckpt"
-        make_checkpoint(arch, ckpt, shards=2 if arch == "mixtral" else 1)
-        bundle = d / "model.gguf"
-        fate.convert(ckpt, bundle, experts="f16,q4,q2", calib=str(calib_file), calib_tokens=CALIB_TOKENS,
-                     progress=False)
-        out[arch] = (ckpt, bundle)
-    return out
-
 
 def _hf(ckpt: Path):
     from fate.formats.hf import HFCheckpoint

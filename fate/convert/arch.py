@@ -40,7 +40,14 @@ def _rope(hf: dict) -> tuple[float, dict]:
     return theta, scaling
 
 
-def _common(hf: dict, model_type: str) -> dict:
+def _common(hf: dict, model_type: str, rms_eps_default: float = 1e-6) -> dict:
+    window = hf.get("sliding_window")
+    uses_window = hf.get("use_sliding_window", model_type == "mixtral")
+    if uses_window and window and int(window) < int(_get(hf, "max_position_embeddings", default=0)):
+        raise UnsupportedArchitecture(
+            f"sliding-window attention (window {window}) is not supported; fate attends to the whole context")
+    if model_type in ("qwen3_moe", "olmoe", "deepseek", "mixtral") and hf.get("attention_bias"):
+        raise UnsupportedArchitecture(f"{model_type} with attention_bias=true (biased projections) is not supported")
     hidden = int(hf["hidden_size"])
     n_heads = int(hf["num_attention_heads"])
     theta, scaling = _rope(hf)
@@ -52,7 +59,7 @@ def _common(hf: dict, model_type: str) -> dict:
         n_heads=n_heads,
         n_kv_heads=int(_get(hf, "num_key_value_heads", default=n_heads)),
         head_dim=int(_get(hf, "head_dim", default=hidden // n_heads)),
-        rms_eps=float(_get(hf, "rms_norm_eps", default=1e-6)),
+        rms_eps=float(_get(hf, "rms_norm_eps", default=rms_eps_default)),
         rope_theta=theta,
         rope_scaling=scaling,
         max_position=int(_get(hf, "max_position_embeddings", default=4096)),
@@ -66,7 +73,7 @@ def _qwen2_moe(hf: dict) -> ModelConfig:
     mlp_only = set(_get(hf, "mlp_only_layers", default=[]) or [])
     n_exp = int(_get(hf, "num_experts", default=0))
     moe = [(i not in mlp_only) and n_exp > 0 and (i + 1) % step == 0 for i in range(n_layers)]
-    shared = int(_get(hf, "shared_expert_intermediate_size", default=0))
+    shared = int(_get(hf, "shared_expert_intermediate_size", default=5632))  # transformers' default
     return ModelConfig(
         **_common(hf, "qwen2_moe"),
         n_experts=n_exp,
@@ -85,7 +92,7 @@ def _qwen3_moe(hf: dict) -> ModelConfig:
     n_layers = int(hf["num_hidden_layers"])
     step = int(_get(hf, "decoder_sparse_step", default=1))
     mlp_only = set(_get(hf, "mlp_only_layers", default=[]) or [])
-    n_exp = int(hf["num_experts"])
+    n_exp = int(_get(hf, "num_experts", "num_local_experts", default=0))  # transformers 5 saves the latter
     moe = [(i not in mlp_only) and n_exp > 0 and (i + 1) % step == 0 for i in range(n_layers)]
     return ModelConfig(
         **_common(hf, "qwen3_moe"),
@@ -94,8 +101,7 @@ def _qwen3_moe(hf: dict) -> ModelConfig:
         expert_ffn=int(hf["moe_intermediate_size"]),
         moe_layers=moe,
         dense_ffn=int(_get(hf, "intermediate_size", default=0)) if not all(moe) else 0,
-        norm_topk_prob=bool(_get(hf, "norm_topk_prob", default=True)),
-        qkv_bias=bool(_get(hf, "attention_bias", default=False)),
+        norm_topk_prob=bool(_get(hf, "norm_topk_prob", default=False)),
         qk_norm="head",
     )
 
@@ -103,7 +109,7 @@ def _qwen3_moe(hf: dict) -> ModelConfig:
 def _mixtral(hf: dict) -> ModelConfig:
     n_layers = int(hf["num_hidden_layers"])
     return ModelConfig(
-        **_common(hf, "mixtral"),
+        **_common(hf, "mixtral", rms_eps_default=1e-5),
         n_experts=int(hf["num_local_experts"]),
         top_k=int(hf["num_experts_per_tok"]),
         expert_ffn=int(hf["intermediate_size"]),
@@ -115,13 +121,12 @@ def _mixtral(hf: dict) -> ModelConfig:
 def _olmoe(hf: dict) -> ModelConfig:
     n_layers = int(hf["num_hidden_layers"])
     return ModelConfig(
-        **_common(hf, "olmoe"),
+        **_common(hf, "olmoe", rms_eps_default=1e-5),
         n_experts=int(hf["num_experts"]),
         top_k=int(hf["num_experts_per_tok"]),
         expert_ffn=int(hf["intermediate_size"]),
         moe_layers=[True] * n_layers,
         norm_topk_prob=bool(_get(hf, "norm_topk_prob", default=False)),
-        qkv_bias=bool(_get(hf, "attention_bias", default=False)),
         qk_norm="full",
         clip_qkv=float(_get(hf, "clip_qkv", default=0.0)),
     )
@@ -146,7 +151,6 @@ def _deepseek(hf: dict) -> ModelConfig:
         dense_ffn=int(hf["intermediate_size"]) if not all(moe) else 0,
         norm_topk_prob=bool(_get(hf, "norm_topk_prob", default=False)),
         shared_ffn=expert_ffn * int(_get(hf, "n_shared_experts", default=0)),
-        qkv_bias=bool(_get(hf, "attention_bias", default=False)),
     )
 
 

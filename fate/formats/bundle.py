@@ -90,7 +90,7 @@ class Bundle:
         try:
             r = GGUFReader(self.path)
         except Exception as e:  # gguf-py raises assorted errors on corrupt input
-            raise BundleError(f"{self.path}: corrupt GGUF header ({type(e).__name__}: {e})") from None
+            raise BundleError(f"{self.path} is truncated or corrupt: its GGUF header and tensor table do not fit the file ({e})") from None
         meta = {}
         for name, field in r.fields.items():
             if name.startswith("GGUF."):

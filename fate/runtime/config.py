@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 
 QK_NORM_KINDS = ("none", "head", "full")
+MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek")
 
 
 class ConfigError(ValueError):
@@ -47,6 +48,8 @@ class ModelConfig:
         return [i for i, m in enumerate(self.moe_layers) if m]
 
     def validate(self) -> "ModelConfig":
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_type {self.model_type!r} is not supported; supported: {', '.join(MODEL_TYPES)}")
         ints = {
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size, "n_layers": self.n_layers,
             "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim,
