@@ -1,0 +1,382 @@
+"""Eviction policies: hand-worked traces, ARC against a literal transcription of the paper, invariants."""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+
+import pytest
+
+from fate.runtime.evict import ARCPolicy, EvictionPolicy, LFUPolicy, LRUPolicy, make_policy
+
+
+def request(pol: EvictionPolicy, key: int, pinned=()) -> str:
+    """Drive a policy the way the cache does; returns 'hit', 'fill', 'miss' (evicted) or 'bypass'."""
+    if key in pol:
+        pol.hit(key)
+        return "hit"
+    if len(pol) < pol.capacity:
+        pol.admit(key)
+        return "fill"
+    victim = pol.evict(key, lambda k: k not in pinned)
+    if victim is None:
+        return "bypass"
+    pol.admit(key)
+    return "miss"
+
+
+def arc_state(a: ARCPolicy):
+    return list(a.t1), list(a.t2), list(a.b1), list(a.b2), a.p
+
+
+# ---------------------------------------------------------------------------------------------- LRU
+
+def test_lru_hand_trace():
+    lru = LRUPolicy(3)
+    for k in (1, 2, 3):
+        lru.admit(k)
+    assert lru.resident() == [1, 2, 3]          # admitted in order, 1 least recent
+    lru.hit(1)
+    assert lru.resident() == [2, 3, 1]          # the use of 1 makes it most recent
+    assert lru.evict(4, lambda k: True) == 2    # 2 is now least recent
+    lru.admit(4)
+    assert lru.resident() == [3, 1, 4]
+    lru.hit(3)
+    assert lru.resident() == [1, 4, 3]
+    assert lru.evict(5, lambda k: k != 1) == 4  # 1 is least recent but pinned: the next one goes
+    lru.admit(5)
+    assert lru.resident() == [1, 3, 5]
+    assert lru.evict(6, lambda k: False) is None  # everything pinned: nothing goes, nothing changes
+    assert lru.resident() == [1, 3, 5] and len(lru) == 3
+    lru.discard(3)                              # dropped, not a victim: the slot is simply free
+    assert lru.resident() == [1, 5] and 3 not in lru
+    lru.admit(6)
+    assert lru.resident() == [1, 5, 6]
+
+
+# ---------------------------------------------------------------------------------------------- LFU
+
+def test_lfu_hand_trace():
+    lfu = LFUPolicy(3)
+    for k in (1, 2, 3):
+        lfu.admit(k)                            # counts 1:1 2:1 3:1
+    assert lfu.resident() == [1, 2, 3]          # all tied: least recent first
+    lfu.hit(1); lfu.hit(1); lfu.hit(2)          # counts 1:3 2:2 3:1
+    assert lfu.resident() == [3, 2, 1]
+    assert lfu.evict(4, lambda k: True) == 3    # lowest count
+    lfu.admit(4)                                # counts 4:1 2:2 1:3
+    assert lfu.resident() == [4, 2, 1]
+    lfu.hit(4)                                  # 4:2 ties with 2:2; 2 was used longer ago
+    assert lfu.resident() == [2, 4, 1]
+    assert lfu.evict(5, lambda k: True) == 2    # tie broken by least recent use
+    lfu.admit(5)                                # counts 5:1 4:2 1:3
+    assert lfu.evict(6, lambda k: k != 5) == 4  # 5 is pinned: the next lowest count goes
+    lfu.admit(6)                                # counts 5:1 6:1 1:3
+    assert lfu.resident() == [5, 6, 1]
+    assert lfu.evict(2, lambda k: False) is None
+    lfu.hit(5)                                  # 5:2
+    assert lfu.evict(2, lambda k: True) == 6
+    lfu.admit(2)                                # 2 comes back with a fresh count of 1 (in-cache LFU)
+    assert lfu.count(2) == 1 and lfu.resident() == [2, 5, 1]
+    lfu.discard(1)
+    assert lfu.count(1) == 0 and lfu.resident() == [2, 5]
+
+
+# ---------------------------------------------------------------------------------------------- ARC
+
+def test_arc_hand_trace():
+    """c = 3; lists are written least recent first; (T1, T2, B1, B2, p) after each request."""
+    a = ARCPolicy(3)
+
+    def step(key, pinned=()):
+        return request(a, key, pinned)
+
+    # Cold start: new keys go to T1 while slots are free.
+    assert [step(k) for k in (1, 2, 3)] == ["fill"] * 3
+    assert arc_state(a) == ([1, 2, 3], [], [], [], 0)
+    # 1 is used again: promoted from T1 to the MRU end of T2.
+    assert step(1) == "hit"
+    assert arc_state(a) == ([2, 3], [1], [], [], 0)
+    # New 4, cache full: |T1| = 2 > p = 0, so REPLACE takes T1's LRU (2) into B1.
+    assert step(4) == "miss"
+    assert arc_state(a) == ([3, 4], [1], [2], [], 0)
+    # 2 is a B1 ghost hit: p += max(|B2|/|B1|, 1) = max(0/1, 1) → p = 1, *then* REPLACE:
+    # |T1| = 2 > 1 → T1's LRU 3 goes to B1; 2 moves from B1 to T2.
+    assert step(2) == "miss"
+    assert arc_state(a) == ([4], [1, 2], [3], [], 1)
+    # New 5: |T1| = 1 is not > p = 1 and 5 is not in B2, so this time T2's LRU (1) goes, to B2.
+    assert step(5) == "miss"
+    assert arc_state(a) == ([4, 5], [2], [3], [1], 1)
+    # 1 is a B2 ghost hit: p -= max(|B1|/|B2|, 1) = max(1/1, 1) → p = 0, then REPLACE:
+    # |T1| = 2 > 0 → 4 goes to B1; 1 moves from B2 to T2.
+    assert step(1) == "miss"
+    assert arc_state(a) == ([5], [2, 1], [3, 4], [], 0)
+    # New 6: 5 goes to B1 (|T1| = 1 > 0) which makes |T1| + |B1| = 0 + 3 = c: case IV.A drops
+    # B1's LRU ghost (3) before 6 enters T1.
+    assert step(6) == "miss"
+    assert arc_state(a) == ([6], [2, 1], [4, 5], [], 0)
+    # 4 is a B1 ghost hit: p = 0 + max(0/2, 1) = 1; |T1| = 1 is not > 1 → T2's LRU 2 goes to B2.
+    assert step(4) == "miss"
+    assert arc_state(a) == ([6], [1, 4], [5], [2], 1)
+    # New 7: |T1| = 1 is not > 1 → T2's LRU 1 goes to B2; |T1|+|B1| = 2 < 3, total 5 < 6: no trim.
+    assert step(7) == "miss"
+    assert arc_state(a) == ([6, 7], [4], [5], [2, 1], 1)
+    # Hits on 6 and 7 promote both to T2.
+    assert step(6) == "hit" and step(7) == "hit"
+    assert arc_state(a) == ([], [4, 6, 7], [5], [2, 1], 1)
+    # New 9: T1 is empty → T2's LRU 4 goes to B2.  Now |T1| + |B1| = 1 < c but the directory holds
+    # 0 + 2 + 1 + 3 = 2c entries: case IV.B drops B2's LRU ghost (2).
+    assert step(9) == "miss"
+    assert arc_state(a) == ([9], [6, 7], [5], [1, 4], 1)
+    # 5 is a B1 ghost hit with |B2| = 2, |B1| = 1: p = 1 + max(2/1, 1) = 3; |T1| = 1 ≤ 3 → 6 to B2.
+    assert step(5) == "miss"
+    assert arc_state(a) == ([9], [7, 5], [], [1, 4, 6], 3)
+    # 1 is a B2 ghost hit: p = 3 - max(0/3, 1) = 2; |T1| = 1 < 2 → T2's LRU 7 goes to B2.
+    assert step(1) == "miss"
+    assert arc_state(a) == ([9], [5, 1], [], [4, 6, 7], 2)
+    # 4 is a B2 ghost hit: p = 2 - 1 = 1.  Now |T1| = 1 == p and the key came from B2: the tie rule
+    # sends T1's LRU (9) to B1.
+    assert step(4) == "miss"
+    assert arc_state(a) == ([], [5, 1, 4], [9], [6, 7], 1)
+    # 6 (B2): p = 1 - max(1/2, 1) = 0; T1 empty → 5 to B2.  7 (B2): p would go below 0, clamped.
+    assert step(6) == "miss"
+    assert arc_state(a) == ([], [1, 4, 6], [9], [7, 5], 0)
+    assert step(7) == "miss"
+    assert arc_state(a) == ([], [4, 6, 7], [9], [5, 1], 0)
+    # 9 (B1) with |B2| = 2, |B1| = 1: p = 0 + max(2/1, 1) = 2; T1 is empty → T2's LRU 4 goes to B2.
+    assert step(9) == "miss"
+    assert arc_state(a) == ([], [6, 7, 9], [], [5, 1, 4], 2)
+
+
+def test_arc_clamps_p_at_capacity():
+    """c = 3: a B1 ghost hit whose step would carry p past c stops at c."""
+    a = ARCPolicy(3)
+    trace = [
+        (4, ([4], [], [], [], 0)),
+        (3, ([4, 3], [], [], [], 0)),
+        (4, ([3], [4], [], [], 0)),                 # promotion to T2
+        (1, ([3, 1], [4], [], [], 0)),              # full
+        (6, ([1, 6], [4], [3], [], 0)),             # |T1| = 2 > 0: 3 to B1
+        (6, ([1], [4, 6], [3], [], 0)),
+        (0, ([0], [4, 6], [3, 1], [], 0)),          # |T1| = 1 > 0: 1 to B1
+        (3, ([0], [6, 3], [1], [4], 1)),            # B1 hit: p = 0 + max(0/2, 1); |T1| = 1 ≤ 1: 4 to B2
+        (2, ([0, 2], [3], [1], [4, 6], 1)),         # |T1| = 1 ≤ 1: 6 to B2
+        (1, ([0, 2], [1], [], [4, 6, 3], 3)),       # B1 hit: p = 1 + max(2/1, 1) = 3; 3 to B2
+        (6, ([2], [1, 6], [0], [4, 3], 2)),         # B2 hit: p = 3 - 1; |T1| = 2 == p, x from B2: T1's 0
+        (0, ([2], [6, 0], [], [4, 3, 1], 3)),       # B1 hit: p = min(3, 2 + max(2/1, 1)) = 3, clamped
+    ]
+    for key, state in trace:
+        request(a, key)
+        assert arc_state(a) == state, key
+
+
+def test_arc_pinned_falls_back_to_other_list():
+    a = ARCPolicy(3)
+    for k in (1, 2, 3):
+        request(a, k)
+    request(a, 1)                                # T1 [2, 3], T2 [1], p = 0 → REPLACE prefers T1
+    assert a.evict(4, lambda k: k not in (2, 3)) == 1   # T1 all pinned: T2's LRU goes, to B2
+    a.admit(4)
+    assert arc_state(a) == ([2, 3, 4], [], [], [1], 0)
+    assert a.evict(5, lambda k: k != 2) == 3     # T1's LRU 2 pinned: the next one in T1
+    a.admit(5)                                   # |T1| was c (case IV.A, T1 full): 3 leaves no ghost
+    assert arc_state(a) == ([2, 4, 5], [], [], [1], 0)
+
+
+def _arc_with_a_b1_ghost() -> ARCPolicy:
+    a = ARCPolicy(2)
+    for k in (1, 2, 1, 3):
+        request(a, k)                            # 1 promoted to T2; new 3: |T1| = 1 > 0 → 2 to B1
+    assert arc_state(a) == ([3], [1], [2], [], 0)
+    return a
+
+
+def test_arc_refused_ghost_request_leaves_no_trace():
+    a = _arc_with_a_b1_ghost()
+    assert a.evict(2, lambda k: False) is None   # everything pinned: p must not move
+    assert arc_state(a) == ([3], [1], [2], [], 0)
+    # Now the request goes through: p = 0 + max(0/1, 1) = 1 first, so |T1| = 1 is not > p and
+    # REPLACE takes T2's 1 (with p still 0 it would have taken 3 from T1) …
+    assert a.evict(2, lambda k: True) == 1
+    assert a.p == 1
+    a.admit(2)                                   # … and admit does not adapt p a second time.
+    assert arc_state(a) == ([3], [2], [], [1], 1)
+
+
+def test_arc_ghost_hit_with_a_free_slot_adapts_in_admit():
+    a = _arc_with_a_b1_ghost()
+    a.discard(3)                                 # a slot is free again; 3 is forgotten entirely
+    assert arc_state(a) == ([], [1], [2], [], 0)
+    a.admit(2)                                   # no evict(): admit performs the B1 adaptation
+    assert arc_state(a) == ([], [1, 2], [], [], 1)
+
+
+class PaperARC:
+    """ARC exactly as printed in Megiddo & Modha (FAST 2003), Fig. 4, for comparison."""
+
+    def __init__(self, c):
+        self.c, self.p = c, 0.0
+        self.T1, self.T2, self.B1, self.B2 = (OrderedDict() for _ in range(4))
+
+    def _replace(self, x):
+        if self.T1 and (len(self.T1) > self.p or (x in self.B2 and len(self.T1) == self.p)):
+            k, _ = self.T1.popitem(last=False)
+            self.B1[k] = None
+        else:
+            k, _ = self.T2.popitem(last=False)
+            self.B2[k] = None
+
+    def request(self, x):
+        c = self.c
+        if x in self.T1 or x in self.T2:                                  # case I
+            self.T1.pop(x, None); self.T2.pop(x, None); self.T2[x] = None
+            return True
+        if x in self.B1:                                                  # case II
+            self.p = min(c, self.p + max(len(self.B2) / len(self.B1), 1))
+            self._replace(x)
+            del self.B1[x]; self.T2[x] = None
+            return False
+        if x in self.B2:                                                  # case III
+            self.p = max(0, self.p - max(len(self.B1) / len(self.B2), 1))
+            self._replace(x)
+            del self.B2[x]; self.T2[x] = None
+            return False
+        l1, total = len(self.T1) + len(self.B1), len(self.T1) + len(self.T2) + len(self.B1) + len(self.B2)
+        if l1 == c:                                                       # case IV.A
+            if len(self.T1) < c:
+                self.B1.popitem(last=False)
+                self._replace(x)
+            else:
+                self.T1.popitem(last=False)
+        elif total >= c:                                                  # case IV.B
+            if total == 2 * c:
+                self.B2.popitem(last=False)
+            self._replace(x)
+        self.T1[x] = None
+        return False
+
+
+@pytest.mark.parametrize("c", [1, 2, 3, 5, 8])
+def test_arc_matches_the_paper_on_random_traces(c):
+    rng = random.Random(c)
+    ours, ref = ARCPolicy(c), PaperARC(c)
+    universe = 3 * c + 2
+    for _ in range(3000):
+        # a skewed key distribution so that hits, ghost hits and fresh keys all happen
+        x = int(rng.paretovariate(1.2)) % universe if rng.random() < 0.7 else rng.randrange(universe)
+        assert (request(ours, x) == "hit") == ref.request(x)
+        assert arc_state(ours) == (list(ref.T1), list(ref.T2), list(ref.B1), list(ref.B2), ref.p)
+
+
+@pytest.mark.parametrize("c", [0, 1, 2, 4, 7])
+def test_arc_invariants_on_random_traces_with_pins_and_discards(c):
+    rng = random.Random(1000 + c)
+    a = ARCPolicy(c)
+    universe = 3 * c + 3
+    for _ in range(4000):
+        x = rng.randrange(universe)
+        r = rng.random()
+        if r < 0.05:
+            a.discard(x)
+        else:
+            pinned = set(rng.sample(range(universe), rng.randrange(0, c + 2)))
+            pinned.discard(x)
+            res = request(a, x, pinned)
+            assert res in ("hit", "fill", "miss") or (res == "bypass" and all(k in pinned for k in a.resident()))
+        t1, t2, b1, b2 = set(a.t1), set(a.t2), set(a.b1), set(a.b2)
+        assert len(t1) + len(t2) <= c
+        assert len(t1) + len(b1) <= c
+        assert len(t1) + len(t2) + len(b1) + len(b2) <= 2 * c
+        assert 0 <= a.p <= c
+        assert len(t1 | t2 | b1 | b2) == len(t1) + len(t2) + len(b1) + len(b2)  # disjoint
+        assert len(a) == len(t1 | t2) and sorted(a.resident()) == sorted(t1 | t2)
+
+
+def _hit_rates(pol, trace, hot):
+    hits = [request(pol, k) == "hit" for k in trace]
+    hot_hits = [h for h, k in zip(hits, trace) if k in hot]
+    return sum(hits) / len(hits), sum(hot_hits) / len(hot_hits)
+
+
+def test_arc_keeps_the_hot_set_through_a_looping_scan_where_lru_thrashes():
+    c = 8
+    rng = random.Random(7)
+    hot = {100, 101, 102}
+    trace = []
+    for _ in range(100):
+        for k in range(c + 1):               # a loop over c + 1 keys: LRU's worst case
+            trace.append(k)
+            if rng.random() < 0.5:
+                trace.append(rng.choice(sorted(hot)))
+    arc_all, arc_hot = _hit_rates(ARCPolicy(c), trace, hot)
+    lru_all, lru_hot = _hit_rates(LRUPolicy(c), trace, hot)
+    assert arc_hot > 0.97                    # the hot set lives in T2 and stays there
+    assert lru_hot < 0.8                     # the scan keeps pushing hot keys out of LRU
+    assert arc_all > lru_all + 0.05
+
+
+# ------------------------------------------------------------------------------------ all policies
+
+@pytest.mark.parametrize("name", ["arc", "lru", "lfu"])
+def test_pinned_keys_are_never_evicted(name):
+    rng = random.Random(3)
+    pol = make_policy(name, 4)
+    for _ in range(2000):
+        x = rng.randrange(12)
+        pinned = set(rng.sample(range(12), rng.randrange(0, 6))) - {x}
+        before = set(pol.resident())
+        res = request(pol, x, pinned)
+        after = set(pol.resident())
+        assert before - after <= before - pinned   # whatever left was not pinned
+        if res == "bypass":
+            assert before <= pinned and after == before
+        assert len(pol) <= 4
+
+
+@pytest.mark.parametrize("name", ["arc", "lru", "lfu"])
+def test_evict_returns_none_when_all_pinned(name):
+    pol = make_policy(name, 2)
+    pol.admit(1)
+    pol.admit(2)
+    assert pol.evict(3, lambda k: False) is None
+    assert sorted(pol.resident()) == [1, 2]
+    assert pol.evict(3, lambda k: k == 2) == 2
+
+
+@pytest.mark.parametrize("name", ["arc", "lru", "lfu"])
+def test_capacity_zero(name):
+    pol = make_policy(name, 0)
+    for k in range(5):
+        assert request(pol, k) == "bypass"
+        assert pol.evict(k, lambda _: True) is None
+    assert len(pol) == 0 and pol.resident() == [] and 3 not in pol
+    with pytest.raises(ValueError, match="full cache"):
+        pol.admit(1)
+
+
+@pytest.mark.parametrize("name", ["arc", "lru", "lfu"])
+def test_misuse_is_reported(name):
+    pol = make_policy(name, 2)
+    pol.admit(1)
+    with pytest.raises(ValueError, match="already resident"):
+        pol.admit(1)
+    with pytest.raises(ValueError, match="resident"):
+        pol.evict(1, lambda k: True)
+    with pytest.raises(KeyError):
+        pol.hit(9)
+    pol.discard(9)                            # forgetting an unknown key is harmless
+    pol.admit(2)
+    with pytest.raises(ValueError, match="full cache"):
+        pol.admit(3)
+
+
+def test_make_policy():
+    assert isinstance(make_policy("arc", 4), ARCPolicy)
+    assert isinstance(make_policy("LRU", 4), LRUPolicy)
+    assert isinstance(make_policy(" lfu ", 4), LFUPolicy)
+    assert make_policy("arc", 4).capacity == 4
+    assert isinstance(make_policy("arc", 1), EvictionPolicy)
+    with pytest.raises(ValueError, match="unknown eviction policy 'fifo'; use one of arc, lru, lfu"):
+        make_policy("fifo", 4)
+    with pytest.raises(ValueError, match="non-negative"):
+        make_policy("lru", -1)
