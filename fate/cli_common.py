@@ -13,14 +13,16 @@ def _user_error_types() -> tuple[type, ...]:
     from fate.convert.convert import ConvertError
     from fate.formats.bundle import BundleError
     from fate.formats.hf import CheckpointError
+    from fate.runtime.budget import BudgetError
     from fate.runtime.chat import ChatTemplateError
+    from fate.runtime.link import LinkError
     from fate.runtime.config import ConfigError
     from fate.runtime.engine import RuntimeUserError
     from fate.runtime.kv import KVCacheFull
     from fate.runtime.tokenizer import TokenizerError
 
     return (ConvertError, BundleError, CheckpointError, ConfigError, RuntimeUserError, ChatTemplateError,
-            KVCacheFull, TokenizerError)
+            KVCacheFull, TokenizerError, BudgetError, LinkError)
 
 
 @contextlib.contextmanager

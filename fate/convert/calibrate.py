@@ -65,8 +65,12 @@ def calibrate(ckpt: HFCheckpoint, spec: A.ArchSpec, cfg: ModelConfig, token_ids:
     seqs = [torch.tensor(token_ids[s:s + seq_len], dtype=torch.long) for s in range(0, len(token_ids), seq_len)]
     lengths = [len(ids) for ids in seqs]
     with torch.inference_mode():
-        h = torch.cat([model.embed(ids) for ids in seqs])
-        weights.drop()
+        # the embedding rows of the calibration tokens only: the whole table in float32 would be the
+        # largest allocation of the conversion (Qwen's 151936 x 2048 table is 1.2 GB)
+        emb_name, emb_shape = A.non_expert_tensors(spec, cfg)[C.T_TOKEN_EMBD]
+        table = ckpt.get(emb_name, emb_shape)
+        h = table[torch.tensor(token_ids, dtype=torch.long)].to(torch.float32)
+        del table
         prev_g: torch.Tensor | None = None
         for i in range(L):
             # attention runs per sequence (causal within it); everything after it is per token, so the

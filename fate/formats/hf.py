@@ -10,13 +10,15 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be converted; the message says what and how to fix it."""
 
 
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
 _ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -79,13 +81,15 @@ class HFCheckpoint:
             raise CheckpointError(f"{cfg_path}: not a JSON object")
         self._where: dict[str, Path] = {}
         self._info: dict[str, dict] = {}
+        self._data_start: dict[Path, int] = {}
         for shard in self._shards():
             header = read_safetensors_header(shard)
+            with open(shard, "rb") as f:
+                self._data_start[shard] = 8 + struct.unpack("<Q", f.read(8))[0]
             for name, info in header.items():
                 if name != "__metadata__":
                     self._where[name] = shard
                     self._info[name] = info
-        self._open: dict[Path, object] = {}
 
     def _shards(self) -> list[Path]:
         index = self.dir / "model.safetensors.index.json"
@@ -130,18 +134,22 @@ class HFCheckpoint:
         if shape is not None and self.shape(name) != tuple(shape):
             raise CheckpointError(
                 f"{self.dir}: tensor {name!r} has shape {list(self.shape(name))}, config.json implies {list(shape)}")
+        # plain reads, not safetensors' memory map: mapped pages would stay resident for as long as the
+        # shard is open, and conversion must stay within a few layers' worth of memory
         shard = self._where[name]
-        handle = self._open.get(shard)
-        if handle is None:
-            try:
-                handle = safe_open(str(shard), framework="pt", device="cpu")
-            except Exception as e:  # the library's own errors for a corrupt file
-                raise CheckpointError(f"{shard}: cannot be read ({e})") from None
-            self._open[shard] = handle
-        try:
-            return handle.get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"{shard}: tensor {name!r} cannot be read ({e})") from None
+        info = self._info[name]
+        start, end = info["data_offsets"]
+        dtype = _TORCH_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{shard}: tensor {name!r} has dtype {info['dtype']}, which fate cannot read")
+        buf = bytearray(end - start)
+        with open(shard, "rb") as f:
+            f.seek(self._data_start[shard] + start)
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"{shard} is truncated: tensor {name!r} cannot be read whole")
+        if not buf:
+            return torch.empty(self.shape(name), dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(self.shape(name))
 
     def largest_dtype_bytes(self) -> int:
         return max((_ST_DTYPES.get(i["dtype"], 4) for i in self._info.values()), default=4)

@@ -42,9 +42,28 @@ def demo_path() -> Path:
 @click.option("--stats-json", type=click.Path(path_type=str), default=None, help="Write timings and token ids as JSON.")
 @click.option("--no-verify", is_flag=True, help="Skip crc32 checks of expert blobs (faster first use).")
 @click.option("--no-timings", is_flag=True, help="Do not print timings to stderr at the end.")
+@click.option("--mem", default=None, help="Device memory budget for the whole model: 6GiB, 512MiB, or P% "
+              "(resident weights + KV + P% of all experts). Default: everything resident.")
+@click.option("--policy", type=click.Choice(["fate", "ondemand", "lru", "resident"]), default="fate", show_default=True,
+              help="Expert offloading policy: fate (prefetch + ARC + INT2 prefill), ondemand (load on demand), "
+                   "lru (mixtral-offloading), resident (everything resident).")
+@click.option("--evict", type=click.Choice(["arc", "lru", "lfu"]), default="arc", show_default=True,
+              help="Cache eviction policy per layer.")
+@click.option("--cache-alloc", type=click.Choice(["auto", "recall", "shallow4", "even"]), default="auto",
+              show_default=True, help="How expert slots are spread over layers (auto: by the bundle's recall "
+                                      "statistics, else shallow4).")
+@click.option("--prefetch-extra", type=int, default=None,
+              help="Extra prefetch candidates beyond top-k [default: from the timing profile].")
+@click.option("--int2-share", type=float, default=0.3, show_default=True,
+              help="Prefill: least popular experts covering at most this share of assignments run as INT2.")
+@click.option("--link", default=None, help="Emulate a host-to-device link: 12GB/s, 80MB/s, pcie1, pcie3, pcie4, "
+                                           "or ratio:R (one INT4 expert copy = R x one layer's decode compute).")
+@click.option("--profile", is_flag=True, help="Re-measure the timing profile (compute and copy times) and print it.")
+@click.option("-v", "--verbose", is_flag=True, help="Print the memory plan, timing profile and per-layer expert stats.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def main(bundle, demo, prompt, prompt_file, n_predict, ctx, threads, temp, top_k, top_p, min_p, repeat_penalty, seed,
-         precision, device, compute_dtype, chat, system, ignore_eos, stats_json, no_verify, no_timings, debug):
+         precision, device, compute_dtype, chat, system, ignore_eos, stats_json, no_verify, no_timings, mem, policy,
+         evict, cache_alloc, prefetch_extra, int2_share, link, profile, verbose, debug):
     """Generate text from a fate BUNDLE (.gguf or .safetensors made by fate-convert).
 
     \b
@@ -54,14 +73,17 @@ def main(bundle, demo, prompt, prompt_file, n_predict, ctx, threads, temp, top_k
       fate-run model.gguf --chat
     """
     with user_errors(debug):
+        offload = dict(mem=mem, policy=policy, evict=evict, cache_alloc=cache_alloc, prefetch_extra=prefetch_extra,
+                       int2_share=int2_share, link=link, profile=profile)
         _run(bundle, demo, prompt, prompt_file, n_predict, ctx, threads, temp, top_k, top_p, min_p,
              repeat_penalty, seed, precision, device, compute_dtype, chat, system, ignore_eos, stats_json,
-             no_verify, no_timings)
+             no_verify, no_timings, offload, verbose)
     sys.exit(0)
 
 
 def _run(bundle, demo, prompt, prompt_file, n_predict, ctx, threads, temp, top_k, top_p, min_p, repeat_penalty,
-         seed, precision, device, compute_dtype, chat, system, ignore_eos, stats_json, no_verify, no_timings):
+         seed, precision, device, compute_dtype, chat, system, ignore_eos, stats_json, no_verify, no_timings, offload,
+         verbose):
     import fate
     from fate.runtime.engine import RuntimeUserError
 
@@ -85,29 +107,37 @@ def _run(bundle, demo, prompt, prompt_file, n_predict, ctx, threads, temp, top_k
     sampling = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repeat_penalty,
                     seed=seed)
     model = fate.load(bundle, device=device, compute_dtype=compute_dtype, experts=precision, context=ctx,
-                      threads=threads, verify=not no_verify)
+                      threads=threads, verify=not no_verify, **offload)
     model.sampling_params(**sampling)  # invalid values fail before any work
+    if verbose or offload["profile"]:
+        if getattr(model, "timing", None) is not None:
+            click.echo(model.timing.describe(), err=True)
+    if verbose and model.plan is not None:
+        click.echo(model.plan.describe(), err=True)
     if prompt is not None:
         for piece in model.stream(prompt, n_predict, chat=chat, system=system, stop_at_eos=not ignore_eos, **sampling):
             click.echo(piece, nl=False)
             sys.stdout.flush()
         click.echo()
-        _finish(model, stats_json, no_timings)
+        _finish(model, stats_json, no_timings, verbose)
     else:
-        _interactive(model, n_predict, system, ignore_eos, sampling, stats_json, no_timings)
+        _interactive(model, n_predict, system, ignore_eos, sampling, stats_json, no_timings, verbose)
+    model.close()
 
 
-def _finish(model, stats_json, no_timings):
+def _finish(model, stats_json, no_timings, verbose=False):
     stats = model.last_stats
     if stats is None:
         return
     if not no_timings:
         click.echo(stats.timings_text(), err=True)
+    if verbose and model.expert_stats is not None:
+        click.echo(model.expert_stats.table(), err=True)
     if stats_json:
         Path(stats_json).write_text(json.dumps(stats.to_dict(), indent=2))
 
 
-def _interactive(model, n_predict, system, ignore_eos, sampling, stats_json, no_timings):
+def _interactive(model, n_predict, system, ignore_eos, sampling, stats_json, no_timings, verbose):
     from fate.runtime.chat import ChatSession, ChatTemplateError
 
     if not model.chat_template:
@@ -144,7 +174,7 @@ def _interactive(model, n_predict, system, ignore_eos, sampling, stats_json, no_
         reply.append(decoder.flush())
         click.echo(reply[-1])
         session.assistant("".join(reply).strip())
-        _finish(model, stats_json, no_timings)
+        _finish(model, stats_json, no_timings, verbose)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,15 @@ from fate.formats import constants as C
 from fate.formats.bundle import Bundle, BundleError
 from fate.runtime.config import ConfigError, ModelConfig
 from fate.runtime.kv import KVCache
+from fate.runtime.link import parse_link
+from fate.runtime.profile import TimingProfile
 from fate.runtime.model import DenseExperts, MoEModel
 from fate.runtime.sampling import Sampler, SamplingParams
 from fate.runtime.store import ExpertStore
 from fate.runtime.tokenizer import BundleTokenizer
+
+
+POLICIES = ("fate", "ondemand", "lru", "resident")
 
 
 class RuntimeUserError(ValueError):
@@ -42,6 +47,8 @@ class GenerationStats:
     load_seconds: float = 0.0
     peak_rss_bytes: int = 0
     stop_reason: str = ""  # "eos", "length" or "context"
+    experts: dict | None = None  # offloading figures (fate.runtime.stats), when experts are offloaded
+    budget: dict | None = None  # the memory plan, when --mem was given
 
     def to_dict(self) -> dict:
         p, d = len(self.prompt_token_ids), self.decode_tokens
@@ -57,6 +64,8 @@ class GenerationStats:
             "prompt_token_ids": list(self.prompt_token_ids),
             "generated_token_ids": list(self.generated_token_ids),
             "stop_reason": self.stop_reason,
+            **({"experts": self.experts} if self.experts is not None else {}),
+            **({"budget": self.budget} if self.budget is not None else {}),
         }
 
     def timings_text(self) -> str:
@@ -70,7 +79,16 @@ class GenerationStats:
             f"({ms(self.decode_seconds, d['decode.tokens']):8.2f} ms per token, {d['decode.tokens_per_s']:8.2f} tokens per second)",
             f"generated      = {len(self.generated_token_ids):10d} tokens (stop: {self.stop_reason})",
             f"peak RSS       = {self.peak_rss_bytes / 2**20:10.1f} MiB",
-        ])
+        ] + ([self._experts_line()] if self.experts else []))
+
+    def _experts_line(self) -> str:
+        e = self.experts
+        pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+        moved = ", ".join(f"{p} {n / 2**20:.1f} MiB" for p, n in e["bytes_by_precision"].items()) or "nothing"
+        link = e["link"]
+        tag = f" [link {link['label']}]" if link.get("kind") != "none" else ""
+        return (f"experts ({e['policy']}) = hit rate {pct(e['hit_rate'])}, prefetch recall {pct(e['prefetch_recall'])}, "
+                f"misses {e['misses']}, stall {1000 * e['stall_seconds']:.1f} ms, moved {moved}{tag}")
 
 
 @dataclass
@@ -111,7 +129,9 @@ _DTYPES = {"fp32": torch.float32, "f32": torch.float32, "fp16": torch.float16, "
 class FateModel:
     def __init__(self, path, *, device: str | None = None, compute_dtype: str | None = None,
                  experts: str = "q4", context: int | None = None, threads: int | None = None,
-                 verify: bool = True):
+                 verify: bool = True, mem: str | int | None = None, policy: str = "fate", evict: str = "arc",
+                 cache_alloc: str = "auto", prefetch_extra: int | None = None, int2_share: float = 0.3,
+                 link: str | None = None, profile: bool = False):
         t0 = time.perf_counter()
         if threads:
             torch.set_num_threads(threads)
@@ -147,15 +167,119 @@ class FateModel:
             self.generation_defaults = {}
 
         self.weights = BundleWeights(self.bundle, self.dtype, self.device)
-        self.experts = self._make_executor()
-        self.model = MoEModel(self.config, self.weights, self.experts, dtype=self.dtype, device=self.device)
         self.kv = KVCache.for_model(self.config, self.context, dtype=self.dtype, device=self.device)
+        self.resident_experts = DenseExperts(
+            lambda layer, e: self.store.dense(layer, e, self.precision, dtype=self.dtype, device=self.device))
+        self.model = MoEModel(self.config, self.weights, self.resident_experts, dtype=self.dtype, device=self.device)
+        self.offload = None
+        self.expert_stats = None
+        self.plan = None
+        if policy not in POLICIES:
+            raise RuntimeUserError(f"--policy {policy!r}: choose one of {', '.join(POLICIES)}")
+        self.policy = policy
+        if policy != "resident" and (mem is not None or policy == "ondemand"):
+            self._setup_offload(mem, policy, evict, cache_alloc, prefetch_extra, int2_share, link, profile)
+        elif link is not None or profile:
+            self.link = parse_link(link)  # validated, but there is no transfer to throttle
+            self.timing = self._timing_profile(force=profile) if profile else None
         self.load_seconds = time.perf_counter() - t0
         self.last_stats: GenerationStats | None = None
 
-    def _make_executor(self):
-        store, prec, dtype, dev = self.store, self.precision, self.dtype, self.device
-        return DenseExperts(lambda layer, e: store.dense(layer, e, prec, dtype=dtype, device=dev))
+    # --- offloading -------------------------------------------------------------------------------
+    def _timing_profile(self, force: bool = False) -> TimingProfile:
+        from fate.runtime import profile as P
+
+        key = P.profile_key(self.bundle.path, self.device, self.dtype)
+        prof = None if force else P.load_cached(key)
+        if prof is None:
+            prof = P.measure(self.model, self.store, self.device)
+            P.save_cached(key, prof)
+        return prof
+
+    def _setup_offload(self, mem, policy, evict, cache_alloc, prefetch_extra, int2_share, link, profile) -> None:
+        from fate.runtime.budget import BudgetError, plan_budget
+        from fate.runtime.cache import ExpertCache
+        from fate.runtime.link import LinkError, Throttle, resolve_ratio
+        from fate.runtime.offload import OffloadedExperts, Prefetcher
+        from fate.runtime.stats import ExpertStats
+        from fate.runtime.transfer import TransferEngine
+
+        cfg = self.config
+        if not cfg.moe_layer_ids:
+            return
+        if not 0.0 <= int2_share <= 1.0:
+            raise RuntimeUserError(f"--int2-share {int2_share}: give a fraction between 0 and 1")
+        if evict not in ("arc", "lru", "lfu"):
+            raise RuntimeUserError(f"--evict {evict!r}: choose arc, lru or lfu")
+        if prefetch_extra is not None and prefetch_extra < 0:
+            raise RuntimeUserError("--prefetch-extra must be ≥ 0")
+        try:
+            self.link = parse_link(link)
+        except LinkError as e:
+            raise RuntimeUserError(str(e)) from None
+        recall = self.bundle.tensor(C.T_CALIB_RECALL).clone() if self.bundle.has(C.T_CALIB_RECALL) else None
+        if policy == "lru":  # mixtral-offloading: one LRU cache of equal size per layer
+            evict, cache_alloc = "lru", "even"
+        slot_bytes = self.store.blob_bytes(self.precision)
+        layout = self.store.layouts[self.precision]
+        act = torch.finfo(self.dtype).bits // 8
+        # activations of a full-context prefill and one dequantized expert (scratch), estimated generously
+        buffer_bytes = (4 * self.context * max(cfg.hidden_size, cfg.n_experts * cfg.top_k) * act
+                        + 3 * cfg.hidden_size * cfg.expert_ffn * act)
+        non_expert = sum(t.numel() * t.element_size() for t in self.weights.tensors.values())
+        try:
+            plan = plan_budget(cfg, mem=mem, non_expert_bytes=non_expert, kv_bytes=self.kv.nbytes,
+                               buffer_bytes=buffer_bytes, slot_bytes=slot_bytes, alloc=cache_alloc, recall=recall)
+        except BudgetError as e:
+            raise RuntimeUserError(str(e)) from None
+        if policy == "ondemand":  # Load-on-Demand: only the current layer's need, never kept
+            plan.slots_per_layer = [cfg.top_k if m else 0 for m in cfg.moe_layers]
+            plan.fully_resident = False
+            plan.alloc = "ondemand"
+        self.plan = plan
+        if plan.fully_resident:
+            return  # everything fits: keep it resident, no offloading at all (as the reference does)
+
+        timing = None
+        if policy == "fate" or self.link.kind == "ratio" or profile:
+            timing = self._timing_profile(force=profile)
+        self.timing = timing
+        if self.link.kind == "ratio":
+            self.link = resolve_ratio(self.link, timing.layer_decode_seconds, self.store.blob_bytes(self.precision))
+        throttle = Throttle(self.link) if self.link.kind == "bandwidth" else None
+        low = "q2" if (policy == "fate" and "q2" in self.store.precisions and self.precision != "q2") else None
+        if low is not None and self.store.blob_bytes("q2") > slot_bytes:
+            low = None
+        self.expert_stats = ExpertStats(cfg.n_layers)
+        cache = ExpertCache(plan.slots_per_layer, policy=evict)
+        transfer = TransferEngine(self.store, plan.slots_per_layer, slot_bytes, self.device, throttle,
+                                  self.expert_stats)
+        prefetcher = None
+        if policy == "fate":
+            extra = prefetch_extra if prefetch_extra is not None else timing.extra_candidates(
+                cfg.top_k, cfg.n_experts, self.precision, self.link.bytes_per_s if throttle else None)
+            self.prefetch_extra = extra
+            routers = {i: self.weights.get(C.T_FFN_GATE_INP.format(i=i)) for i in cfg.moe_layer_ids}
+            prefetcher = Prefetcher(cfg, routers, cache, transfer, extra=extra, decode_precision=self.precision,
+                                    low_precision=low, int2_share=int2_share)
+        self.offload = OffloadedExperts(cfg, self.store, cache, transfer, self.expert_stats, dtype=self.dtype,
+                                        device=self.device, decode_precision=self.precision, low_precision=low,
+                                        int2_share=int2_share, keep=policy != "ondemand", prefetcher=prefetcher)
+        self.cache, self.transfer = cache, transfer
+        self.model.experts = self.offload
+        self.model.observer = prefetcher
+        _ = layout
+
+    def experts_report(self) -> dict | None:
+        """The ``experts`` block of --stats-json for the last generation (None when nothing is offloaded)."""
+        if self.expert_stats is None:
+            return None
+        d = self.expert_stats.to_dict()
+        d["evictions"] = (sum(self.cache.layer(i).evictions for i in self.config.moe_layer_ids)
+                          - getattr(self, "_evictions_base", 0))
+        d["policy"] = self.policy
+        d["link"] = self.link.to_dict()
+        return d
 
     # --- prompts --------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int], chat: bool = False, system: str | None = None) -> list[int]:
@@ -204,6 +328,9 @@ class FateModel:
         stats = GenerationStats(prompt_token_ids=list(prompt_ids), load_seconds=self.load_seconds)
         self.last_stats = stats
         self.kv.reset()
+        if self.expert_stats is not None:
+            self.expert_stats.reset()
+            self._evictions_base = sum(self.cache.layer(i).evictions for i in self.config.moe_layer_ids)
         history = list(prompt_ids)
         try:
             with torch.inference_mode():
@@ -232,6 +359,8 @@ class FateModel:
                 stats.stop_reason = stats.stop_reason or "length"
         finally:
             stats.peak_rss_bytes = peak_rss_bytes()
+            stats.experts = self.experts_report()
+            stats.budget = self.plan.to_dict() if self.plan is not None else None
 
     def stream(self, prompt: str | Sequence[int], max_tokens: int = 128, *, chat: bool = False,
                system: str | None = None, stop_at_eos: bool = True, **sampling) -> Iterator[str]:
@@ -253,6 +382,8 @@ class FateModel:
         return GenerationResult(text, list(stats.generated_token_ids), stats)
 
     def close(self) -> None:
+        if self.offload is not None:
+            self.transfer.close()
         self.bundle.close()
 
 
