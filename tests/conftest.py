@@ -7,6 +7,20 @@ import pytest
 import fate
 from tests.tiny_models import ARCHS, make_checkpoint
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory):
+    """Timing profiles go to a temporary cache, not the user's ~/.cache/fate."""
+    import os
+
+    old = os.environ.get("FATE_CACHE_DIR")
+    os.environ["FATE_CACHE_DIR"] = str(tmp_path_factory.mktemp("fate-cache"))
+    yield
+    if old is None:
+        os.environ.pop("FATE_CACHE_DIR", None)
+    else:
+        os.environ["FATE_CACHE_DIR"] = old
+
+
 CALIB_TEXT = ("The quick brown fox jumps over the lazy dog. Experts are routed by a gate; "
               "cross-layer prediction reads the next router early. 1 2 3 4 5. def f(x): return x * 2\n") * 8
 CALIB_TOKENS = 200
