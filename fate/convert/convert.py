@@ -154,7 +154,13 @@ def convert(model_dir: str | os.PathLike, out: str | os.PathLike, *, experts: st
         for name, (hf_name, shape) in tqdm(non_expert.items(), desc="non-expert tensors", unit="tensor",
                                            disable=not progress, leave=True):
             w = ckpt.get(hf_name, shape)
-            writer.write(name, w.to(torch.float32 if _keep_f32(name) else torch_dtype))
+            target = torch.float32 if _keep_f32(name) else torch_dtype
+            # cast in row blocks: a second full copy of a 150k-token embedding would be the peak of RSS
+            rows = max(1, (32 << 20) // max(1, w[0].numel() * 4)) if w.dim() > 1 else w.shape[0] or 1
+            row_bytes = (w[0].numel() if w.dim() > 1 else 1) * torch.finfo(target).bits // 8
+            for r in range(0, max(w.shape[0], 1), rows):
+                writer.write(name, w[r:r + rows].to(target), byte_offset=r * row_bytes)
+            del w
         phase_seconds["non_expert"] = time.perf_counter() - t
 
         t = time.perf_counter()
