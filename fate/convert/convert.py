@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from tqdm import tqdm
 import fate
 from fate import quant as Q
 from fate.convert import arch as A
+from fate.cli_common import peak_rss_bytes
 from fate.formats import constants as C
 from fate.formats.hf import CheckpointError, HFCheckpoint
 from fate.formats.writer import BundleWriter, TensorPlan
@@ -60,8 +60,6 @@ class ConvertResult:
                 + (f", calibrated on {self.calib_tokens} tokens" if self.calib_tokens else ", no calibration"))
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def convert(model_dir: str | os.PathLike, out: str | os.PathLike, *, experts: str | list[str] = "q4,q2",

@@ -7,13 +7,13 @@ llama.cpp-style figures in ``last_stats`` (prefill and decode tokens/s, load tim
 from __future__ import annotations
 
 import json
-import resource
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 
+from fate.cli_common import peak_rss_bytes
 from fate.formats import constants as C
 from fate.formats.bundle import Bundle, BundleError
 from fate.runtime.config import ConfigError, ModelConfig
@@ -33,8 +33,6 @@ class RuntimeUserError(ValueError):
     """A request the runtime cannot serve (prompt too long, bad sampling values, no CUDA, ...)."""
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @dataclass
