@@ -7,6 +7,7 @@ llama.cpp-style figures in ``last_stats`` (prefill and decode tokens/s, load tim
 from __future__ import annotations
 
 import json
+import weakref
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -264,6 +265,7 @@ class FateModel:
                                         device=self.device, decode_precision=self.precision, low_precision=low,
                                         int2_share=int2_share, keep=policy != "ondemand", prefetcher=prefetcher)
         self.cache, self.transfer = cache, transfer
+        weakref.finalize(self, transfer.close)  # the worker thread ends with the model
         self.model.experts = self.offload
         self.model.observer = prefetcher
         _ = layout
