@@ -15,7 +15,7 @@ import fate
 from fate.formats import constants as C
 from fate.formats.bundle import Bundle
 from fate.runtime.config import ModelConfig
-from fate.tools import inspect as I
+from fate.tools import inspector as I
 from tests.tiny_models import ARCHS, make_checkpoint
 
 TOP_KEYS = {"path", "container", "file_bytes", "format_version", "architecture", "params", "bytes", "precisions",

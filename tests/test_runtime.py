@@ -224,3 +224,15 @@ def test_bad_requests(converted):
         fate.load(path).generate([], 4)
     with pytest.raises(BundleError):
         fate.load(path, experts="f32")
+
+
+def test_demo_bundle_ships_and_generates():
+    from fate.runtime.cli import demo_path
+
+    assert demo_path().is_file() and demo_path().stat().st_size < 16 * 2**20
+    res = _run(["--demo", "-p", "The module", "-n", 12, "--temp", 0])
+    assert res.exit_code == 0, res.output
+    text = res.output.split("load time")[0]
+    assert sum(c.isalpha() for c in text) >= 10  # words, not nothing
+    m = fate.load(demo_path())
+    assert m.config.model_type == "qwen2_moe" and m.chat_template and m.bundle.get(C.K_CALIB_PRESENT)

@@ -517,7 +517,7 @@ def _jsonable(obj):
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("bundle", type=click.Path(path_type=str))
 @click.option("--verify", is_flag=True, help="Check the crc32 of every expert blob; list each bad one, exit 1 if any.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (keys: python -m pydoc fate.tools.inspect).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (keys: python -m pydoc fate.tools.inspector).")
 @click.option("--plot", "plot_file", type=click.Path(path_type=str), default=None,
               help="Draw a layer x expert popularity heatmap and the per-layer recall curves (needs matplotlib).")
 @click.option("--top", "top_n", type=int, default=DEFAULT_TOP_N, show_default=True,
