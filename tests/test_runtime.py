@@ -209,6 +209,13 @@ def test_version_arch_and_checksum_errors(converted, tmp_path):
     bad.write_bytes(bytes(data))
     _one_line_error(_run([bad, "-p", "x", "-n", 1]), "checksum mismatch", "layer 0")
     assert _run([bad, "-p", "x", "-n", 1, "--no-verify"]).exit_code == 0
+    # a flipped byte in a non-expert tensor is caught at load, naming the tensor
+    entry = b.tensors["blk.1.attn_v.weight"]
+    data = bytearray(raw)
+    data[entry.offset + 7] ^= 0x40
+    bad.write_bytes(bytes(data))
+    _one_line_error(_run([bad, "-p", "x", "-n", 1]), "checksum mismatch", "blk.1.attn_v.weight")
+    assert _run([bad, "-p", "x", "-n", 1, "--no-verify"]).exit_code == 0
 
 
 def test_bad_requests(converted):

@@ -133,12 +133,13 @@ def convert(model_dir: str | os.PathLike, out: str | os.PathLike, *, experts: st
         for p in precisions:
             plans.append(TensorPlan(C.T_EXPERTS.format(i=i, p=p), "I8", (cfg.n_experts, strides[p])))
             plans.append(TensorPlan(C.T_EXPERTS_CRC.format(i=i, p=p), "I64", (cfg.n_experts,)))
+    plans.append(TensorPlan(C.T_NON_EXPERT_CRC, "I64", (len(non_expert),)))
     if calib_ids:
         plans += [TensorPlan(C.T_CALIB_POPULARITY, "I64", (cfg.n_layers, cfg.n_experts)),
                   TensorPlan(C.T_CALIB_COSINE, "F32", (cfg.n_layers,)),
                   TensorPlan(C.T_CALIB_RECALL, "F32", (cfg.n_layers, len(C.RECALL_EXTRA)))]
 
-    meta = _metadata(ckpt, cfg, specs, layouts, strides, alignment, tok_meta, calib_meta, model_dir)
+    meta = _metadata(ckpt, cfg, specs, layouts, strides, alignment, tok_meta, calib_meta, model_dir, list(non_expert))
 
     tmp = out.parent / f".{out.name}.part-{os.getpid()}"
     writer = None
@@ -149,6 +150,7 @@ def convert(model_dir: str | os.PathLike, out: str | os.PathLike, *, experts: st
     try:
         writer = BundleWriter(tmp, fmt, meta, plans, alignment)
         t = time.perf_counter()
+        crcs = []
         for name, (hf_name, shape) in tqdm(non_expert.items(), desc="non-expert tensors", unit="tensor",
                                            disable=not progress, leave=True):
             w = ckpt.get(hf_name, shape)
@@ -156,9 +158,14 @@ def convert(model_dir: str | os.PathLike, out: str | os.PathLike, *, experts: st
             # cast in row blocks: a second full copy of a 150k-token embedding would be the peak of RSS
             rows = max(1, (32 << 20) // max(1, w[0].numel() * 4)) if w.dim() > 1 else w.shape[0] or 1
             row_bytes = (w[0].numel() if w.dim() > 1 else 1) * torch.finfo(target).bits // 8
+            crc = 0
             for r in range(0, max(w.shape[0], 1), rows):
-                writer.write(name, w[r:r + rows].to(target), byte_offset=r * row_bytes)
+                block = w[r:r + rows].to(target).contiguous()
+                writer.write(name, block, byte_offset=r * row_bytes)
+                crc = zlib.crc32(block.view(torch.uint8).numpy() if block.numel() else b"", crc)
+            crcs.append(crc)
             del w
+        writer.write(C.T_NON_EXPERT_CRC, torch.tensor(crcs, dtype=torch.int64))
         phase_seconds["non_expert"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -353,7 +360,8 @@ def _calibration_tokens(calib: str | None, tokenizer_json: str, n_tokens: int) -
                  C.K_CALIB_SHA256: hashlib.sha256(raw).hexdigest()}
 
 
-def _metadata(ckpt, cfg, specs, layouts, strides, alignment, tok_meta, calib_meta, model_dir) -> dict:
+def _metadata(ckpt, cfg, specs, layouts, strides, alignment, tok_meta, calib_meta, model_dir,
+              non_expert_names) -> dict:
     import hqq
 
     arch = C.LLAMA_CPP_ARCH[cfg.model_type]
@@ -389,6 +397,7 @@ def _metadata(ckpt, cfg, specs, layouts, strides, alignment, tok_meta, calib_met
         C.K_CHECKSUM_ALGO: "crc32",
         C.K_CALIB_PRESENT: bool(calib_meta),
         C.K_CALIB_RECALL_EXTRA: list(C.RECALL_EXTRA),
+        C.K_NON_EXPERT_CRC_NAMES: list(non_expert_names),
     }
     if cfg.dense_ffn:
         m[k(C.K_FEED_FORWARD_LENGTH)] = cfg.dense_ffn

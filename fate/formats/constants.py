@@ -116,6 +116,10 @@ T_FFN_GATE_INP_SHEXP = "blk.{i}.ffn_gate_inp_shexp.weight"  # shared expert's si
 T_EXPERTS = "blk.{i}.fate_exps.{p}"
 T_EXPERTS_CRC = "blk.{i}.fate_exps.{p}.crc32"  # int64 [n_experts]: crc32 of each blob's unpadded bytes
 
+# Checksums of the non-expert tensors: names in the metadata array, crc32 values in a tensor, same order.
+K_NON_EXPERT_CRC_NAMES = "fate.checksums.non_expert"
+T_NON_EXPERT_CRC = "fate.crc32.non_expert"  # int64 [N]: zlib crc32 of each named tensor's bytes
+
 # Calibration statistics (absent when converted with --no-calib).  L = block count, E = experts.
 T_CALIB_POPULARITY = "fate.calib.popularity"  # int64 [L, E]: tokens routed to each expert (0 rows: dense)
 T_CALIB_COSINE = "fate.calib.cosine"  # f32 [L]: mean cos(gate input i-1, gate input i); NaN at i=0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import weakref
+import zlib
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -16,7 +17,7 @@ import torch
 
 from fate.cli_common import peak_rss_bytes
 from fate.formats import constants as C
-from fate.formats.bundle import Bundle, BundleError
+from fate.formats.bundle import Bundle, BundleError, ChecksumError
 from fate.runtime.config import ConfigError, ModelConfig
 from fate.runtime.kv import KVCache
 from fate.runtime.link import parse_link
@@ -98,13 +99,30 @@ class GenerationResult:
 
 
 class BundleWeights:
-    """Every non-expert tensor of the bundle, copied once to the device in the compute dtype."""
+    """Every non-expert tensor of the bundle, copied once to the device in the compute dtype, each
+    checked against its crc32 first (one pass over bytes that are read anyway) unless ``verify`` is off."""
 
-    def __init__(self, bundle: Bundle, dtype: torch.dtype, device: torch.device):
+    def __init__(self, bundle: Bundle, dtype: torch.dtype, device: torch.device, verify: bool = True):
+        crcs = {}
+        if verify:
+            names = bundle.get(C.K_NON_EXPERT_CRC_NAMES)
+            if not bundle.has(C.T_NON_EXPERT_CRC) or not isinstance(names, list):
+                raise BundleError(f"{bundle.path}: the checksums of the non-expert tensors are missing "
+                                  "(re-convert it, or run with --no-verify)")
+            values = bundle.tensor(C.T_NON_EXPERT_CRC)
+            if values.shape != (len(names),):
+                raise BundleError(f"{bundle.path}: {C.T_NON_EXPERT_CRC} does not match {C.K_NON_EXPERT_CRC_NAMES}")
+            crcs = dict(zip(names, values.tolist()))
         self.tensors = {}
         for name, entry in bundle.tensors.items():
             if name.startswith("blk.") and ".fate_exps." in name or name.startswith("fate."):
                 continue
+            if verify:
+                if name not in crcs:
+                    raise BundleError(f"{bundle.path}: tensor {name} has no checksum")
+                if zlib.crc32(memoryview(bundle.raw(name).numpy())) != crcs[name]:
+                    raise ChecksumError(f"{bundle.path}: checksum mismatch in tensor {name}; the file is corrupt: "
+                                        "re-download or re-convert it")
             self.tensors[name] = bundle.tensor(name).to(device=device, dtype=dtype)
 
     def get(self, name: str):
@@ -165,7 +183,7 @@ class FateModel:
         except ValueError:
             self.generation_defaults = {}
 
-        self.weights = BundleWeights(self.bundle, self.dtype, self.device)
+        self.weights = BundleWeights(self.bundle, self.dtype, self.device, verify=verify)
         self.kv = KVCache.for_model(self.config, self.context, dtype=self.dtype, device=self.device)
         self.resident_experts = DenseExperts(
             lambda layer, e: self.store.dense(layer, e, self.precision, dtype=self.dtype, device=self.device))
