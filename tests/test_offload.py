@@ -130,3 +130,37 @@ def test_cli_budget_errors_and_stats_json(converted, tmp_path):
     assert d["experts"]["link"]["emulated"] and "emulated" in res.output
     assert d["budget"]["slots_per_layer"][0] == 0  # DeepSeekMoE's dense first layer has no slots
     assert "slots per MoE layer" in res.output
+
+
+def test_timing_profile_is_measured_once_and_cached(converted, monkeypatch, tmp_path):
+    import os
+
+    from fate.runtime import profile as P
+
+    monkeypatch.setenv("FATE_CACHE_DIR", str(tmp_path))
+    path = converted["mixtral"][1]
+    m = fate.load(path, mem="50%")
+    files = list((tmp_path / "profiles").glob("*.json"))
+    assert len(files) == 1
+    prof = json.loads(files[0].read_text())
+    assert prof["layer_decode_seconds"] > 0 and set(prof["expert_copy_seconds"]) == {"f16", "q4", "q2"}
+    assert m.prefetch_extra == m.timing.extra_candidates(2, 8, "q4", None)
+
+    def boom(*a, **k):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(P, "measure", boom)
+    fate.load(path, mem="50%")  # read from the cache
+    with pytest.raises(AssertionError):
+        fate.load(path, mem="50%", profile=True)  # --profile re-measures
+    assert os.environ["FATE_CACHE_DIR"] == str(tmp_path)
+
+
+def test_profile_window_bounds_extra_candidates():
+    from fate.runtime.profile import TimingProfile
+
+    p = TimingProfile(0.010, {"q4": 0.001}, {"q4": 1_000_000}, "cpu", "now")
+    assert p.extra_candidates(2, 8, "q4", None) == 6  # 10 copies fit a layer: capped at E - k
+    assert p.extra_candidates(2, 64, "q4", None) == 8  # 10 fit, 2 of them are the top-k
+    assert p.extra_candidates(2, 64, "q4", 200e6) == 0  # 5 ms per copy on a 200 MB/s link: 2 fit
+    assert p.extra_candidates(4, 64, "q4", 1e6) == 0  # slower than a layer: top-k only
