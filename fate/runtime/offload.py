@@ -61,8 +61,8 @@ class Prefetcher:
         logits = x @ router.T
         k, E = self.cfg.top_k, self.cfg.n_experts
         lc = self.cache.layer(nxt)
-        if x.shape[0] == 1:
-            ranked = logits[0].argsort(descending=True, stable=True)[: min(E, k + self.extra)].tolist()
+        if x.shape[0] == 1:  # name no more candidates than the layer can hold
+            ranked = logits[0].argsort(descending=True, stable=True)[: min(E, k + self.extra, lc.n_slots)].tolist()
             precisions = {e: self.decode_precision for e in ranked}
         else:
             counts = torch.bincount(logits.topk(k, dim=-1).indices.flatten(), minlength=E)
