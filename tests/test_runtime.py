@@ -243,3 +243,14 @@ def test_demo_bundle_ships_and_generates():
     assert sum(c.isalpha() for c in text) >= 10  # words, not nothing
     m = fate.load(demo_path())
     assert m.config.model_type == "qwen2_moe" and m.chat_template and m.bundle.get(C.K_CALIB_PRESENT)
+
+
+@pytest.mark.parametrize("precision", ["f16", "q4"])
+def test_no_mmap_preload_gives_the_same_tokens(converted, precision):
+    from fate.runtime.resident import ResidentExperts
+
+    path = converted["qwen2_moe"][1]
+    a = fate.load(path, experts=precision).generate(PROMPT, 16, temperature=0.0, stop_at_eos=False).token_ids
+    m = fate.load(path, experts=precision, no_mmap=True)
+    assert isinstance(m.model.experts, ResidentExperts)
+    assert m.generate(PROMPT, 16, temperature=0.0, stop_at_eos=False).token_ids == a

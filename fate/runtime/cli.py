@@ -41,6 +41,8 @@ def demo_path() -> Path:
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
 @click.option("--stats-json", type=click.Path(path_type=str), default=None, help="Write timings and token ids as JSON.")
 @click.option("--no-verify", is_flag=True, help="Skip crc32 checks of expert blobs (faster first use).")
+@click.option("--no-mmap", is_flag=True, help="Read every expert into memory at load (faster decode when "
+              "everything is resident; RSS holds all experts). Ignored when experts are offloaded.")
 @click.option("--no-timings", is_flag=True, help="Do not print timings to stderr at the end.")
 @click.option("--mem", default=None, help="Device memory budget for the whole model: 6GiB, 512MiB, or P% "
               "(resident weights + KV + P% of all experts). Default: everything resident.")
@@ -62,7 +64,7 @@ def demo_path() -> Path:
 @click.option("-v", "--verbose", is_flag=True, help="Print the memory plan, timing profile and per-layer expert stats.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def main(bundle, demo, prompt, prompt_file, n_predict, ctx, threads, temp, top_k, top_p, min_p, repeat_penalty, seed,
-         precision, device, compute_dtype, chat, system, ignore_eos, stats_json, no_verify, no_timings, mem, policy,
+         precision, device, compute_dtype, chat, system, ignore_eos, stats_json, no_verify, no_mmap, no_timings, mem, policy,
          evict, cache_alloc, prefetch_extra, int2_share, link, profile, verbose, debug):
     """Generate text from a fate BUNDLE (.gguf or .safetensors made by fate-convert).
 
@@ -74,7 +76,7 @@ def main(bundle, demo, prompt, prompt_file, n_predict, ctx, threads, temp, top_k
     """
     with user_errors(debug):
         offload = dict(mem=mem, policy=policy, evict=evict, cache_alloc=cache_alloc, prefetch_extra=prefetch_extra,
-                       int2_share=int2_share, link=link, profile=profile)
+                       int2_share=int2_share, link=link, profile=profile, no_mmap=no_mmap)
         _run(bundle, demo, prompt, prompt_file, n_predict, ctx, threads, temp, top_k, top_p, min_p,
              repeat_penalty, seed, precision, device, compute_dtype, chat, system, ignore_eos, stats_json,
              no_verify, no_timings, offload, verbose)

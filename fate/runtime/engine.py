@@ -22,6 +22,7 @@ from fate.runtime.config import ConfigError, ModelConfig
 from fate.runtime.kv import KVCache
 from fate.runtime.link import parse_link
 from fate.runtime.profile import TimingProfile
+from fate.runtime.resident import ResidentExperts, ResidentWeights
 from fate.runtime.model import DenseExperts, MoEModel
 from fate.runtime.sampling import Sampler, SamplingParams
 from fate.runtime.store import ExpertStore
@@ -98,32 +99,43 @@ class GenerationResult:
     stats: GenerationStats
 
 
+def verified_non_expert_tensors(bundle: Bundle, verify: bool = True) -> dict[str, torch.Tensor]:
+    """Every non-expert tensor of the bundle as stored (views of the map), each checked against its
+    crc32 first unless ``verify`` is off: one pass over bytes that are read at load anyway."""
+    crcs = {}
+    if verify:
+        names = bundle.get(C.K_NON_EXPERT_CRC_NAMES)
+        if not bundle.has(C.T_NON_EXPERT_CRC) or not isinstance(names, list):
+            raise BundleError(f"{bundle.path}: the checksums of the non-expert tensors are missing "
+                              "(re-convert it, or run with --no-verify)")
+        values = bundle.tensor(C.T_NON_EXPERT_CRC)
+        if values.shape != (len(names),):
+            raise BundleError(f"{bundle.path}: {C.T_NON_EXPERT_CRC} does not match {C.K_NON_EXPERT_CRC_NAMES}")
+        crcs = dict(zip(names, values.tolist()))
+    out = {}
+    for name in bundle.tensors:
+        if name.startswith("blk.") and ".fate_exps." in name or name.startswith("fate."):
+            continue
+        if verify:
+            if name not in crcs:
+                raise BundleError(f"{bundle.path}: tensor {name} has no checksum")
+            if zlib.crc32(memoryview(bundle.raw(name).numpy())) != crcs[name]:
+                raise ChecksumError(f"{bundle.path}: checksum mismatch in tensor {name}; the file is corrupt: "
+                                    "re-download or re-convert it")
+        out[name] = bundle.tensor(name)
+    return out
+
+
 class BundleWeights:
-    """Every non-expert tensor of the bundle, copied once to the device in the compute dtype, each
-    checked against its crc32 first (one pass over bytes that are read anyway) unless ``verify`` is off."""
+    """Every non-expert tensor of the bundle, copied once to the device in the compute dtype."""
 
     def __init__(self, bundle: Bundle, dtype: torch.dtype, device: torch.device, verify: bool = True):
-        crcs = {}
-        if verify:
-            names = bundle.get(C.K_NON_EXPERT_CRC_NAMES)
-            if not bundle.has(C.T_NON_EXPERT_CRC) or not isinstance(names, list):
-                raise BundleError(f"{bundle.path}: the checksums of the non-expert tensors are missing "
-                                  "(re-convert it, or run with --no-verify)")
-            values = bundle.tensor(C.T_NON_EXPERT_CRC)
-            if values.shape != (len(names),):
-                raise BundleError(f"{bundle.path}: {C.T_NON_EXPERT_CRC} does not match {C.K_NON_EXPERT_CRC_NAMES}")
-            crcs = dict(zip(names, values.tolist()))
-        self.tensors = {}
-        for name, entry in bundle.tensors.items():
-            if name.startswith("blk.") and ".fate_exps." in name or name.startswith("fate."):
-                continue
-            if verify:
-                if name not in crcs:
-                    raise BundleError(f"{bundle.path}: tensor {name} has no checksum")
-                if zlib.crc32(memoryview(bundle.raw(name).numpy())) != crcs[name]:
-                    raise ChecksumError(f"{bundle.path}: checksum mismatch in tensor {name}; the file is corrupt: "
-                                        "re-download or re-convert it")
-            self.tensors[name] = bundle.tensor(name).to(device=device, dtype=dtype)
+        self.tensors = {name: t.to(device=device, dtype=dtype)
+                        for name, t in verified_non_expert_tensors(bundle, verify).items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def get(self, name: str):
         return self.tensors.get(name)
@@ -148,7 +160,7 @@ class FateModel:
                  experts: str = "q4", context: int | None = None, threads: int | None = None,
                  verify: bool = True, mem: str | int | None = None, policy: str = "fate", evict: str = "arc",
                  cache_alloc: str = "auto", prefetch_extra: int | None = None, int2_share: float = 0.3,
-                 link: str | None = None, profile: bool = False):
+                 link: str | None = None, profile: bool = False, no_mmap: bool = False):
         t0 = time.perf_counter()
         if threads:
             torch.set_num_threads(threads)
@@ -183,7 +195,12 @@ class FateModel:
         except ValueError:
             self.generation_defaults = {}
 
-        self.weights = BundleWeights(self.bundle, self.dtype, self.device, verify=verify)
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            # projections stay in their stored f16/bf16 and are widened per call: decode reads half
+            # the bytes, with the same results (fate.runtime.resident)
+            self.weights = ResidentWeights(verified_non_expert_tensors(self.bundle, verify), self.dtype, self.device)
+        else:
+            self.weights = BundleWeights(self.bundle, self.dtype, self.device, verify=verify)
         self.kv = KVCache.for_model(self.config, self.context, dtype=self.dtype, device=self.device)
         self.resident_experts = DenseExperts(
             lambda layer, e: self.store.dense(layer, e, self.precision, dtype=self.dtype, device=self.device))
@@ -199,6 +216,10 @@ class FateModel:
         elif link is not None or profile:
             self.link = parse_link(link)  # validated, but there is no transfer to throttle
             self.timing = self._timing_profile(force=profile) if profile else None
+        if no_mmap and self.offload is None and self.config.moe_layer_ids:
+            # every expert read into memory now (like llama.cpp's --no-mmap): faster decode, RSS = all experts
+            self.resident_experts = ResidentExperts(self.store, self.precision, self.dtype, self.device, 0)
+            self.model.experts = self.resident_experts
         self.load_seconds = time.perf_counter() - t0
         self.last_stats: GenerationStats | None = None
 
@@ -243,7 +264,7 @@ class FateModel:
         # activations of a full-context prefill and one dequantized expert (scratch), estimated generously
         buffer_bytes = (4 * self.context * max(cfg.hidden_size, cfg.n_experts * cfg.top_k) * act
                         + 3 * cfg.hidden_size * cfg.expert_ffn * act)
-        non_expert = sum(t.numel() * t.element_size() for t in self.weights.tensors.values())
+        non_expert = self.weights.nbytes
         try:
             plan = plan_budget(cfg, mem=mem, non_expert_bytes=non_expert, kv_bytes=self.kv.nbytes,
                                buffer_bytes=buffer_bytes, slot_bytes=slot_bytes, alloc=cache_alloc, recall=recall)

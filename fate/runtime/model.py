@@ -49,6 +49,10 @@ class WeightSource(Protocol):
         """Non-expert tensor by bundle name (``constants.T_*``), in the compute dtype on the device;
         None when the bundle has no such tensor."""
 
+    # Optional: ``linear(x, name, bias_name=None) -> F.linear(x, get(name), get(bias_name))``.  The model
+    # routes its projections through it when the source has it, so a source may keep a matrix in a
+    # narrower stored dtype and widen it per call (fate.runtime.resident.ResidentWeights).
+
 
 class ExpertExecutor(Protocol):
     def moe(self, layer: int, x: Tensor, topk_ids: Tensor, topk_weights: Tensor) -> Tensor:
@@ -226,6 +230,17 @@ class MoEModel:
             raise KeyError(f"the model's weights have no tensor {name!r}")
         return t
 
+    def _lin(self, x: Tensor, name: str, bias: str | None = None) -> Tensor:
+        """``F.linear(x, weight, bias)`` by bundle names, via the weight source's ``linear`` if it has one."""
+        lin = getattr(self.weights, "linear", None)
+        if lin is not None:
+            return lin(x, name, bias)
+        return F.linear(x, self._w(name), None if bias is None else self.weights.get(bias))
+
+    def _mlp(self, x: Tensor, gate: str, up: str, down: str) -> Tensor:
+        """:func:`swiglu_mlp` by bundle names (one projection at a time, same operations)."""
+        return self._lin(F.silu(self._lin(x, gate)) * self._lin(x, up), down)
+
     # -- pieces ------------------------------------------------------------------------------------
     def embed(self, ids: Tensor) -> Tensor:
         return F.embedding(ids, self._w(C.T_TOKEN_EMBD))
@@ -236,15 +251,13 @@ class MoEModel:
     def attention(self, layer: int, h: Tensor, positions: Tensor, kv: KVCache | None) -> Tensor:
         """``h + attn(attn_norm(h))``; with ``kv`` the new keys/values are appended to the cache and the
         tokens attend to everything cached before them, else plain causal attention over these T."""
-        n, cfg, w = self._names[layer], self.cfg, self.weights.get
+        n, cfg = self._names[layer], self.cfg
         T = h.shape[0]
         x = rms_norm(h, self._w(n.attn_norm), self._eps)
         if cfg.qkv_bias:
-            q = F.linear(x, self._w(n.q), w(n.q_bias))
-            k = F.linear(x, self._w(n.k), w(n.k_bias))
-            v = F.linear(x, self._w(n.v), w(n.v_bias))
+            q, k, v = self._lin(x, n.q, n.q_bias), self._lin(x, n.k, n.k_bias), self._lin(x, n.v, n.v_bias)
         else:
-            q, k, v = F.linear(x, self._w(n.q)), F.linear(x, self._w(n.k)), F.linear(x, self._w(n.v))
+            q, k, v = self._lin(x, n.q), self._lin(x, n.k), self._lin(x, n.v)
         if cfg.qk_norm == "full":
             q = rms_norm(q, self._w(n.q_norm), self._eps)
             k = rms_norm(k, self._w(n.k_norm), self._eps)
@@ -281,7 +294,7 @@ class MoEModel:
             mask = self._positions[:S].unsqueeze(0) <= positions.unsqueeze(1)  # key j visible to query i
             o = self._sdpa(qh, K, V, mask, False)
         o = o[0].transpose(0, 1).reshape(T, self._nh * self._hd)
-        return h + F.linear(o, self._w(n.o))
+        return h + self._lin(o, n.o)
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         if self._rep > 1:
@@ -311,11 +324,11 @@ class MoEModel:
         """Dense MLP, or routed experts (via the executor) plus the shared expert and its gate."""
         n = self._names[layer]
         if not self.cfg.moe_layers[layer]:
-            return swiglu_mlp(g, self._w(n.gate), self._w(n.up), self._w(n.down))
+            return self._mlp(g, n.gate, n.up, n.down)
         _, ids, weights = self.route(layer, g)
         out = self.experts.moe(layer, g, ids, weights)
         if self.cfg.shared_ffn:
-            shared = swiglu_mlp(g, self._w(n.gate_sh), self._w(n.up_sh), self._w(n.down_sh))
+            shared = self._mlp(g, n.gate_sh, n.up_sh, n.down_sh)
             if self.cfg.shared_gate:
                 shared = torch.sigmoid(F.linear(g, self._w(n.gate_inp_sh))) * shared
             out = out + shared
@@ -332,8 +345,7 @@ class MoEModel:
     def final(self, h: Tensor) -> Tensor:
         """Output norm and LM head (the token embedding when tied); float32 logits."""
         x = rms_norm(h, self._w(C.T_OUTPUT_NORM), self._eps)
-        head = self._w(C.T_TOKEN_EMBD) if self.cfg.tie_embeddings else self._w(C.T_OUTPUT)
-        return F.linear(x, head).float()
+        return self._lin(x, C.T_TOKEN_EMBD if self.cfg.tie_embeddings else C.T_OUTPUT).float()
 
     def new_cache(self, max_ctx: int) -> KVCache:
         """A KV cache for ``max_ctx`` tokens in this model's dtype, on its device."""
