@@ -21,7 +21,10 @@ Python: ``run_bench(bundle, policies=..., mems=..., links=..., prompt_ids=..., n
 the rows as dicts; keys (one row per configuration):
 
 * ``policy``, ``mem`` (as asked; ``"all"`` for resident), ``link`` (as asked; ``"none"`` for resident),
-  ``link_label`` (the resolved link, e.g. ``"ratio:1 (60.2 MB/s, emulated)"``), ``emulated`` (bool);
+  ``link_label`` (the resolved link, e.g. ``"ratio:1 (60.2 MB/s, emulated)"``), ``emulated`` (bool),
+  ``link_bytes_per_s`` (the emulated rate), ``copy_ms`` (one expert at the run's precision over it) and
+  ``effective_ratio`` (that copy ÷ resident's measured decode time per layer in this session: what
+  ``ratio:R`` came to, as the profile and the runs measured compute at different moments);
 * ``reps``, ``prompt_tokens``, ``decode_tokens`` (forward passes after the prefill: ``n - 1``);
 * ``prefill_tok_s``, ``decode_tok_s`` (medians), ``prefill_tok_s_min``, ``prefill_tok_s_max``,
   ``decode_tok_s_min``, ``decode_tok_s_max`` (the spread);
@@ -31,7 +34,10 @@ the rows as dicts; keys (one row per configuration):
   ``hits``, ``late_prefetches``, ``misses``, ``stall_seconds``, ``bytes_by_precision`` and
   ``mb_by_precision`` (MB = 10^6 bytes) — the engine's ``experts`` figures, medians over the
   repetitions; None where nothing is offloaded (resident, or a budget that holds every expert);
-* ``slots``, ``slot_fraction``, ``budget_bytes``, ``fully_resident`` (the memory plan; None for resident);
+* ``slots``, ``slots_per_layer``, ``slot_fraction``, ``budget_bytes``, ``fully_resident`` (the memory
+  plan; None for resident);
+* ``by_layer``: per layer, the medians of the engine's ``needed``, ``hits``, ``late_prefetches``,
+  ``misses``, ``hit_rate``, ``prefetch_recall`` and ``stall_seconds`` (both phases; None as above);
 * ``failed_runs``, ``error``: repetitions in which the engine raised, and the first message (a failed
   configuration is reported, the others are still measured, and the command exits 1); ``reps`` counts
   the repetitions that completed, whose medians the row gives;
@@ -67,12 +73,16 @@ _RUN_KEYS = ("prefill_tok_s", "decode_tok_s", "prefill_seconds", "decode_seconds
              "decode_hit_rate", "decode_prefetch_recall", "needed", "hits", "late_prefetches", "misses",
              "stall_seconds")
 
-ROW_KEYS = ("policy", "mem", "link", "link_label", "emulated", "reps", "prompt_tokens", "decode_tokens",
+_LAYER_KEYS = ("needed", "hits", "late_prefetches", "misses", "hit_rate", "prefetch_recall", "stall_seconds")
+
+ROW_KEYS = ("policy", "mem", "link", "link_label", "emulated", "link_bytes_per_s", "copy_ms", "effective_ratio",
+            "reps", "prompt_tokens", "decode_tokens",
             "prefill_tok_s", "prefill_tok_s_min", "prefill_tok_s_max", "decode_tok_s", "decode_tok_s_min",
             "decode_tok_s_max", "prefill_speedup", "decode_speedup", "prefill_frac_resident",
             "decode_frac_resident", "hit_rate", "prefill_hit_rate", "decode_hit_rate", "decode_prefetch_recall",
             "needed", "hits", "late_prefetches", "misses", "stall_seconds", "bytes_by_precision",
-            "mb_by_precision", "slots", "slot_fraction", "budget_bytes", "fully_resident", "failed_runs", "error",
+            "mb_by_precision", "slots", "slots_per_layer", "slot_fraction", "budget_bytes", "fully_resident",
+            "by_layer", "failed_runs", "error",
             "runs")
 
 
@@ -196,7 +206,9 @@ def _one_run(bundle, policy, mem, link, prompt_ids, n, opts) -> dict:
         "link_label": ex["link"]["label"] if ex else ("none" if policy == "resident" else
                                                        f"{link} (unused: every expert fits the budget)"),
         "emulated": bool(ex and ex["link"].get("emulated")),
+        "link_bytes_per_s": (ex["link"].get("bytes_per_s") or None) if ex else None,
         "budget": d.get("budget"),
+        "by_layer": [{k: r[k] for k in _LAYER_KEYS} for r in ex["by_layer"]] if ex else None,
         "generated_token_ids": d["generated_token_ids"],
     }
     return run
@@ -226,6 +238,7 @@ def _measured_row(policy, mem, link, runs: list[dict], prompt_tokens: int) -> di
     labels = {r["link_label"] for r in runs}
     row["link_label"] = runs[0]["link_label"] if len(labels) == 1 else " | ".join(sorted(labels))
     row["emulated"] = any(r["emulated"] for r in runs)
+    row["link_bytes_per_s"] = _median([r["link_bytes_per_s"] for r in runs])
     for k in _RUN_KEYS:
         row[k] = _median([r[k] for r in runs])
     for k in ("prefill_tok_s", "decode_tok_s"):
@@ -244,6 +257,12 @@ def _measured_row(policy, mem, link, runs: list[dict], prompt_tokens: int) -> di
         row["bytes_by_precision"] = row["mb_by_precision"] = None
     plan = runs[0]["budget"]
     row["slots"] = plan["slots"] if plan else None
+    row["slots_per_layer"] = plan["slots_per_layer"] if plan else None
+    if all(r["by_layer"] is not None for r in runs):
+        row["by_layer"] = [{k: _median([r["by_layer"][i][k] for r in runs]) for k in _LAYER_KEYS}
+                           for i in range(len(runs[0]["by_layer"]))]
+    else:
+        row["by_layer"] = None
     row["slot_fraction"] = plan["slot_fraction"] if plan else None
     row["budget_bytes"] = plan["budget_bytes"] if plan else None
     row["fully_resident"] = plan["fully_resident"] if plan else None
@@ -278,7 +297,7 @@ class BenchSession:
             raise BundleError(f"{path}: no such bundle file")
         if path.is_dir():
             raise BundleError(f"{path} is a directory, not a bundle")
-        if threads:
+        if threads is not None:
             if threads < 1:
                 raise _error(f"-t {threads}: give at least 1 thread")
             torch.set_num_threads(threads)
@@ -287,7 +306,10 @@ class BenchSession:
         self.threads = torch.get_num_threads()
 
         # the resident model: tokenizer, model figures, the optional integrity check and the warm-up
-        ref = fate.load(path, experts=experts, policy="resident", verify=verify)
+        try:
+            ref = fate.load(path, experts=experts, policy="resident", verify=verify)
+        except BundleError as e:  # the engine's advice names fate-run's flag; fate-bench's is the opposite
+            raise BundleError(str(e).replace("run with --no-verify", "run without --verify")) from None
         try:
             cfg = ref.config
             if prompt_ids is not None:
@@ -320,10 +342,11 @@ class BenchSession:
             ref.close()
         del ref
         gc.collect()
-        # every budget must be one that runs: fail now, not after an hour of measuring
+        # every budget must be one that runs: fail now, not after an hour of measuring (the plans kept
+        # are fate's; lru spreads the same slots evenly, ondemand keeps top_k per layer)
         self.plans = {}
         for m in self.mems:
-            probe = fate.load(path, experts=experts, policy="ondemand", mem=m, verify=False)
+            probe = fate.load(path, experts=experts, policy="fate", mem=m, verify=False)
             try:
                 self.plans[m] = probe.plan.to_dict() if probe.plan is not None else None
             finally:
@@ -331,20 +354,21 @@ class BenchSession:
 
     @staticmethod
     def _profile(ref, reprofile: bool) -> dict:
-        """The timing profile every configuration of this session resolves ``ratio:R`` links and fate's
-        prefetch width with: measured afresh (the median of three measurements, so one disturbed
-        measurement on a busy machine does not set the link speed of the whole session) and cached
-        under the bundle's key, where the loads below find it; or the cached one with
-        ``reprofile=False`` (measured if there is none)."""
+        """The timing profile with which every configuration of this session resolves ``ratio:R`` links
+        and fate's prefetch width: measured afresh and cached under the bundle's key, where the loads
+        below find it; or, with ``reprofile=False``, the cached one (measured if there is none).
+
+        Afresh means the fastest of five measurements: the profile stands for undisturbed compute,
+        and one measurement disturbed by a busy machine must not set the link speed of the session
+        (the engine otherwise keeps whatever it measured first, for good)."""
         from fate.runtime import profile as P
 
         key = P.profile_key(ref.bundle.path, ref.device, ref.dtype)
         prof = None if reprofile else P.load_cached(key)
         fresh = prof is None
         if fresh:
-            runs = sorted((P.measure(ref.model, ref.store, ref.device, steps=10) for _ in range(3)),
-                          key=lambda p: p.layer_decode_seconds)
-            prof = runs[1]
+            prof = min((P.measure(ref.model, ref.store, ref.device, steps=8) for _ in range(5)),
+                       key=lambda p: p.layer_decode_seconds)
             P.save_cached(key, prof)
         return {"layer_decode_seconds": prof.layer_decode_seconds, "expert_copy_seconds": prof.expert_copy_seconds,
                 "expert_bytes": prof.expert_bytes, "measured_at": prof.measured_at, "fresh": fresh}
@@ -382,7 +406,13 @@ class BenchSession:
         rows = [_config_row(p, m, ln, runs[(p, m, ln)], len(self.prompt_ids)) for p, m, ln in configs]
         res = next((r for r in rows if r["policy"] == "resident"), None)
         base = {(r["mem"], r["link"]): r for r in rows if r["policy"] == "ondemand"}
+        blob = self.model_info["expert_blob_bytes"]
+        res_layer_s = (1.0 / res["decode_tok_s"] / self.model_info["n_layers"]
+                       if res and res["decode_tok_s"] else None)
         for row in rows:
+            bps = row["link_bytes_per_s"]
+            row["copy_ms"] = 1e3 * blob / bps if bps else None
+            row["effective_ratio"] = _ratio(blob / bps if bps else None, res_layer_s)
             od = base.get((row["mem"], row["link"]))
             row["prefill_speedup"] = _ratio(row["prefill_tok_s"], od["prefill_tok_s"]) if od else None
             row["decode_speedup"] = _ratio(row["decode_tok_s"], od["decode_tok_s"]) if od else None
@@ -485,6 +515,12 @@ def footer_text(rows: list[dict]) -> str:
         notes.append("(emulated): measured with copies slowed to the emulated link's speed (no real "
                      "host-to-device link); links: " + "; ".join(
                          sorted({f"{r['link']} = {r['link_label']}" for r in rows if r["emulated"]})))
+        eff = sorted({(r["link"], round(r["copy_ms"], 3), None if r["effective_ratio"] is None
+                       else round(r["effective_ratio"], 2)) for r in rows if r["emulated"] and r["copy_ms"]})
+        if eff:
+            notes.append("one expert copy: " + "; ".join(
+                f"{ln} {ms:.2f} ms" + ("" if er is None else f" = {er:.2f} x resident's measured decode time per layer")
+                for ln, ms, er in eff))
     for r in rows:
         if r["error"]:
             notes.append(f"† {r['policy']} mem {r['mem']} link {r['link']}: failed in {r['failed_runs']} of "
@@ -493,7 +529,27 @@ def footer_text(rows: list[dict]) -> str:
     return "\n".join(notes)
 
 
-CSV_KEYS = [k for k in ROW_KEYS if k not in ("bytes_by_precision", "mb_by_precision", "runs")]
+CSV_KEYS = [k for k in ROW_KEYS if k not in ("bytes_by_precision", "mb_by_precision", "slots_per_layer", "by_layer",
+                                              "runs")]
+
+
+def per_layer_text(rows: list[dict]) -> str:
+    """Per MoE layer, for each offloaded configuration: slots, hit rate, prefetch recall and stall
+    (both phases; medians over the repetitions) — where the misses and the waiting are."""
+    out = []
+    for r in rows:
+        if not r["by_layer"]:
+            continue
+        out.append(f"{r['policy']} mem {r['mem']} link {link_column(r)}:")
+        out.append("  layer  slots  needed   hit rate  recall  late  misses  stall s")
+        for i, lay in enumerate(r["by_layer"]):
+            if not lay["needed"]:
+                continue
+            slots = r["slots_per_layer"][i] if r["slots_per_layer"] else "-"
+            out.append(f"  {i:5d}  {slots:>5}  {lay['needed']:6g}  {_fmt_pct(lay['hit_rate']):>9}  "
+                       f"{_fmt_pct(lay['prefetch_recall']):>6}  {lay['late_prefetches']:4g}  {lay['misses']:6g}  "
+                       f"{lay['stall_seconds']:7.3f}")
+    return "\n".join(out)
 
 
 
@@ -590,7 +646,8 @@ def write_plot(path: Path, rows: list[dict], meta: dict) -> None:
 @click.option("-r", "--repetitions", "reps", default=3, show_default=True, help="Repetitions (median reported).")
 @click.option("--experts", "precision", default="q4", show_default=True, help="Expert precision: f16, q4 or q2.")
 @click.option("--prefetch-extra", type=int, default=None, help="fate: extra prefetch candidates [default: profiled].")
-@click.option("--int2-share", type=float, default=0.3, show_default=True, help="fate: INT2 share of prefill assignments.")
+@click.option("--int2-share", type=float, default=0.3, show_default=True,
+              help="fate: INT2 share of prefill assignments.")
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads.")
 @click.option("--verify", is_flag=True, help="Check every expert blob's crc32 once before measuring.")
 @click.option("--cached-profile", is_flag=True,
@@ -600,10 +657,13 @@ def write_plot(path: Path, rows: list[dict], meta: dict) -> None:
 @click.option("--csv", "csv_path", type=click.Path(path_type=str), default=None, help="Write the rows as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=str), default=None,
               help="Draw speedup and hit rate against the budget (PNG; needs matplotlib).")
+@click.option("--per-layer", is_flag=True,
+              help="Also print per-layer hit rate, recall and stalls of each configuration.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, reps, precision, prefetch_extra,
-         int2_share, threads, verify, cached_profile, json_path, csv_path, plot_path, no_progress, debug):
+         int2_share, threads, verify, cached_profile, json_path, csv_path, plot_path, per_layer, no_progress,
+         debug):
     """Benchmark expert offloading policies on a fate BUNDLE, side by side in one process.
 
     \b
@@ -615,12 +675,12 @@ def main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, r
     with user_errors(debug):
         _main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, reps, precision,
               prefetch_extra, int2_share, threads, verify, cached_profile, json_path, csv_path, plot_path,
-              no_progress)
+              per_layer, no_progress)
     sys.exit(0)
 
 
 def _main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, reps, precision, prefetch_extra,
-          int2_share, threads, verify, cached_profile, json_path, csv_path, plot_path, no_progress):
+          int2_share, threads, verify, cached_profile, json_path, csv_path, plot_path, per_layer, no_progress):
     if not bundle:
         raise _error("no bundle given: fate-bench BUNDLE (see fate-bench --help)")
     # everything that can be checked without measuring is checked first
@@ -648,6 +708,11 @@ def _main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, 
     click.echo(table_text(rows))
     click.echo()
     click.echo(footer_text(rows))
+    if per_layer:
+        text = per_layer_text(rows)
+        if text:
+            click.echo()
+            click.echo(text)
     if json_path:
         Path(json_path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=_json_default))
     if csv_path:

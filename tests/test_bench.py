@@ -1,0 +1,284 @@
+"""fate-bench: the table, JSON and CSV parse; the figures are the engine's own; repetitions alternate;
+emulated rows are labelled; bad inputs are one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+import fate
+from fate.tools import bench
+from fate.tools.bench import ROW_KEYS, main, run_bench, synthetic_prompt
+
+ARCH = "qwen2_moe"  # shared expert + routed experts: the offloading engine's usual case
+FAST = ["-n", "4", "-r", "1", "--prompt-tokens", "16", "--no-progress"]
+
+
+def _invoke(args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _table(stdout: str) -> list[list[str]]:
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("|")]
+    cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines]
+    assert set(cells[1][0]) <= {"-", ":"}, "second line is the markdown separator"
+    return [cells[0]] + cells[2:]
+
+
+def _prompt(path, n=16):
+    m = fate.load(path)
+    ids = synthetic_prompt(m.tokenizer, n)
+    m.close()
+    return ids
+
+
+def test_cli_table_json_csv(converted, tmp_path):
+    path = converted[ARCH][1]
+    js, cs = tmp_path / "b.json", tmp_path / "b.csv"
+    r = _invoke([path, "--policies", "ondemand,lru,fate,resident", "--mem", "50%", "--link", "none,2GB/s",
+                 *FAST, "--json", js, "--csv", cs, "--per-layer"])
+    assert r.exit_code == 0, r.output
+    table = _table(r.stdout)
+    head, body = table[0], table[1:]
+    assert head[:5] == ["policy", "mem", "link", "prefill t/s", "decode t/s"]
+    assert {"hit rate", "dec recall", "MB q4", "stall s", "x resident"} <= set(head)
+    # (policy, mem, link) per row: 3 offloaded policies x 1 budget x 2 links, then resident once
+    got = [(c[0], c[1], c[2]) for c in body]
+    assert got == [("ondemand", "50%", "none"), ("lru", "50%", "none"), ("fate", "50%", "none"),
+                   ("ondemand", "50%", "2GB/s (emulated)"), ("lru", "50%", "2GB/s (emulated)"),
+                   ("fate", "50%", "2GB/s (emulated)"), ("resident", "all", "none")]
+    col = {h: i for i, h in enumerate(head)}
+    for c in body:
+        assert float(c[col["decode t/s"]].split()[0]) > 0 and float(c[col["prefill t/s"]].split()[0]) > 0
+    ondemand = body[0]
+    assert ondemand[col["decode x od"]] == "1.00" and ondemand[col["hit rate"]] == "0.0%"
+    assert body[-1][col["x resident"]] == "1.00" and body[-1][col["hit rate"]] == "-"
+    assert "(emulated)" in r.stdout.split("\n| ")[-1]  # the footnote explains the label
+
+    doc = json.loads(js.read_text())
+    rows, meta = doc["rows"], doc["meta"]
+    assert len(rows) == 7 and all(list(row) == list(ROW_KEYS) for row in rows)
+    assert meta["prompt_tokens"] == 16 and meta["n"] == 4 and meta["reps"] == 1 and meta["mems"] == ["50%"]
+    assert meta["profile"]["fresh"] and meta["profile"]["layer_decode_seconds"] > 0
+    for row in rows:
+        assert row["reps"] == 1 and row["decode_tokens"] == 3 and row["prompt_tokens"] == 16
+        assert row["error"] is None and row["failed_runs"] == 0
+        assert row["emulated"] == (row["link"] == "2GB/s")
+        run = row["runs"][0]
+        assert row["decode_tok_s"] == run["decode_tok_s"] == row["decode_tok_s_min"] == row["decode_tok_s_max"]
+        assert len(run["generated_token_ids"]) == 4
+        if row["policy"] == "resident":
+            assert row["hit_rate"] is None and row["bytes_by_precision"] is None and row["slots"] is None
+        else:
+            assert row["needed"] == row["hits"] + row["late_prefetches"] + row["misses"] > 0
+            assert row["mb_by_precision"]["q4"] == pytest.approx(row["bytes_by_precision"]["q4"] / 1e6)
+            assert 0 < row["slot_fraction"] < 1 and not row["fully_resident"]
+            assert len(row["by_layer"]) == len(row["slots_per_layer"]) and sum(row["slots_per_layer"]) == row["slots"]
+            for k in ("needed", "hits", "misses", "late_prefetches"):  # per layer adds up to the totals
+                assert sum(lay[k] for lay in row["by_layer"]) == row[k]
+    emu = [row for row in rows if row["emulated"]]
+    assert emu and all("emulated" in row["link_label"] and "2 GB/s" in row["link_label"] for row in emu)
+    assert all(row["link_bytes_per_s"] == 2e9 and row["copy_ms"] > 0 and row["effective_ratio"] > 0 for row in emu)
+    assert "one expert copy: 2GB/s" in r.stdout
+    assert "fate mem 50% link 2GB/s (emulated):" in r.stdout and "  layer  slots  needed" in r.stdout
+    # greedy decoding: every policy generates the resident model's tokens (int2_share only moves prefill)
+    res = rows[-1]["runs"][0]["generated_token_ids"]
+    assert all(row["runs"][0]["generated_token_ids"] == res for row in rows if row["policy"] in ("ondemand", "lru"))
+
+    with open(cs, newline="") as f:
+        recs = list(csv.DictReader(f))
+    assert len(recs) == 7 and recs[0]["policy"] == "ondemand" and "mb_q4" in recs[0] and "runs" not in recs[0]
+    assert float(recs[3]["decode_tok_s"]) == pytest.approx(rows[3]["decode_tok_s"])
+
+
+def test_figures_are_the_engines(converted):
+    """run_bench's counts are what fate.load reports for the same configuration and prompt."""
+    path = converted[ARCH][1]
+    ids = _prompt(path)
+    rows = run_bench(path, policies=["ondemand", "lru", "fate"], mems=["50%"], links=["none"], prompt_ids=ids,
+                     n=4, reps=1)
+    by = {row["policy"]: row for row in rows}
+    assert set(by) == {"ondemand", "lru", "fate"}  # no resident row when it is not asked for
+    blob = fate.load(path).store.blob_bytes("q4")
+
+    def direct(policy):
+        m = fate.load(path, experts="q4", policy=policy, mem="50%", link="none")
+        out = m.generate(ids, 4, temperature=0.0, stop_at_eos=False)
+        m.close()
+        return out.stats.to_dict()
+
+    # ondemand is fully deterministic: every use is a miss and a copy
+    d = direct("ondemand")
+    row, ex = by["ondemand"], d["experts"]
+    assert (row["needed"], row["hits"], row["misses"]) == (ex["needed"], ex["hits"], ex["misses"])
+    assert row["bytes_by_precision"] == ex["bytes_by_precision"] == {"q4": ex["needed"] * blob}
+    assert row["runs"][0]["generated_token_ids"] == d["generated_token_ids"]
+    assert row["prompt_tokens"] == d["prefill.tokens"] and row["decode_tokens"] == d["decode.tokens"]
+    assert row["slots"] == d["budget"]["slots"]
+    # lru and fate: which expert is needed depends only on the (greedy) tokens; hits depend on timing
+    for policy in ("lru", "fate"):
+        d = direct(policy)
+        row, ex = by[policy], d["experts"]
+        assert row["needed"] == ex["needed"], policy
+        assert row["runs"][0]["generated_token_ids"] == d["generated_token_ids"], policy
+        assert row["slots"] == d["budget"]["slots"], policy
+    # lru never prefetches: each miss is one q4 copy, and the hit rate is hits / needed
+    row = by["lru"]
+    assert row["bytes_by_precision"] == {"q4": row["misses"] * blob} and row["late_prefetches"] == 0
+    assert row["hit_rate"] == pytest.approx(row["hits"] / row["needed"])
+    assert by["fate"]["decode_prefetch_recall"] is not None and by["lru"]["decode_prefetch_recall"] is None
+
+
+def test_repetitions_alternate_and_aggregate(converted, monkeypatch):
+    """Forwards then backwards over the configurations; medians, spreads and ratios from the runs."""
+    path = converted[ARCH][1]
+    calls = []
+    speed = {"ondemand": 10.0, "lru": 20.0, "fate": 40.0, "resident": 50.0}
+
+    def fake(bundle, policy, mem, link, prompt_ids, n, opts):
+        rep = sum(1 for c in calls if c == (policy, mem, link))
+        calls.append((policy, mem, link))
+        scale = (1.0, 2.0, 0.5)[rep]  # median 1.0, min 0.5, max 2.0
+        off = policy != "resident"
+        return {"prefill_tok_s": 2 * speed[policy] * scale, "decode_tok_s": speed[policy] * scale,
+                "prefill_seconds": 1.0, "decode_seconds": 1.0, "decode_tokens": n - 1,
+                "hit_rate": 0.5 if off else None, "prefill_hit_rate": 0.4 if off else None,
+                "decode_hit_rate": 0.6 if off else None, "decode_prefetch_recall": 0.9 if policy == "fate" else None,
+                "needed": 10 + rep if off else None, "hits": 5 if off else None, "late_prefetches": 0 if off else None,
+                "misses": 5 + rep if off else None, "stall_seconds": 0.1 * (rep + 1) if off else None,
+                "bytes_by_precision": {"q4": 1000 * (rep + 1)} if off else None,
+                "link_label": link if off else "none", "emulated": off and link != "none",
+                "link_bytes_per_s": 1e9 if off and link != "none" else None,
+                "budget": {"slots": 7, "slots_per_layer": [7], "slot_fraction": 0.5, "budget_bytes": 1,
+                           "fully_resident": False} if off else None,
+                "by_layer": [{"needed": 10 + rep, "hits": 5, "late_prefetches": 0, "misses": 5 + rep, "hit_rate": 0.5,
+                              "prefetch_recall": None, "stall_seconds": 0.1}] if off else None,
+                "generated_token_ids": [1] * n}
+
+    monkeypatch.setattr(bench, "_one_run", fake)
+    rows = run_bench(path, mems=["25%", "50%"], links=["none", "1GB/s"], n=4, reps=3, prompt_tokens=8)
+    configs = [(p, m, ln) for m in ("25%", "50%") for ln in ("none", "1GB/s") for p in ("ondemand", "lru", "fate")]
+    configs.append(("resident", "all", "none"))
+    assert calls == configs + configs[::-1] + configs
+    assert [(r["policy"], r["mem"], r["link"]) for r in rows] == configs
+    for r in rows:
+        s = speed[r["policy"]]
+        assert (r["decode_tok_s"], r["decode_tok_s_min"], r["decode_tok_s_max"]) == (s, 0.5 * s, 2 * s)
+        assert r["prefill_tok_s"] == 2 * s and r["reps"] == 3
+        assert r["decode_frac_resident"] == pytest.approx(s / 50.0)
+        if r["policy"] == "resident":
+            assert r["decode_speedup"] is None and r["hit_rate"] is None
+        else:
+            assert r["decode_speedup"] == pytest.approx(s / 10.0)
+            assert r["prefill_speedup"] == pytest.approx(s / 10.0)
+            assert r["needed"] == 11 and r["misses"] == 6 and isinstance(r["needed"], int)
+            assert r["bytes_by_precision"] == {"q4": 2000} and r["mb_by_precision"] == {"q4": 0.002}
+            assert r["stall_seconds"] == pytest.approx(0.2)
+            assert r["by_layer"] == [{"needed": 11, "hits": 5, "late_prefetches": 0, "misses": 6, "hit_rate": 0.5,
+                                      "prefetch_recall": None, "stall_seconds": 0.1}]
+            assert r["emulated"] == (r["link"] == "1GB/s")
+        if r["emulated"]:  # one expert over 1 GB/s, against resident's 1/50 s per token over the layers
+            m = fate.load(path)
+            blob, layers = m.store.blob_bytes("q4"), m.config.n_layers
+            m.close()
+            assert r["copy_ms"] == pytest.approx(1e3 * blob / 1e9)
+            assert r["effective_ratio"] == pytest.approx((blob / 1e9) / (1 / 50.0 / layers))
+        else:
+            assert r["copy_ms"] is None and r["effective_ratio"] is None
+    body = _table(bench.table_text(rows))[1:]
+    assert [c[2] for c in body] == [ln + (" (emulated)" if ln != "none" else "") for _, _, ln in configs]
+    assert body[0][3] == "20.0 (10.0–40.0)" and body[0][4] == "10.0 (5.0–20.0)"  # median (min–max)
+
+
+def test_a_failing_configuration_is_reported_not_fatal(converted, monkeypatch, tmp_path):
+    path = converted[ARCH][1]
+    real = bench._one_run
+
+    def flaky(bundle, policy, mem, link, prompt_ids, n, opts):
+        if policy == "fate":
+            raise RuntimeError("layer 2: no expert slot could be freed (cache of 2 slots)")
+        return real(bundle, policy, mem, link, prompt_ids, n, opts)
+
+    monkeypatch.setattr(bench, "_one_run", flaky)
+    js = tmp_path / "b.json"
+    r = _invoke([path, "--policies", "ondemand,fate", "--mem", "50%", "--link", "none", *FAST, "--json", js])
+    assert r.exit_code == 1
+    body = _table(r.stdout)[1:]
+    assert [c[0] for c in body] == ["ondemand", "fate †"]
+    assert "no expert slot could be freed" in r.stdout and "failed in 1 of 1" in r.stdout
+    assert r.stderr.strip().splitlines()[-1].startswith("error: 1 configuration(s) failed")
+    rows = json.loads(js.read_text())["rows"]
+    assert rows[1]["error"].startswith("RuntimeError") and rows[1]["failed_runs"] == 1 and rows[1]["reps"] == 0
+    assert rows[1]["decode_tok_s"] is None and rows[0]["error"] is None
+
+
+def test_prompt_choices(converted, tmp_path):
+    path = converted[ARCH][1]
+    m = fate.load(path)
+    a, b = synthetic_prompt(m.tokenizer, 40), synthetic_prompt(m.tokenizer, 40)
+    long = synthetic_prompt(m.tokenizer, 3000)  # longer than the text: it repeats
+    text_ids = m.encode_prompt("the quick brown fox")
+    m.close()
+    assert a == b and len(a) == 40 and len(long) == 3000 and long[:40] == a
+    rows = run_bench(path, policies="resident", prompt_ids=text_ids, n=3, reps=1)
+    assert len(rows) == 1 and rows[0]["prompt_tokens"] == len(text_ids) and rows[0]["mem"] == "all"
+    f = tmp_path / "p.txt"
+    f.write_text("the quick brown fox")
+    r = _invoke([path, "--policies", "resident", "-f", f, "-n", "3", "-r", "1", "--no-progress", "--json",
+                 tmp_path / "b.json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "b.json").read_text())["rows"][0]["prompt_tokens"] == len(text_ids)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--policies", "fate,warp"], "unknown policy 'warp'"),
+    (["--policies", "fate,,lru"], "empty item"),
+    (["--mem", "25%,lots"], "'lots' is not a memory size"),
+    (["--link", "ratio:1,fast"], "'fast' is not a link"),
+    (["--link", "12Gb/s"], "bits per second"),
+    (["--mem", "1%"], "below the minimum"),
+    (["-n", "1"], "-n 1"),
+    (["-r", "0"], "-r 0"),
+    (["-p", "hello", "--prompt-tokens", "5"], "not both"),
+    (["--prompt-tokens", "100000"], "exceeds the context"),
+])
+def test_bad_inputs_are_one_line_errors(converted, args, needle):
+    path = converted[ARCH][1]
+    base = ["-n", "4", "-r", "1", "--no-progress"]
+    r = _invoke([path, *base, *args])  # later options win over the defaults in base
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+    assert r.stdout == ""
+
+
+def test_missing_bundle_is_one_line(tmp_path):
+    for target in (tmp_path / "nope.gguf", tmp_path):
+        r = _invoke([target, "--no-progress"])
+        assert r.exit_code == 2
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and str(target) in lines[0]
+    r = _invoke([])
+    assert r.exit_code == 2 and r.stderr.strip().startswith("error: no bundle given")
+
+
+def test_plot_without_matplotlib_names_the_install(converted, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    r = _invoke([converted[ARCH][1], *FAST, "--plot", tmp_path / "p.png"])
+    assert r.exit_code == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install matplotlib" in lines[0]
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_plot(converted, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "p.png"
+    r = _invoke([converted[ARCH][1], "--policies", "ondemand,fate", "--mem", "50%,75%", "--link", "none", *FAST,
+                 "--plot", png])
+    assert r.exit_code == 0, r.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
