@@ -164,3 +164,25 @@ def test_profile_window_bounds_extra_candidates():
     assert p.extra_candidates(2, 64, "q4", None) == 8  # 10 fit, 2 of them are the top-k
     assert p.extra_candidates(2, 64, "q4", 200e6) == 0  # 5 ms per copy on a 200 MB/s link: 2 fit
     assert p.extra_candidates(4, 64, "q4", 1e6) == 0  # slower than a layer: top-k only
+
+
+def test_slow_link_with_every_slot_in_flight_still_runs(converted):
+    """2 slots per layer, a link slower than compute and a long prompt: every slot can hold an in-flight,
+    mispredicted prefetch when the layer needs its experts; the layer waits for a copy, never fails."""
+    path = converted["qwen2_moe"][1]
+    want, _ = _tokens(path, n=6, policy="resident")
+    m = fate.load(path, experts="q4", mem="25%", link="ratio:1", int2_share=0.0)
+    ids = m.encode_prompt(PROMPT * 4)[:32]
+    got = m.generate(ids, 6, temperature=0.0, stop_at_eos=False)
+    ref = fate.load(path, experts="q4").generate(ids, 6, temperature=0.0, stop_at_eos=False)
+    assert got.token_ids == ref.token_ids
+    assert got.stats.experts["link"]["emulated"]
+    m.close()
+    assert want
+
+
+def test_weights_outlive_close(converted):
+    m = fate.load(converted["mixtral"][1])
+    m.close()  # unmaps the bundle; the non-expert weights are copies, not views of it
+    norm = m.weights.get(C.T_OUTPUT_NORM)
+    assert torch.isfinite(norm).all()

@@ -130,7 +130,7 @@ class BundleWeights:
     """Every non-expert tensor of the bundle, copied once to the device in the compute dtype."""
 
     def __init__(self, bundle: Bundle, dtype: torch.dtype, device: torch.device, verify: bool = True):
-        self.tensors = {name: t.to(device=device, dtype=dtype)
+        self.tensors = {name: t.to(device=device, dtype=dtype, copy=True)  # never a view of the map: close() unmaps it
                         for name, t in verified_non_expert_tensors(bundle, verify).items()}
 
     @property
@@ -298,8 +298,10 @@ class FateModel:
                 cfg.top_k, cfg.n_experts, self.precision, self.link.bytes_per_s if throttle else None)
             self.prefetch_extra = extra
             routers = {i: self.weights.get(C.T_FFN_GATE_INP.format(i=i)) for i in cfg.moe_layer_ids}
+            max_new = None if prefetch_extra is not None else timing.copies_in_window(
+                self.precision, self.link.bytes_per_s if throttle else None)
             prefetcher = Prefetcher(cfg, routers, cache, transfer, extra=extra, decode_precision=self.precision,
-                                    low_precision=low, int2_share=int2_share)
+                                    low_precision=low, int2_share=int2_share, max_new=max_new)
         self.offload = OffloadedExperts(cfg, self.store, cache, transfer, self.expert_stats, dtype=self.dtype,
                                         device=self.device, decode_precision=self.precision, low_precision=low,
                                         int2_share=int2_share, keep=policy != "ondemand", prefetcher=prefetcher)

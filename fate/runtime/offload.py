@@ -45,8 +45,10 @@ def hybrid_precisions(ranked: list[int], counts: list[int], share: float, high: 
 
 class Prefetcher:
     def __init__(self, cfg, routers: dict[int, torch.Tensor], cache, transfer: TransferEngine, *,
-                 extra: int, decode_precision: str, low_precision: str | None, int2_share: float):
+                 extra: int, decode_precision: str, low_precision: str | None, int2_share: float,
+                 max_new: int | None = None):
         self.cfg, self.cache, self.transfer = cfg, cache, transfer
+        self.max_new = max_new  # decode: new copies per prediction (those the link can move in the window)
         self.routers = {i: w.detach().to("cpu", torch.float32) for i, w in routers.items()}
         self.extra, self.decode_precision = extra, decode_precision
         self.low_precision, self.int2_share = low_precision, int2_share
@@ -71,13 +73,17 @@ class Prefetcher:
             precisions = hybrid_precisions(ranked, counts.tolist(), self.int2_share, self.decode_precision,
                                            self.low_precision)
         self.predicted[nxt] = pins = set(ranked)  # the cache itself never evicts an entry still in flight
+        budget = self.max_new if x.shape[0] == 1 and self.max_new is not None else len(ranked)
         for rank, e in enumerate(ranked):
+            if budget <= 0:
+                break
             got = lc.lookup_or_reserve(e, precisions[e], prefetched=True, pinned=pins)
             if got is None:
                 break  # every slot holds an expert in use, in flight or predicted
             entry, _, fresh = got
             if fresh:  # else resident or arriving already; a lower-precision copy is upgraded on use
                 self.transfer.submit(nxt, e, precisions[e], entry.slot, entry, 1.0 + rank)
+                budget -= 1
 
 
 class OffloadedExperts:
@@ -90,6 +96,17 @@ class OffloadedExperts:
         self.dtype, self.device = dtype, device
         self.decode_precision, self.low_precision, self.int2_share = decode_precision, low_precision, int2_share
         self.keep, self.prefetcher = keep, prefetcher
+
+    def _reserve_waiting(self, lc, e, precision, pins, phase, layer):
+        """Reserve a slot for ``e``; while every slot is pinned or in flight, wait for a copy to land."""
+        while True:
+            got = lc.reserve(e, precision, prefetched=False, pinned=pins)
+            if got is not None:
+                return got
+            in_flight = [x for x in lc.entries() if not x.ready.is_set()]
+            if not in_flight:
+                raise RuntimeError(f"layer {layer}: no expert slot can be freed (cache of {lc.n_slots} slots)")
+            self.stats.stalled(phase, layer, self.transfer.wait(in_flight[0]))
 
     def moe(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         T, k = topk_ids.shape
@@ -105,6 +122,10 @@ class OffloadedExperts:
         predicted = self.prefetcher.predicted.pop(layer, None) if self.prefetcher is not None else None
 
         lc = self.cache.layer(layer)
+        if predicted is not None:  # prefetches for this layer that it does not need and that have not
+            for entry in lc.entries():  # arrived are cancelled: the link is better spent on demand loads
+                if entry.prefetched and not entry.ready.is_set() and entry.expert not in want:
+                    lc.drop(entry.expert)
         pins = set(ranked)  # pinned until computed (in-flight entries are never evicted either)
         entries, waiting = {}, []
         hits = late = misses = 0
@@ -126,7 +147,7 @@ class OffloadedExperts:
                 continue
             got = lc.reserve(e, want[e], prefetched=False, pinned=pins)
             if got is None:
-                waiting.append(e)  # no free slot until computed experts release theirs
+                waiting.append(e)  # no free slot until computed experts (or in-flight copies) release theirs
                 continue
             entries[e], _ = got
             self.transfer.submit(layer, e, want[e], entries[e].slot, entries[e], TransferEngine.DEMAND)
@@ -144,10 +165,8 @@ class OffloadedExperts:
         while i < len(compute_order):
             e = compute_order[i]
             entry = entries.get(e)
-            if entry is None:  # a waiting expert: a slot is free now
-                got = lc.reserve(e, want[e], prefetched=False, pinned=pins)
-                if got is None:
-                    raise RuntimeError(f"layer {layer}: no expert slot could be freed (cache of {lc.n_slots} slots)")
+            if entry is None:  # a waiting expert: a slot is free now, or will be once a copy lands
+                got = self._reserve_waiting(lc, e, want[e], pins, phase, layer)
                 entry, _ = got
                 entries[e] = entry
                 self.transfer.submit(layer, e, want[e], entry.slot, entry, TransferEngine.DEMAND)

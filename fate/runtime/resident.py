@@ -340,7 +340,7 @@ class ResidentWeights:
             if widen and t.dtype in _NARROW and t.dim() == 2 and _is_projection(name):
                 self._narrow[name] = t.to(device=self.device, copy=True).contiguous()
             else:
-                self.tensors[name] = t.to(device=self.device, dtype=dtype)
+                self.tensors[name] = t.to(device=self.device, dtype=dtype, copy=True)  # never a view of a map
         self.chunk_bytes = int(chunk_bytes)
         blocks = {name: _row_blocks(w.shape[0], w.shape[1], self.chunk_bytes) for name, w in self._narrow.items()}
         most = max(((r1 - r0) * self._narrow[n].shape[1] for n, bl in blocks.items() for r0, r1 in bl), default=0)

@@ -83,6 +83,8 @@ class TransferEngine:
             job = self._q.get()
             if job.layer < 0:  # close()
                 return
+            if getattr(job.entry, "released", False):
+                continue  # dropped before its turn (a prefetch nobody needs): its slot may hold another expert now
             try:
                 self._copy(job)
             except BaseException as e:  # surface in the forward pass (e.g. a checksum error)
