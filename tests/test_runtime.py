@@ -183,6 +183,11 @@ def _with_metadata(raw: bytes, key: str, value) -> bytes:
     n = int.from_bytes(raw[:8], "little")
     table = json.loads(raw[8:8 + n])
     table["__metadata__"][key] = json.dumps(value)
+    # a consistent file (as another fate might write it): the metadata checksum recomputed
+    from fate.formats.bundle import metadata_crc32
+
+    meta = {k: json.loads(v) for k, v in table["__metadata__"].items()}
+    table["__metadata__"][C.K_METADATA_CRC] = json.dumps(metadata_crc32(meta))
     header = json.dumps(table, separators=(",", ":")).encode()
     assert len(header) <= n
     return raw[:8] + header + b" " * (n - len(header)) + raw[8 + n:]
@@ -199,6 +204,9 @@ def test_version_arch_and_checksum_errors(converted, tmp_path):
     arch = tmp_path / "arch.safetensors"
     arch.write_bytes(_with_metadata(raw, C.K_MODEL_CONFIG, json.dumps(cfg)))
     _one_line_error(_run([arch, "-p", "x"]), "'gpt2x' is not supported")
+    corrupt = tmp_path / "meta.safetensors"  # the same edit without the checksum: caught as corruption
+    corrupt.write_bytes(raw.replace(b'olmoe', b'olmoE', 1))
+    _one_line_error(_run([corrupt, "-p", "x"]), "checksum mismatch in the metadata")
     # flip one byte in every q4 blob of layer 0: the first expert used there fails its crc32
     b = Bundle(st)
     entry = b.tensors[C.T_EXPERTS.format(i=0, p="q4")]

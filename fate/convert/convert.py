@@ -329,8 +329,12 @@ def _tokenizer_metadata(ckpt: HFCheckpoint) -> dict:
         meta[C.K_PAD_ID] = tokenizer.token_to_id(pad)
     if isinstance(tc.get("add_bos_token"), bool):
         meta[C.K_ADD_BOS] = tc["add_bos_token"]
-    defaults = {k: gen[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "do_sample")
-                if isinstance(gen.get(k), (int, float, bool))}
+    defaults = {k: gen[k] for k in ("temperature", "top_p", "min_p", "repetition_penalty")
+                if isinstance(gen.get(k), (int, float)) and not isinstance(gen.get(k), bool)}
+    if isinstance(gen.get("top_k"), int) and not isinstance(gen.get("top_k"), bool):
+        defaults["top_k"] = gen["top_k"]
+    if isinstance(gen.get("do_sample"), bool):
+        defaults["do_sample"] = gen["do_sample"]
     meta[C.K_GEN_DEFAULTS] = json.dumps(defaults)
     return meta
 
@@ -414,4 +418,7 @@ def _metadata(ckpt, cfg, specs, layouts, strides, alignment, tok_meta, calib_met
         m[C.K_PRECISION_BLOB_STRIDE.format(p=p)] = strides[p]
     m.update(tok_meta)
     m.update(calib_meta)
+    from fate.formats.bundle import metadata_crc32
+
+    m[C.K_METADATA_CRC] = metadata_crc32(m)
     return m

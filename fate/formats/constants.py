@@ -116,6 +116,8 @@ T_FFN_GATE_INP_SHEXP = "blk.{i}.ffn_gate_inp_shexp.weight"  # shared expert's si
 T_EXPERTS = "blk.{i}.fate_exps.{p}"
 T_EXPERTS_CRC = "blk.{i}.fate_exps.{p}.crc32"  # int64 [n_experts]: crc32 of each blob's unpadded bytes
 
+K_METADATA_CRC = "fate.checksums.metadata"  # uint32: crc32 of the metadata (fate.formats.bundle.metadata_crc32)
+
 # Checksums of the non-expert tensors: names in the metadata array, crc32 values in a tensor, same order.
 K_NON_EXPERT_CRC_NAMES = "fate.checksums.non_expert"
 T_NON_EXPERT_CRC = "fate.crc32.non_expert"  # int64 [N]: zlib crc32 of each named tensor's bytes

@@ -201,10 +201,16 @@ class FateModel:
             self.weights = ResidentWeights(verified_non_expert_tensors(self.bundle, verify), self.dtype, self.device)
         else:
             self.weights = BundleWeights(self.bundle, self.dtype, self.device, verify=verify)
-        self.kv = KVCache.for_model(self.config, self.context, dtype=self.dtype, device=self.device)
+        kv_bytes = KVCache.bytes_needed(self.config, self.context, self.dtype)
+        try:
+            self.kv = KVCache.for_model(self.config, self.context, dtype=self.dtype, device=self.device)
+        except (RuntimeError, MemoryError):
+            raise RuntimeUserError(f"the KV cache for -c {self.context} needs {kv_bytes / 2**30:.2f} GiB, which "
+                                   "could not be allocated; use a smaller -c") from None
         self.resident_experts = DenseExperts(
             lambda layer, e: self.store.dense(layer, e, self.precision, dtype=self.dtype, device=self.device))
-        self.model = MoEModel(self.config, self.weights, self.resident_experts, dtype=self.dtype, device=self.device)
+        self.model = MoEModel(self.config, self.weights, self.resident_experts, dtype=self.dtype, device=self.device,
+                              max_ctx=self.context)
         self.offload = None
         self.expert_stats = None
         self.plan = None
