@@ -90,6 +90,44 @@ def swiglu_mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
+class ExpertRows:
+    """The (token, slot) pairs of one MoE call grouped by expert — what every ExpertExecutor needs to run
+    each expert once on all of its tokens and combine the k outputs per token as transformers does: each
+    expert output times its routing weight in the promoted dtype of the two, the k terms of a token summed
+    in their top-k order with one reduction, one cast to ``x``'s dtype at the end (:meth:`combine`)."""
+
+    def __init__(self, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, n_experts: int = 0):
+        self.T, self.k = topk_ids.shape
+        flat = topk_ids.reshape(-1)
+        self.order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+        self.counts = torch.bincount(flat, minlength=n_experts).tolist()
+        self.starts, acc = [], 0
+        for n in self.counts:
+            self.starts.append(acc)
+            acc += n
+        self.ws = topk_weights.reshape(-1).index_select(0, self.order).unsqueeze(1)
+        self.terms = torch.empty((self.T * self.k, x.shape[1]), dtype=torch.promote_types(x.dtype, self.ws.dtype),
+                                 device=x.device)
+        self.out_dtype = x.dtype
+
+    def span(self, e: int) -> slice:
+        """Where expert ``e``'s pairs sit in ``order`` (and in a gather of ``x`` by :meth:`token_index`)."""
+        return slice(self.starts[e], self.starts[e] + self.counts[e])
+
+    def token_index(self, span: slice | None = None) -> Tensor:
+        """Token of each pair (all pairs, or those of ``span``), for gathering rows of ``x``."""
+        rows = self.order if span is None else self.order[span]
+        return torch.div(rows, self.k, rounding_mode="floor")
+
+    def put(self, e: int, y: Tensor) -> None:
+        """Expert ``e``'s output on its tokens (rows in ``span(e)`` order), weighted into the terms."""
+        sp = self.span(e)
+        self.terms[self.order[sp]] = y * self.ws[sp]
+
+    def combine(self) -> Tensor:
+        return self.terms.view(self.T, self.k, -1).sum(1).to(self.out_dtype)
+
+
 class DenseExperts:
     """The plain ExpertExecutor: experts as ordinary tensors from ``get_expert(layer, e) -> (gate [F, H],
     up [F, H], down [H, F])``.
@@ -109,20 +147,12 @@ class DenseExperts:
             ids = topk_ids[0].tolist()
             terms = [swiglu_mlp(x, *self.get_expert(layer, e)) * topk_weights[:, j:j + 1] for j, e in enumerate(ids)]
             return torch.cat(terms).sum(0, keepdim=True).to(x.dtype)
-        flat = topk_ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-        counts = torch.bincount(flat).tolist()
-        xs = x.index_select(0, torch.div(order, k, rounding_mode="floor"))
-        ws = topk_weights.reshape(-1).index_select(0, order).unsqueeze(1)
-        terms = torch.empty((T * k, x.shape[1]), dtype=torch.promote_types(x.dtype, ws.dtype), device=x.device)
-        start = 0
-        for e, n in enumerate(counts):
+        rows = ExpertRows(x, topk_ids, topk_weights)
+        xs = x.index_select(0, rows.token_index())
+        for e, n in enumerate(rows.counts):
             if n:
-                end = start + n
-                rows = order[start:end]
-                terms[rows] = swiglu_mlp(xs[start:end], *self.get_expert(layer, e)) * ws[start:end]
-                start = end
-        return terms.view(T, k, -1).sum(1).to(x.dtype)
+                rows.put(e, swiglu_mlp(xs[rows.span(e)], *self.get_expert(layer, e)))
+        return rows.combine()
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

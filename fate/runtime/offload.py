@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from fate import quant as Q
-from fate.runtime.model import swiglu_mlp
+from fate.runtime.model import ExpertRows, swiglu_mlp
 from fate.runtime.stats import ExpertStats
 from fate.runtime.transfer import TransferEngine
 
@@ -112,8 +112,8 @@ class OffloadedExperts:
         T, k = topk_ids.shape
         E = self.cfg.n_experts
         phase = "decode" if T == 1 else "prefill"
-        flat = topk_ids.reshape(-1)
-        counts = torch.bincount(flat, minlength=E).tolist()
+        rows = ExpertRows(x, topk_ids, topk_weights, E)
+        counts = rows.counts
         ranked = sorted((e for e in range(E) if counts[e]), key=lambda e: -counts[e])
         if phase == "prefill":
             want = hybrid_precisions(ranked, counts, self.int2_share, self.decode_precision, self.low_precision)
@@ -152,13 +152,6 @@ class OffloadedExperts:
             entries[e], _ = got
             self.transfer.submit(layer, e, want[e], entries[e].slot, entries[e], TransferEngine.DEMAND)
 
-        order = torch.argsort(flat, stable=True)
-        starts, acc = [0] * (E + 1), 0
-        for e in range(E):
-            starts[e] = acc
-            acc += counts[e]
-        ws = topk_weights.reshape(-1).index_select(0, order).unsqueeze(1)
-        terms = torch.empty((T * k, x.shape[1]), dtype=torch.promote_types(x.dtype, ws.dtype), device=x.device)
         # hits first (their bytes are here), then the rest in the order their loads were queued
         compute_order = sorted(entries, key=lambda e: (not entries[e].ready.is_set(), ranked.index(e))) + waiting
         i = 0
@@ -174,10 +167,8 @@ class OffloadedExperts:
             lc.touch(e)
             layout = self.store.layouts[entry.precision]
             gate, up, down = Q.unpack_expert(self.transfer.slot(layer, entry.slot, layout.size), layout, dtype=self.dtype)
-            s, n = starts[e], counts[e]
-            rows = order[s:s + n]
-            xs = x.index_select(0, torch.div(rows, k, rounding_mode="floor"))
-            terms[rows] = swiglu_mlp(xs, gate, up, down) * ws[s:s + n]
+            xs = x.index_select(0, rows.token_index(rows.span(e)))
+            rows.put(e, swiglu_mlp(xs, gate, up, down))
             pins.discard(e)
             nxt = next((w for w in waiting if w not in entries), None)
             if nxt is not None:  # this expert's slot may be reused: start the next waiting load now
@@ -195,4 +186,4 @@ class OffloadedExperts:
         self.stats.add(phase, layer, needed=len(ranked), hits=hits, late_prefetches=late, misses=misses,
                        predicted_needed=len(ranked) if predicted is not None else 0, named=named,
                        named_needed=len(predicted & set(ranked)) if predicted is not None else 0)
-        return terms.view(T, k, -1).sum(1).to(x.dtype)
+        return rows.combine()

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from fate import quant as Q
 from fate.formats import constants as C
+from fate.runtime.model import ExpertRows
 from fate.runtime.store import ExpertStore
 
 Tensor = torch.Tensor
@@ -233,25 +234,18 @@ class ResidentExperts:
         dense = self._dense if T >= self.dense_min_tokens else {}
         src = self._src[layer]
         Fd = self._F
-        flat = topk_ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-        counts = torch.bincount(flat).tolist()
-        xs = F.embedding(torch.div(order, k, rounding_mode="floor"), x)  # row gather, faster than index_select
-        ws = topk_weights.reshape(-1).index_select(0, order).unsqueeze(1)
-        terms = torch.empty((T * k, x.shape[1]), dtype=torch.promote_types(x.dtype, ws.dtype), device=x.device)
-        start = 0
-        for e, n in enumerate(counts):
+        rows = ExpertRows(x, topk_ids, topk_weights)
+        xs = F.embedding(rows.token_index(), x)  # row gather, faster than index_select
+        for e, n in enumerate(rows.counts):
             if n:
-                end = start + n
                 w = dense.get((layer, e))
                 if w is None:
                     self._widen(src[e], 0, self._n, self._one, self._one32)
                     w = self._one_views
                 gu, down = w
-                a = F.linear(xs[start:end], gu)
-                terms[order[start:end]] = F.linear(F.silu(a[:, :Fd]) * a[:, Fd:], down) * ws[start:end]
-                start = end
-        return terms.view(T, k, -1).sum(1).to(x.dtype)
+                a = F.linear(xs[rows.span(e)], gu)
+                rows.put(e, F.linear(F.silu(a[:, :Fd]) * a[:, Fd:], down))
+        return rows.combine()
 
     def _moe_one(self, layer: int, x: Tensor, topk_ids: Tensor, topk_weights: Tensor) -> Tensor:
         """One token: the k experts one after the other, each widened into the same scratch just before
