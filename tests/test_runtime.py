@@ -262,3 +262,25 @@ def test_no_mmap_preload_gives_the_same_tokens(converted, precision):
     m = fate.load(path, experts=precision, no_mmap=True)
     assert isinstance(m.model.experts, ResidentExperts)
     assert m.generate(PROMPT, 16, temperature=0.0, stop_at_eos=False).token_ids == a
+
+
+@pytest.mark.parametrize("fraction", [0.10, 0.50, 0.99])
+def test_truncated_bundles_fail_with_one_line(converted, tmp_path, fraction):
+    for src in (converted["qwen3_moe"][1], _safetensors_copy(converted["qwen3_moe"][0], tmp_path)):
+        raw = src.read_bytes()
+        cut = tmp_path / f"cut{src.suffix}"
+        cut.write_bytes(raw[: int(len(raw) * fraction)])
+        res = _run([cut, "-p", "x", "-n", 1])
+        assert res.exit_code == 2, res.output
+        lines = [l for l in res.output.strip().splitlines() if l]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and str(cut) in lines[0]
+        assert "truncated" in lines[0] or "corrupt" in lines[0], lines[0]
+
+
+def test_prompt_file_must_be_utf8_and_no_verify_is_announced(converted, tmp_path):
+    path = converted["olmoe"][1]
+    bad = tmp_path / "p.txt"
+    bad.write_bytes(b"caf\xe9 \xff\xfe")
+    _one_line_error(_run([path, "-f", bad]), "not UTF-8")
+    res = _run([path, "-p", "x", "-n", 1, "--no-verify"])
+    assert res.exit_code == 0 and "checksums are not verified" in res.output

@@ -111,6 +111,8 @@ def _run(bundle, demo, prompt, prompt_file, n_predict, ctx, threads, temp, top_k
     model = fate.load(bundle, device=device, compute_dtype=compute_dtype, experts=precision, context=ctx,
                       threads=threads, verify=not no_verify, **offload)
     model.sampling_params(**sampling)  # invalid values fail before any work
+    if no_verify:
+        click.echo("note: checksums are not verified (--no-verify): a corrupt bundle may give wrong output", err=True)
     if verbose or offload["profile"]:
         if getattr(model, "timing", None) is not None:
             click.echo(model.timing.describe(), err=True)
