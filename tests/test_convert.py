@@ -292,3 +292,33 @@ def test_interrupted_or_failed_write_leaves_nothing(small_ckpt, tmp_path, monkey
     with pytest.raises(ConvertError, match="No space left on device"):
         fate.convert(small_ckpt, out, no_calib=True, progress=False)
     assert not out.exists() and not list(tmp_path.glob(".o.gguf.part-*"))
+
+
+@pytest.mark.slow
+def test_killed_converter_leaves_nothing_at_out_and_rerun_succeeds(tmp_path):
+    """SIGKILL the converter (a real subprocess) at several points: never a file at OUT; the next run
+    removes the dead run's temporary file and succeeds."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint("qwen2_moe", ckpt, n_layers=4, num_experts=16)
+    out = tmp_path / "m.gguf"
+    code = ("import sys, fate; fate.convert(sys.argv[1], sys.argv[2], calib_tokens=256, progress=False)")
+    for delay in (0.0, 0.5, 2.0):
+        proc = subprocess.Popen([sys.executable, "-c", code, str(ckpt), str(out)])
+        deadline = time.time() + 60
+        while not list(tmp_path.glob(".m.gguf.part-*")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not out.exists() or proc.returncode == 0
+        if out.exists():  # it finished before the signal: start over
+            out.unlink()
+    assert list(tmp_path.glob(".m.gguf.part-*")) and not out.exists()  # the last run died mid-write
+    fate.convert(ckpt, out, no_calib=True, progress=False)
+    assert out.is_file() and not list(tmp_path.glob(".m.gguf.part-*"))
+    assert Bundle(out).metadata[C.MAGIC_KEY] == C.FORMAT_VERSION

@@ -141,6 +141,7 @@ def convert(model_dir: str | os.PathLike, out: str | os.PathLike, *, experts: st
 
     meta = _metadata(ckpt, cfg, specs, layouts, strides, alignment, tok_meta, calib_meta, model_dir, list(non_expert))
 
+    _remove_stale_parts(out)
     tmp = out.parent / f".{out.name}.part-{os.getpid()}"
     writer = None
     phase_seconds: dict[str, float] = {}
@@ -221,6 +222,18 @@ def convert(model_dir: str | os.PathLike, out: str | os.PathLike, *, experts: st
     by_prec = {p: strides[p] * cfg.n_experts * len(moe_layers) for p in precisions}
     return ConvertResult(out, out.stat().st_size, by_prec, sum(pl.nbytes for pl in plans[: len(non_expert)]),
                          time.perf_counter() - t0, peak_rss_bytes(), len(calib_ids), phase_seconds)
+
+
+def _remove_stale_parts(out: Path) -> None:
+    """Temporary files of earlier conversions to the same OUT whose process is gone (killed, crashed)."""
+    for part in out.parent.glob(f".{out.name}.part-*"):
+        try:
+            pid = int(part.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)  # still running: leave it alone
+        except ProcessLookupError:
+            part.unlink(missing_ok=True)
+        except (ValueError, PermissionError, OSError):
+            continue
 
 
 def _divisor(n: int, near: int) -> int:
