@@ -322,3 +322,22 @@ def test_killed_converter_leaves_nothing_at_out_and_rerun_succeeds(tmp_path):
     fate.convert(ckpt, out, no_calib=True, progress=False)
     assert out.is_file() and not list(tmp_path.glob(".m.gguf.part-*"))
     assert Bundle(out).metadata[C.MAGIC_KEY] == C.FORMAT_VERSION
+
+
+def test_provenance_records_the_source(small_ckpt, tmp_path):
+    import hashlib
+    import shutil
+
+    snap = tmp_path / "models--org--tiny" / "snapshots" / ("ab12" * 10)
+    shutil.copytree(small_ckpt, snap)
+    out = tmp_path / "p.gguf"
+    fate.convert(snap, out, no_calib=True, progress=False)
+    m = Bundle(out).metadata
+    assert m[C.K_SOURCE_REVISION] == "ab12" * 10
+    assert m[C.K_SOURCE_CONFIG_SHA256] == hashlib.sha256((snap / "config.json").read_bytes()).hexdigest()
+    assert m[C.K_SOURCE_NAME] == "org/tiny" and m[C.K_HF_MODEL_TYPE] == "mixtral"
+    assert m[C.K_FATE_VERSION] == fate.__version__ and m[C.K_QUANT_METHOD] == "hqq" and m[C.K_CREATED].endswith("Z")
+    plain = tmp_path / "q.gguf"
+    fate.convert(small_ckpt, plain, no_calib=True, progress=False)
+    m = Bundle(plain).metadata
+    assert C.K_SOURCE_REVISION not in m and m[C.K_SOURCE_NAME] == small_ckpt.name

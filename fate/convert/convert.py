@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -224,6 +225,22 @@ def convert(model_dir: str | os.PathLike, out: str | os.PathLike, *, experts: st
                          time.perf_counter() - t0, peak_rss_bytes(), len(calib_ids), phase_seconds)
 
 
+def _snapshot_revision(model_dir: Path) -> str | None:
+    """A Hugging Face cache snapshot lives in ``.../snapshots/<40-hex commit>/``: that commit is the revision."""
+    d = model_dir.resolve()
+    if d.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", d.name):
+        return d.name
+    return None
+
+
+def _source_name(model_dir: Path) -> str:
+    """The checkpoint's name: "org/model" for a Hugging Face cache snapshot, else the folder's name."""
+    d = model_dir.resolve()
+    if _snapshot_revision(d) and d.parent.parent.name.startswith("models--"):
+        return d.parent.parent.name[len("models--"):].replace("--", "/")
+    return d.name
+
+
 def _remove_stale_parts(out: Path) -> None:
     """Temporary files of earlier conversions to the same OUT whose process is gone (killed, crashed)."""
     for part in out.parent.glob(f".{out.name}.part-*"):
@@ -385,12 +402,12 @@ def _metadata(ckpt, cfg, specs, layouts, strides, alignment, tok_meta, calib_met
     k = lambda t: C.key(t, arch)  # noqa: E731
     m: dict = {
         C.K_GENERAL_ARCH: arch,
-        C.K_GENERAL_NAME: Path(model_dir).resolve().name,
+        C.K_GENERAL_NAME: _source_name(Path(model_dir)),
         C.MAGIC_KEY: C.FORMAT_VERSION,
         C.K_FATE_VERSION: fate.__version__,
         C.K_MODEL_CONFIG: cfg.to_json(),
         C.K_HF_MODEL_TYPE: cfg.model_type,
-        C.K_SOURCE_NAME: Path(model_dir).resolve().name,
+        C.K_SOURCE_NAME: _source_name(Path(model_dir)),
         C.K_SOURCE_CONFIG_SHA256: ckpt.config_sha256,
         C.K_CREATED: datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         k(C.K_CONTEXT_LENGTH): cfg.max_position,
@@ -416,6 +433,9 @@ def _metadata(ckpt, cfg, specs, layouts, strides, alignment, tok_meta, calib_met
         C.K_CALIB_RECALL_EXTRA: list(C.RECALL_EXTRA),
         C.K_NON_EXPERT_CRC_NAMES: list(non_expert_names),
     }
+    revision = _snapshot_revision(Path(model_dir))
+    if revision:
+        m[C.K_SOURCE_REVISION] = revision
     if cfg.dense_ffn:
         m[k(C.K_FEED_FORWARD_LENGTH)] = cfg.dense_ffn
     if cfg.shared_ffn:

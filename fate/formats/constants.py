@@ -63,6 +63,7 @@ K_MODEL_CONFIG = "fate.model_config"  # JSON of fate.runtime.config.ModelConfig 
 K_HF_MODEL_TYPE = "fate.source.model_type"
 K_SOURCE_NAME = "fate.source.name"
 K_SOURCE_CONFIG_SHA256 = "fate.source.config_sha256"
+K_SOURCE_REVISION = "fate.source.revision"  # the Hub commit of a snapshot folder, when the path shows one
 K_CREATED = "fate.created"
 K_HQQ_VERSION = "fate.quant.hqq_version"
 K_QUANT_METHOD = "fate.quant.method"
