@@ -48,3 +48,12 @@ def converted(tmp_path_factory, calib_file):
     return out
 
 
+
+
+def assert_one_line_error(res, *needles):
+    """A click result that is one ``error: ...`` line (containing each needle) with exit status 2."""
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    for n in needles:
+        assert n in lines[0], lines[0]

@@ -20,7 +20,7 @@ from fate.convert.cli import main as convert_main
 from fate.convert.convert import ConvertError
 from fate.formats import constants as C
 from fate.formats.bundle import Bundle
-from tests.conftest import CALIB_TEXT, CALIB_TOKENS
+from tests.conftest import CALIB_TEXT, CALIB_TOKENS, assert_one_line_error
 from tests.tiny_models import ARCHS, load_oracle, make_checkpoint
 
 def _hf(ckpt: Path):
@@ -182,12 +182,6 @@ def _cli(args):
     return CliRunner().invoke(convert_main, [str(a) for a in args])
 
 
-def _assert_one_line_error(res, *needles):
-    assert res.exit_code == 2, res.output
-    lines = [l for l in res.output.strip().splitlines() if l]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 @pytest.fixture
@@ -203,24 +197,24 @@ def test_cli_success_prints_summary(small_ckpt, tmp_path):
     assert res.exit_code == 0, res.output
     assert "wrote" in res.output and "q4" in res.output and out.is_file()
     res = _cli([small_ckpt, out, "--no-calib", "-q"])
-    _assert_one_line_error(res, "already exists", "--force")
+    assert_one_line_error(res, "already exists", "--force")
     assert _cli([small_ckpt, out, "--no-calib", "-q", "--force"]).exit_code == 0
 
 
 def test_bad_inputs(small_ckpt, tmp_path):
     out = tmp_path / "o.gguf"
-    _assert_one_line_error(_cli([tmp_path / "nope", out]), "no such directory")
+    assert_one_line_error(_cli([tmp_path / "nope", out]), "no such directory")
     empty = tmp_path / "empty"
     empty.mkdir()
-    _assert_one_line_error(_cli([empty, out]), "config.json is missing")
-    _assert_one_line_error(_cli([small_ckpt, tmp_path / "o.bin"]), ".gguf or .safetensors")
-    _assert_one_line_error(_cli([small_ckpt, tmp_path / "missing-dir" / "o.gguf"]), "does not exist")
-    _assert_one_line_error(_cli([small_ckpt, out, "--experts", "q3"]), "--experts")
-    _assert_one_line_error(_cli([small_ckpt, out, "--group-size-q4", "48"]), "group size 48", "--group-size-q4")
+    assert_one_line_error(_cli([empty, out]), "config.json is missing")
+    assert_one_line_error(_cli([small_ckpt, tmp_path / "o.bin"]), ".gguf or .safetensors")
+    assert_one_line_error(_cli([small_ckpt, tmp_path / "missing-dir" / "o.gguf"]), "does not exist")
+    assert_one_line_error(_cli([small_ckpt, out, "--experts", "q3"]), "--experts")
+    assert_one_line_error(_cli([small_ckpt, out, "--group-size-q4", "48"]), "group size 48", "--group-size-q4")
     empty_calib = tmp_path / "empty.txt"
     empty_calib.write_text("  \n")
-    _assert_one_line_error(_cli([small_ckpt, out, "--calib", empty_calib]), "empty")
-    _assert_one_line_error(_cli([small_ckpt, out, "--calib", tmp_path / "nope.txt"]), "no such file")
+    assert_one_line_error(_cli([small_ckpt, out, "--calib", empty_calib]), "empty")
+    assert_one_line_error(_cli([small_ckpt, out, "--calib", tmp_path / "nope.txt"]), "no such file")
     assert not out.exists()
 
 
@@ -239,28 +233,28 @@ def test_bad_checkpoints(small_ckpt, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["model_type"] = "llama4"
     (d / "config.json").write_text(json.dumps(cfg))
-    _assert_one_line_error(_cli([d, out]), "'llama4' is not supported", "qwen2_moe")
+    assert_one_line_error(_cli([d, out]), "'llama4' is not supported", "qwen2_moe")
 
     d = _variant(small_ckpt, tmp_path / "trunc")
     f = d / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    _assert_one_line_error(_cli([d, out]), "truncated")
+    assert_one_line_error(_cli([d, out]), "truncated")
 
     d = _variant(small_ckpt, tmp_path / "missing")
     t = load_file(d / "model.safetensors")
     del t["model.layers.1.block_sparse_moe.experts.5.w2.weight"]
     save_file(t, d / "model.safetensors")
-    _assert_one_line_error(_cli([d, out]), "experts.5.w2.weight", "missing")
+    assert_one_line_error(_cli([d, out]), "experts.5.w2.weight", "missing")
 
     d = _variant(small_ckpt, tmp_path / "shape")
     t = load_file(d / "model.safetensors")
     t["model.layers.0.self_attn.q_proj.weight"] = t["model.layers.0.self_attn.q_proj.weight"][:-1].contiguous()
     save_file(t, d / "model.safetensors")
-    _assert_one_line_error(_cli([d, out]), "q_proj.weight", "shape")
+    assert_one_line_error(_cli([d, out]), "q_proj.weight", "shape")
 
     d = _variant(small_ckpt, tmp_path / "notok")
     (d / "tokenizer.json").unlink()
-    _assert_one_line_error(_cli([d, out]), "tokenizer.json is missing")
+    assert_one_line_error(_cli([d, out]), "tokenizer.json is missing")
     assert not out.exists() and not list(tmp_path.glob(".o.gguf.part-*"))
 
 

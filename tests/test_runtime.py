@@ -18,6 +18,7 @@ from fate.formats import constants as C
 from fate.formats.bundle import Bundle, BundleError
 from fate.runtime.cli import main as run_main
 from fate.runtime.engine import RuntimeUserError
+from tests.conftest import assert_one_line_error
 from tests.tiny_models import ARCHS, load_oracle, read_checkpoint_tensors
 
 PROMPT = "the quick brown fox jumps over"
@@ -138,12 +139,6 @@ def _run(args):
     return CliRunner().invoke(run_main, [str(a) for a in args])
 
 
-def _one_line_error(res, *needles):
-    assert res.exit_code == 2, res.output
-    lines = [l for l in res.output.strip().splitlines() if l]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_cli_generates_with_timings_and_stats_json(converted, tmp_path):
@@ -163,13 +158,13 @@ def test_bad_bundles(converted, tmp_path):
     good = converted["olmoe"][1]
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"hello, this is not a model at all" * 10)
-    _one_line_error(_run([junk, "-p", "x"]), "not a fate bundle")
-    _one_line_error(_run([tmp_path, "-p", "x"]), "is a directory")
-    _one_line_error(_run([tmp_path / "none.gguf", "-p", "x"]), "no such file")
+    assert_one_line_error(_run([junk, "-p", "x"]), "not a fate bundle")
+    assert_one_line_error(_run([tmp_path, "-p", "x"]), "is a directory")
+    assert_one_line_error(_run([tmp_path / "none.gguf", "-p", "x"]), "no such file")
     trunc = tmp_path / "trunc.gguf"
     trunc.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    _one_line_error(_run([trunc, "-p", "x"]), "truncated")
-    _one_line_error(_run([good, "-p", "x", "--experts", "q3"]), "stored as")
+    assert_one_line_error(_run([trunc, "-p", "x"]), "truncated")
+    assert_one_line_error(_run([good, "-p", "x", "--experts", "q3"]), "stored as")
 
 
 def _safetensors_copy(ckpt: Path, tmp_path: Path) -> Path:
@@ -198,15 +193,15 @@ def test_version_arch_and_checksum_errors(converted, tmp_path):
     raw = st.read_bytes()
     newer = tmp_path / "v9.safetensors"
     newer.write_bytes(_with_metadata(raw, C.MAGIC_KEY, 9))
-    _one_line_error(_run([newer, "-p", "x"]), "version 9", "version 1")
+    assert_one_line_error(_run([newer, "-p", "x"]), "version 9", "version 1")
     cfg = json.loads(Bundle(st).metadata[C.K_MODEL_CONFIG])
     cfg["model_type"] = "gpt2x"
     arch = tmp_path / "arch.safetensors"
     arch.write_bytes(_with_metadata(raw, C.K_MODEL_CONFIG, json.dumps(cfg)))
-    _one_line_error(_run([arch, "-p", "x"]), "'gpt2x' is not supported")
+    assert_one_line_error(_run([arch, "-p", "x"]), "'gpt2x' is not supported")
     corrupt = tmp_path / "meta.safetensors"  # the same edit without the checksum: caught as corruption
     corrupt.write_bytes(raw.replace(b'olmoe', b'olmoE', 1))
-    _one_line_error(_run([corrupt, "-p", "x"]), "checksum mismatch in the metadata")
+    assert_one_line_error(_run([corrupt, "-p", "x"]), "checksum mismatch in the metadata")
     # flip one byte in every q4 blob of layer 0: the first expert used there fails its crc32
     b = Bundle(st)
     entry = b.tensors[C.T_EXPERTS.format(i=0, p="q4")]
@@ -215,26 +210,26 @@ def test_version_arch_and_checksum_errors(converted, tmp_path):
         data[entry.offset + e * entry.shape[1] + 100] ^= 0xFF
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(bytes(data))
-    _one_line_error(_run([bad, "-p", "x", "-n", 1]), "checksum mismatch", "layer 0")
+    assert_one_line_error(_run([bad, "-p", "x", "-n", 1]), "checksum mismatch", "layer 0")
     assert _run([bad, "-p", "x", "-n", 1, "--no-verify"]).exit_code == 0
     # a flipped byte in a non-expert tensor is caught at load, naming the tensor
     entry = b.tensors["blk.1.attn_v.weight"]
     data = bytearray(raw)
     data[entry.offset + 7] ^= 0x40
     bad.write_bytes(bytes(data))
-    _one_line_error(_run([bad, "-p", "x", "-n", 1]), "checksum mismatch", "blk.1.attn_v.weight")
+    assert_one_line_error(_run([bad, "-p", "x", "-n", 1]), "checksum mismatch", "blk.1.attn_v.weight")
     assert _run([bad, "-p", "x", "-n", 1, "--no-verify"]).exit_code == 0
 
 
 def test_bad_requests(converted):
     path = converted["qwen2_moe"][1]
-    _one_line_error(_run([path, "-p", PROMPT * 20, "-c", 16]), "context holds 16", "-c")
-    _one_line_error(_run([path, "-p", "x", "--top-p", 2]), "top_p")
-    _one_line_error(_run([path, "-p", "x", "--temp", -1]), "temperature")
-    _one_line_error(_run([path, "-p", ""]), "empty")
-    _one_line_error(_run([path]), "no prompt")
+    assert_one_line_error(_run([path, "-p", PROMPT * 20, "-c", 16]), "context holds 16", "-c")
+    assert_one_line_error(_run([path, "-p", "x", "--top-p", 2]), "top_p")
+    assert_one_line_error(_run([path, "-p", "x", "--temp", -1]), "temperature")
+    assert_one_line_error(_run([path, "-p", ""]), "empty")
+    assert_one_line_error(_run([path]), "no prompt")
     if not torch.cuda.is_available():
-        _one_line_error(_run([path, "-p", "x", "--device", "cuda"]), "no CUDA")
+        assert_one_line_error(_run([path, "-p", "x", "--device", "cuda"]), "no CUDA")
     with pytest.raises(RuntimeUserError):
         fate.load(path).generate([], 4)
     with pytest.raises(BundleError):
@@ -281,6 +276,6 @@ def test_prompt_file_must_be_utf8_and_no_verify_is_announced(converted, tmp_path
     path = converted["olmoe"][1]
     bad = tmp_path / "p.txt"
     bad.write_bytes(b"caf\xe9 \xff\xfe")
-    _one_line_error(_run([path, "-f", bad]), "not UTF-8")
+    assert_one_line_error(_run([path, "-f", bad]), "not UTF-8")
     res = _run([path, "-p", "x", "-n", 1, "--no-verify"])
     assert res.exit_code == 0 and "checksums are not verified" in res.output

@@ -118,28 +118,27 @@ def parse_policies(value) -> list[str]:
     return out
 
 
+def _parse_list(value, option: str, parse, error_type) -> list[str]:
+    """Split a comma list and check every item with ``parse``; a bad item is one error naming the list."""
+    out = _split(value, option)
+    for item in out:
+        try:
+            parse(item)
+        except error_type as e:
+            raise _error(f"{e} (in the {option} list {','.join(out)!r})") from None
+    return out
+
+
 def parse_mems(value) -> list[str]:
     from fate.runtime.budget import BudgetError, parse_mem
 
-    out = _split(value, "--mem")
-    for m in out:
-        try:
-            parse_mem(m)
-        except BudgetError as e:
-            raise _error(f"{e} (in the --mem list {','.join(out)!r})") from None
-    return out
+    return _parse_list(value, "--mem", parse_mem, BudgetError)
 
 
 def parse_links(value) -> list[str]:
     from fate.runtime.link import LinkError, parse_link
 
-    out = _split(value, "--link")
-    for s in out:
-        try:
-            parse_link(s)
-        except LinkError as e:
-            raise _error(f"{e} (in the --link list {','.join(out)!r})") from None
-    return out
+    return _parse_list(value, "--link", parse_link, LinkError)
 
 
 def synthetic_prompt(tokenizer, n_tokens: int) -> list[int]:
