@@ -43,8 +43,9 @@ def build(work: Path, arch: str, layers: int, hidden: int, experts: int, top_k: 
     return bundle
 
 
-def run_once(bundle: Path, policy: str, mem: str, link: str, prompt_ids: list[int], n: int, extra) -> dict:
-    opts = dict(experts="q4", policy=policy)
+def run_once(bundle: Path, policy: str, mem: str, link: str, prompt_ids: list[int], n: int, extra,
+             device: str = "cpu") -> dict:
+    opts = dict(experts="q4", policy=policy, device=device)
     if policy != "resident":
         opts.update(mem=mem, link=link, prefetch_extra=extra)
     m = fate.load(bundle, **opts)
@@ -69,6 +70,7 @@ def main() -> None:
     ap.add_argument("-r", type=int, default=3, help="repetitions (median reported)")
     ap.add_argument("--prefetch-extra", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (compute fp32 on cpu, fp16 on cuda)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -81,14 +83,16 @@ def main() -> None:
         runs = {p: [] for p in POLICIES}
         for _ in range(args.r):  # alternate policies so machine noise hits all of them alike
             for p in POLICIES:
-                runs[p].append(run_once(bundle, p, args.mem, args.link, prompt, args.n, args.prefetch_extra))
+                runs[p].append(run_once(bundle, p, args.mem, args.link, prompt, args.n, args.prefetch_extra,
+                                            args.device))
     med = lambda p, k: statistics.median(r[k] for r in runs[p])  # noqa: E731
     base_pre, base_dec = med("ondemand", "prefill.tokens_per_s"), med("ondemand", "decode.tokens_per_s")
     res_dec = med("resident", "decode.tokens_per_s")
     emulated = any(r.get("experts", {}).get("link", {}).get("emulated") for p in POLICIES for r in runs[p])
     print(f"model: {args.arch}, {args.layers} layers, hidden {args.hidden}, {args.experts} experts top-{args.top_k}, "
           f"expert ffn {args.ffn}; --mem {args.mem} --link {args.link}{' (EMULATED link)' if emulated else ''}; "
-          f"prompt {len(prompt)} tokens, decode {args.n}; median of {args.r}; {args.threads} threads")
+          f"prompt {len(prompt)} tokens, decode {args.n}; median of {args.r}; {args.threads} threads; "
+          f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
     print(f"{'policy':9s} {'prefill tok/s':>13s} {'x ondemand':>10s} {'decode tok/s':>12s} {'x ondemand':>10s} "
           f"{'x resident':>10s} {'hit rate':>8s} {'recall':>7s} {'stall s':>7s} {'MB q4':>7s} {'MB q2':>7s}")
     table = {}

@@ -63,6 +63,9 @@ def parse_args(argv=None):
     ap.add_argument("--shared-ffn", type=int, default=1024)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: both systems run there")
+    ap.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
+                    help="compute dtype of both systems (default fp32 on cpu, fp16 on cuda)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--kernels", action="store_true",
                     help="instead: time the ways to run one-token expert matmuls from each stored precision")
@@ -134,17 +137,18 @@ class _Stamps:
 class HFSystem:
     name = "transformers"
 
-    def __init__(self, ckpt: Path, prompt: list[int], new_tokens: int):
+    def __init__(self, ckpt: Path, prompt: list[int], new_tokens: int, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32):
         from transformers.generation.streamers import BaseStreamer
 
-        self.model = TM.load_oracle(ARCH, ckpt, torch.float32)
+        self.model = TM.load_oracle(ARCH, ckpt, torch.float32).to(device=device, dtype=dtype)
         self.model.generation_config.eos_token_id = None  # always generate new_tokens
-        self.ids = torch.tensor([prompt], dtype=torch.long)
+        self.ids = torch.tensor([prompt], dtype=torch.long, device=device)
         self.mask = torch.ones_like(self.ids)
         self.n = new_tokens
         self.streamer_cls = type("Stamps", (_Stamps, BaseStreamer), {})
         cfg = self.model.config
-        self.describe = (f"float32, attention {cfg._attn_implementation}, "
+        self.describe = (f"{str(dtype).removeprefix('torch.')} on {device}, attention {cfg._attn_implementation}, "
                          f"experts {getattr(cfg, '_experts_implementation', None) or 'default'}")
 
     def run(self) -> tuple[float, list[float], list[int]]:
@@ -162,13 +166,15 @@ class FateSystem:
     every expert), ``+fp32w`` (the engine's BundleWeights: non-expert weights widened once to float32),
     ``+plain`` (DenseExperts over ExpertStore.dense and BundleWeights: the runtime before resident.py)."""
 
-    def __init__(self, bundle: Path, variant: str, prompt: list[int], new_tokens: int, threads: int):
+    def __init__(self, bundle: Path, variant: str, prompt: list[int], new_tokens: int, threads: int,
+                 device: str = "cpu", dtype: str = "fp32"):
         self.name = f"fate {variant}"
         precision, *mods = variant.split("+")
         bad = set(mods) - {"dense", "fp32w", "plain"}
         if bad or precision not in ("f16", "q4", "q2"):
             raise SystemExit(f"unknown variant {variant!r}: use P[+dense][+fp32w] or P+plain, P in f16, q4, q2")
-        self.model = m = fate.load(bundle, experts=precision, threads=threads, policy="resident")
+        self.model = m = fate.load(bundle, experts=precision, threads=threads, policy="resident", device=device,
+                                   compute_dtype=dtype)
         if "plain" in mods:
             m.model.experts = DenseExperts(lambda layer, e: m.store.dense(layer, e, precision, dtype=m.dtype,
                                                                           device=m.device))
@@ -180,7 +186,9 @@ class FateSystem:
                 ex = m.model.experts = ResidentExperts(m.store, precision, m.dtype, m.device, want)
             self.describe = (f"{precision} experts: ResidentExperts, {ex.resident_bytes / 2**20:.0f} MiB resident, "
                              f"dense cache {ex.dense_bytes / 2**20:.0f} MiB")
-        if "fp32w" in mods or "plain" in mods:
+        if m.device.type != "cpu":
+            self.describe += f"; non-expert weights: {type(m.model.weights).__name__} ({dtype} on {device})"
+        elif "fp32w" in mods or "plain" in mods:
             if not isinstance(m.weights, BundleWeights):
                 m.weights = BundleWeights(m.bundle, m.dtype, m.device, verify=False)
             m.model.weights = m.weights
@@ -216,13 +224,15 @@ def main(args) -> int:
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(len(TM.SPECIAL_TOKENS), TM.VOCAB, (args.prompt_tokens,), generator=g).tolist()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    dtype = args.dtype or ("fp32" if args.device == "cpu" else "fp16")
+    tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     try:
-        fates = [FateSystem(bundle, v, prompt, args.new_tokens, args.threads) for v in variants]
+        fates = [FateSystem(bundle, v, prompt, args.new_tokens, args.threads, args.device, dtype) for v in variants]
     except BundleError as e:  # a bundle cached by an older converter: make it again
         print(f"{e}; rebuilding", file=sys.stderr)
         ckpt, bundle = build(args, force=True)
-        fates = [FateSystem(bundle, v, prompt, args.new_tokens, args.threads) for v in variants]
-    hf = HFSystem(ckpt, prompt, args.new_tokens)
+        fates = [FateSystem(bundle, v, prompt, args.new_tokens, args.threads, args.device, dtype) for v in variants]
+    hf = HFSystem(ckpt, prompt, args.new_tokens, args.device, tdtype)
     torch.set_num_threads(args.threads)
     systems = [hf] + fates
 
@@ -257,7 +267,9 @@ def main(args) -> int:
     cfg = fates[0].model.config if fates else None
     lines = [
         f"command: {cmd.strip()}",
-        f"machine: {platform.machine()} {_cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, "
+        f"machine: {platform.machine()} {_cpu_name()}, {os.cpu_count()} cores"
+        + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "")
+        + f"; device {args.device}, compute {dtype}; torch {torch.__version__}, "
         f"transformers {_hf_version()}; torch threads {torch.get_num_threads()}, "
         + ", ".join(f"{v}={os.environ.get(v, 'unset')}" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                                                   "OPENBLAS_NUM_THREADS")),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import fate
 from tests.tiny_models import ARCHS, make_checkpoint
@@ -19,6 +20,11 @@ def _private_cache_dir(tmp_path_factory):
         os.environ.pop("FATE_CACHE_DIR", None)
     else:
         os.environ["FATE_CACHE_DIR"] = old
+
+
+# the devices a test parametrized over them runs on: cuda only where torch sees a GPU (never in CI)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA GPU"))]
 
 
 CALIB_TEXT = ("The quick brown fox jumps over the lazy dog. Experts are routed by a gate; "

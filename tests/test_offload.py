@@ -12,6 +12,8 @@ from click.testing import CliRunner
 import fate
 from fate.formats import constants as C
 from fate.runtime.cli import main as run_main
+from fate.runtime.model import DenseExperts
+from tests.conftest import DEVICES
 from tests.tiny_models import ARCHS
 
 PROMPT = "the quick brown fox jumps over the lazy dog and"
@@ -19,24 +21,46 @@ PROMPT = "the quick brown fox jumps over the lazy dog and"
 
 def _tokens(path, n=16, **opts):
     m = fate.load(path, experts="q4", **opts)
+    if opts.get("policy") == "resident":  # the plain executor: the offloaded one's math, all experts at hand
+        m.model.experts = DenseExperts(lambda layer, e: m.store.dense(layer, e, "q4", dtype=m.dtype, device=m.device))
     out = m.generate(PROMPT, n, temperature=0.0, stop_at_eos=False)
     m.close()
     return out.token_ids, out.stats
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_offloading_never_changes_greedy_tokens(converted, arch):
+def test_offloading_never_changes_greedy_tokens(converted, arch, device):
     path = converted[arch][1]
-    want, _ = _tokens(path, policy="resident")
+    want, _ = _tokens(path, policy="resident", device=device)
     for mem in ("25%", "50%"):
-        got, stats = _tokens(path, mem=mem, int2_share=0.0)
+        got, stats = _tokens(path, mem=mem, int2_share=0.0, device=device)
         assert got == want, (arch, mem)
         e = stats.experts
         assert e is not None and e["needed"] > 0 and e["hits"] + e["misses"] + e["late_prefetches"] == e["needed"]
         assert stats.budget["slots_per_layer"] and not stats.budget["fully_resident"]
     for policy in ("ondemand", "lru"):
-        got, _ = _tokens(path, mem="25%", policy=policy)
+        got, _ = _tokens(path, mem="25%", policy=policy, device=device)
         assert got == want, (arch, policy)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_offloaded_logits_equal_resident_under_slot_reuse(converted, device):
+    """Every prefill step reuses slots right after their expert is computed (2 slots per layer, more
+    experts wanted): on cuda the copy into a slot must wait for the device's last read of it."""
+    path = converted["qwen2_moe"][1]
+    ids = list(range(3, 40))
+    ref = fate.load(path, experts="q4", policy="resident", device=device)
+    ref.model.experts = DenseExperts(lambda layer, e: ref.store.dense(layer, e, "q4", dtype=ref.dtype, device=ref.device))
+    want = ref.model.forward(torch.tensor(ids, device=ref.device), None).float().cpu()
+    for policy in ("ondemand", "fate"):
+        m = fate.load(path, experts="q4", mem="25%", policy=policy, int2_share=0.0, device=device,
+                      prefetch_extra=4)
+        for _ in range(3):
+            m.kv.reset()
+            got = m.model.forward(torch.tensor(ids, device=m.device), m.kv).float().cpu()
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+        m.close()
 
 
 def test_ondemand_counts_every_use_as_a_miss(converted):

@@ -81,7 +81,7 @@ def test_f16_perplexity_equals_transformers(converted, tmp_path, arch):
         assert got["perplexity"] == pytest.approx(want, rel=1e-4), (ctx, stride)
         assert got["experts"] == "f16" and got["offload"] is None
     res = _invoke(path, "-f", _write(tmp_path / "t.txt", TEXT), "-c", 48, "--stride", 16, "--experts", "f16",
-                  "--json", tmp_path / "r.json", "-q")
+                  "--device", "cpu", "--json", tmp_path / "r.json", "-q")
     assert res.exit_code == 0, res.output
     r = json.loads((tmp_path / "r.json").read_text())["results"][0]
     assert r["perplexity"] == pytest.approx(_oracle_perplexity(oracle, ids, 48, 16)[0], rel=1e-4)

@@ -18,7 +18,7 @@ from fate.formats import constants as C
 from fate.formats.bundle import Bundle, BundleError
 from fate.runtime.cli import main as run_main
 from fate.runtime.engine import RuntimeUserError
-from tests.conftest import assert_one_line_error
+from tests.conftest import DEVICES, assert_one_line_error
 from tests.tiny_models import ARCHS, load_oracle, read_checkpoint_tensors
 
 PROMPT = "the quick brown fox jumps over"
@@ -53,16 +53,17 @@ def models(converted):
     return {arch: fate.load(converted[arch][1], experts="f16", device="cpu") for arch in ARCHS}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("precision", ["f16", "q4"])
-def test_logits_and_greedy_tokens_match_transformers(converted, tmp_path, arch, precision):
+def test_logits_and_greedy_tokens_match_transformers(converted, tmp_path, arch, precision, device):
     ckpt, path = converted[arch]
-    model = fate.load(path, experts=precision, device="cpu")
+    model = fate.load(path, experts=precision, device=device, compute_dtype="fp32")
     oracle = load_oracle(arch, _rounded_checkpoint(ckpt, tmp_path / "rounded", model.bundle, precision))
     ids = model.encode_prompt(PROMPT)
     with torch.no_grad():
         want = oracle(torch.tensor([ids])).logits[0].float()
-    got = model.model.forward(torch.tensor(ids), None)
+        got = model.model.forward(torch.tensor(ids, device=model.device), None).cpu()
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
     if precision == "f16":
         oracle.generation_config.eos_token_id = None
@@ -125,7 +126,7 @@ def test_open_does_not_read_unused_experts(tmp_path):
     expert_bytes = sum(t.nbytes for n, t in Bundle(path).tensors.items() if ".fate_exps." in n)
     assert expert_bytes > 40 * 2**20
     before = _rss_file_kib()
-    m = fate.load(path, experts="f16", verify=False)
+    m = fate.load(path, experts="f16", verify=False, device="cpu")  # on a GPU experts go to device memory
     after_open = _rss_file_kib()
     assert (after_open - before) * 1024 < expert_bytes / 10
     m.generate([5], 1, temperature=0.0)  # one token: top-2 of 16 experts in each of 2 layers

@@ -222,8 +222,9 @@ class FateModel:
         elif link is not None or profile:
             self.link = parse_link(link)  # validated, but there is no transfer to throttle
             self.timing = self._timing_profile(force=profile) if profile else None
-        if no_mmap and self.offload is None and self.config.moe_layer_ids:
-            # every expert read into memory now (like llama.cpp's --no-mmap): faster decode, RSS = all experts
+        if (no_mmap or self.device.type != "cpu") and self.offload is None and self.config.moe_layer_ids:
+            # every expert read into memory now (like llama.cpp's --no-mmap): faster decode, RSS = all experts;
+            # on a GPU always (resident means in device memory, not a copy per use from the map)
             self.resident_experts = ResidentExperts(self.store, self.precision, self.dtype, self.device, 0)
             self.model.experts = self.resident_experts
         self.load_seconds = time.perf_counter() - t0
@@ -233,10 +234,10 @@ class FateModel:
     def _timing_profile(self, force: bool = False) -> TimingProfile:
         from fate.runtime import profile as P
 
-        key = P.profile_key(self.bundle.path, self.device, self.dtype)
+        key = P.profile_key(self.bundle.path, self.device, self.dtype, self.precision)
         prof = None if force else P.load_cached(key)
         if prof is None:
-            prof = P.measure(self.model, self.store, self.device)
+            prof = P.measure(self.model, self.store, self.device, precision=self.precision)
             P.save_cached(key, prof)
         return prof
 

@@ -169,6 +169,7 @@ class OffloadedExperts:
             gate, up, down = Q.unpack_expert(self.transfer.slot(layer, entry.slot, layout.size), layout, dtype=self.dtype)
             xs = x.index_select(0, rows.token_index(rows.span(e)))
             rows.put(e, swiglu_mlp(xs, gate, up, down))
+            self.transfer.read_done(layer, entry.slot)
             pins.discard(e)
             nxt = next((w for w in waiting if w not in entries), None)
             if nxt is not None:  # this expert's slot may be reused: start the next waiting load now

@@ -57,9 +57,10 @@ def cache_dir() -> Path:
     return Path(base) / "profiles"
 
 
-def profile_key(bundle_path: Path, device: torch.device, dtype: torch.dtype) -> str:
+def profile_key(bundle_path: Path, device: torch.device, dtype: torch.dtype, precision: str = "") -> str:
     st = bundle_path.stat()
-    ident = f"{bundle_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{device}|{dtype}|{torch.get_num_threads()}"
+    ident = (f"{bundle_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{device}|{dtype}|{torch.get_num_threads()}"
+             f"|{precision}")
     return hashlib.sha256(ident.encode()).hexdigest()[:20]
 
 
@@ -85,24 +86,30 @@ def save_cached(key: str, prof: TimingProfile) -> None:
         pass  # a read-only home is no reason to fail a run
 
 
-def measure(model, store, device: torch.device, steps: int = 12) -> TimingProfile:
-    """``model`` is a MoEModel whose experts are resident (any executor that needs no transfers)."""
+def measure(model, store, device: torch.device, steps: int = 12, precision: str | None = None) -> TimingProfile:
+    """Time ``model``'s decode steps and the copy of one expert per stored precision.
+
+    With ``precision``, every routed expert is computed from one blob of that precision held on the
+    device (dequantized per call, as the offloading executor does from its slots): the compute of a
+    decode step without any transfer, whatever executor ``model`` has and whatever fits on the device.
+    Without it, ``model``'s own executor runs (it must need no transfers)."""
+    from fate import quant as Q
     from fate.runtime.kv import KVCache
+    from fate.runtime.model import DenseExperts
 
     cfg = model.cfg
     kv = KVCache.for_model(cfg, steps + 2, dtype=model.dtype, device=device)
     ids = torch.tensor([1], dtype=torch.long, device=device)
     times = []
-    with torch.inference_mode():
-        for s in range(steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t = time.perf_counter()
-            model.forward(ids, kv, last_only=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if s >= 2:  # the first steps warm caches up
-                times.append(time.perf_counter() - t)
+    saved = model.experts
+    if precision is not None and cfg.moe_layer_ids:
+        blob = store.blob(cfg.moe_layer_ids[0], 0, precision).to(device, copy=True)
+        layout = store.layouts[precision]
+        model.experts = DenseExperts(lambda layer, e: Q.unpack_expert(blob, layout, dtype=model.dtype))
+    try:
+        times = _time_steps(model, kv, ids, device, steps)
+    finally:
+        model.experts = saved
     layer_s = min(times) / cfg.n_layers  # the fastest step: noise on a shared machine only ever adds time
     copy_s, nbytes = {}, {}
     layer = cfg.moe_layer_ids[0]
@@ -119,3 +126,18 @@ def measure(model, store, device: torch.device, steps: int = 12) -> TimingProfil
             samples.append(time.perf_counter() - t)
         copy_s[p], nbytes[p] = min(samples), n
     return TimingProfile(layer_s, copy_s, nbytes, str(device), time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def _time_steps(model, kv, ids, device, steps: int) -> list[float]:
+    times = []
+    with torch.inference_mode():
+        for s in range(steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            model.forward(ids, kv, last_only=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if s >= 2:  # the first steps warm caches up
+                times.append(time.perf_counter() - t)
+    return times

@@ -51,6 +51,9 @@ class TransferEngine:
         if self._cuda:
             self._stream = torch.cuda.Stream(device=device)
             self._staging = torch.empty(slot_bytes, dtype=torch.uint8).pin_memory()
+            # (layer, slot) → event recorded on the compute stream after the slot's last read: kernels run
+            # after the host has moved on, so a slot the cache gave up may still be read on the device
+            self._last_read: dict[tuple[int, int], torch.cuda.Event] = {}
         self.copy_seconds = 0.0
         self._worker = threading.Thread(target=self._run, name="fate-transfer", daemon=True)
         self._worker.start()
@@ -61,6 +64,14 @@ class TransferEngine:
 
     def slot(self, layer: int, slot: int, nbytes: int) -> torch.Tensor:
         return self.buffers[layer][slot, :nbytes]
+
+    def read_done(self, layer: int, slot: int) -> None:
+        """The forward pass has queued its last read of ``slot``: a later copy into it waits for that read
+        on the device (CUDA only; on CPU the read has happened when this is called)."""
+        if self._cuda:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self._last_read[(layer, slot)] = ev
 
     def submit(self, layer: int, expert: int, precision: str, slot: int, entry, priority: float) -> None:
         """Queue a copy of (layer, expert, precision) into ``slot``; ``entry.ready`` is set when done."""
@@ -100,6 +111,9 @@ class TransferEngine:
             staging = self._staging[:n]
             staging.copy_(blob)
             with torch.cuda.stream(self._stream):
+                ev = self._last_read.pop((job.layer, job.slot), None)
+                if ev is not None:
+                    self._stream.wait_event(ev)
                 dst.copy_(staging, non_blocking=True)
             self._stream.synchronize()
         else:

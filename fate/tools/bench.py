@@ -362,11 +362,11 @@ class BenchSession:
         (the engine otherwise keeps whatever it measured first, for good)."""
         from fate.runtime import profile as P
 
-        key = P.profile_key(ref.bundle.path, ref.device, ref.dtype)
+        key = P.profile_key(ref.bundle.path, ref.device, ref.dtype, ref.precision)
         prof = None if reprofile else P.load_cached(key)
         fresh = prof is None
         if fresh:
-            prof = min((P.measure(ref.model, ref.store, ref.device, steps=8) for _ in range(5)),
+            prof = min((P.measure(ref.model, ref.store, ref.device, steps=8, precision=ref.precision) for _ in range(5)),
                        key=lambda p: p.layer_decode_seconds)
             P.save_cached(key, prof)
         return {"layer_decode_seconds": prof.layer_decode_seconds, "expert_copy_seconds": prof.expert_copy_seconds,
