@@ -11,9 +11,11 @@ transformers in float32 and fate compute the same function), converts it once wi
 * ``transformers``: the checkpoint loaded by ``AutoModelForCausalLM`` in float32 (sdpa attention, its
   default ``grouped_mm`` experts), ``generate`` greedy;
 * ``fate <variant>``: ``fate.load(bundle, experts=P, policy="resident")`` — the engine fate-run uses —
-  computing in float32.  ``P`` alone: routed experts by :class:`fate.runtime.resident.ResidentExperts`
-  (stored precision resident, widened per call into cached scratch) and non-expert matrices by
-  :class:`fate.runtime.resident.ResidentWeights`; ``P+dense`` adds a dense cache of every expert;
+  computing in float32.  ``P`` alone is what ``fate-run`` does by default on CPU: routed experts by
+  :class:`fate.runtime.resident.ResidentExperts` read in place from the memory map (``mapped``) and
+  widened per call into cached scratch, non-expert matrices by :class:`fate.runtime.resident.ResidentWeights`;
+  ``P+nommap`` holds the experts in memory in their stored precision (``fate-run --no-mmap``; q4/q2 codes
+  one byte each, so no unpacking per call); ``P+dense`` adds a dense cache of every expert;
   ``P+fp32w`` keeps the engine's BundleWeights (non-expert weights widened once to float32);
   ``P+plain`` is the runtime before resident.py (DenseExperts over ExpertStore.dense, BundleWeights).
   Where the engine already installs these (``policy="resident"``), the script uses what it installed.
@@ -42,7 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-DEFAULT_VARIANTS = "f16,q4,q2,f16+dense,f16+fp32w,f16+plain,q4+plain"
+DEFAULT_VARIANTS = "f16,q4,f16+nommap,q4+nommap,q2+nommap,f16+dense,f16+plain,q4+plain"
 
 
 def parse_args(argv=None):
@@ -170,9 +172,9 @@ class FateSystem:
                  device: str = "cpu", dtype: str = "fp32"):
         self.name = f"fate {variant}"
         precision, *mods = variant.split("+")
-        bad = set(mods) - {"dense", "fp32w", "plain"}
+        bad = set(mods) - {"dense", "fp32w", "plain", "nommap"}
         if bad or precision not in ("f16", "q4", "q2"):
-            raise SystemExit(f"unknown variant {variant!r}: use P[+dense][+fp32w] or P+plain, P in f16, q4, q2")
+            raise SystemExit(f"unknown variant {variant!r}: use P[+nommap][+dense][+fp32w] or P+plain, P in f16, q4, q2")
         self.model = m = fate.load(bundle, experts=precision, threads=threads, policy="resident", device=device,
                                    compute_dtype=dtype)
         if "plain" in mods:
@@ -181,11 +183,15 @@ class FateSystem:
             self.describe = f"{precision} experts: DenseExperts over ExpertStore.dense (dequantized per use)"
         else:
             want = None if "dense" in mods else 0
+            mapped = m.device.type == "cpu" and not ({"dense", "nommap"} & set(mods))
             ex = m.model.experts
-            if not isinstance(ex, ResidentExperts) or ex.dense_cache_bytes != want:
-                ex = m.model.experts = ResidentExperts(m.store, precision, m.dtype, m.device, want)
-            self.describe = (f"{precision} experts: ResidentExperts, {ex.resident_bytes / 2**20:.0f} MiB resident, "
-                             f"dense cache {ex.dense_bytes / 2**20:.0f} MiB")
+            if (not isinstance(ex, ResidentExperts) or ex.dense_cache_bytes != want
+                    or getattr(ex, "mapped", False) != mapped):
+                ex = m.model.experts = ResidentExperts(m.store, precision, m.dtype, m.device, want, mapped=mapped)
+            how = ("read from the map on first use (fate-run's default" + (", f16 in place)" if precision == "f16" else
+                   ", codes widened to a byte then)") if mapped else (
+                f"{ex.resident_bytes / 2**20:.0f} MiB resident (fate-run --no-mmap)")
+            self.describe = f"{precision} experts: ResidentExperts, {how}, dense cache {ex.dense_bytes / 2**20:.0f} MiB"
         if m.device.type != "cpu":
             self.describe += f"; non-expert weights: {type(m.model.weights).__name__} ({dtype} on {device})"
         elif "fp32w" in mods or "plain" in mods:

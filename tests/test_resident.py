@@ -13,7 +13,7 @@ from fate.formats import constants as C
 from fate.formats.bundle import BundleError
 from fate.runtime.engine import BundleWeights
 from fate.runtime.model import DenseExperts
-from fate.runtime.resident import ResidentExperts, ResidentWeights
+from fate.runtime.resident import DEFAULT_CHUNK_BYTES, ResidentExperts, ResidentWeights
 from tests.tiny_models import ARCHS, VOCAB
 
 PRECISIONS = ("f16", "q4", "q2")
@@ -68,6 +68,10 @@ def test_logits_equal_dense_experts(arch, precision, models):
     for cache in (None, 0):
         res = ResidentExperts(m.store, precision, m.dtype, m.device, cache)
         _assert_same(ref, _run(m, res, weights))
+    for chunk in (DEFAULT_CHUNK_BYTES, TINY_CHUNK):  # read in place from the map (fate.load's CPU default)
+        res = ResidentExperts(m.store, precision, m.dtype, m.device, 0, chunk_bytes=chunk, mapped=True)
+        assert res.resident_bytes == 0
+        _assert_same(ref, _run(m, res, weights))
     res = ResidentExperts(m.store, precision, m.dtype, m.device, 0, chunk_bytes=TINY_CHUNK)
     assert res._gu_blocks is not None and len(res._gu_blocks) > 1  # the row-block path ran
     rw = ResidentWeights.from_bundle(m.bundle, m.dtype, m.device, chunk_bytes=TINY_CHUNK)
@@ -101,9 +105,11 @@ def test_moe_matches_on_random_routing(precision, models):
         ids = torch.stack([torch.randperm(cfg.n_experts, generator=g)[:cfg.top_k] for _ in range(T)])
         ids[:, 0] = 3  # every token on one expert
         w = torch.rand(T, cfg.top_k, generator=g)
-        for cache, chunk, min_tokens in ((None, 1 << 30, 2), (0, 1 << 30, 2), (0, TINY_CHUNK, 2),
-                                         (None, 1 << 30, 1), (2 * 3 * 64 * 64 * 4, TINY_CHUNK, 1)):
-            res = ResidentExperts(m.store, precision, m.dtype, m.device, cache, chunk_bytes=chunk)
+        for cache, chunk, min_tokens, mapped in (
+                (None, 1 << 30, 2, False), (0, 1 << 30, 2, False), (0, TINY_CHUNK, 2, False),
+                (None, 1 << 30, 1, False), (2 * 3 * 64 * 64 * 4, TINY_CHUNK, 1, False),
+                (0, 1 << 30, 2, True), (0, TINY_CHUNK, 2, True), (64 * 64 * 4, 1 << 30, 1, True)):
+            res = ResidentExperts(m.store, precision, m.dtype, m.device, cache, chunk_bytes=chunk, mapped=mapped)
             res.dense_min_tokens = min_tokens  # 1: what other devices do (dense copies for one token too)
             for layer in cfg.moe_layer_ids:
                 assert torch.equal(res.moe(layer, x, ids, w), experts.moe(layer, x, ids, w))
@@ -123,11 +129,12 @@ def test_row_blocks_cover_every_row():
 
 def test_get_expert_is_the_stores_dense(models):
     m = models("qwen3_moe", "q4")
-    res = ResidentExperts(m.store, "q4", m.dtype, m.device, 0)
-    layer = m.config.moe_layer_ids[-1]
-    for e in (0, m.config.n_experts - 1):
-        for a, b in zip(res.get_expert(layer, e), m.store.dense(layer, e, "q4")):
-            assert torch.equal(a, b)
+    for mapped in (False, True):
+        res = ResidentExperts(m.store, "q4", m.dtype, m.device, 0, mapped=mapped)
+        layer = m.config.moe_layer_ids[-1]
+        for e in (0, m.config.n_experts - 1):
+            for a, b in zip(res.get_expert(layer, e), m.store.dense(layer, e, "q4")):
+                assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("precision", ["f16", "q4"])

@@ -41,8 +41,10 @@ def demo_path() -> Path:
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
 @click.option("--stats-json", type=click.Path(path_type=str), default=None, help="Write timings and token ids as JSON.")
 @click.option("--no-verify", is_flag=True, help="Skip crc32 checks of expert blobs (faster first use).")
-@click.option("--no-mmap", is_flag=True, help="Read every expert into memory at load (faster decode when "
-              "everything is resident; RSS holds all experts). Ignored when experts are offloaded.")
+@click.option("--no-mmap", is_flag=True, help="Read every expert into memory at load (RSS holds all experts "
+              "from the start). By default each expert is read from the memory map when first used (f16 in "
+              "place, q4/q2 codes widened then), which decodes as fast once warm. Ignored when experts are "
+              "offloaded.")
 @click.option("--no-timings", is_flag=True, help="Do not print timings to stderr at the end.")
 @click.option("--mem", default=None, help="Device memory budget for the whole model: 6GiB, 512MiB, or P% "
               "(resident weights + KV + P% of all experts). Default: everything resident.")

@@ -222,10 +222,13 @@ class FateModel:
         elif link is not None or profile:
             self.link = parse_link(link)  # validated, but there is no transfer to throttle
             self.timing = self._timing_profile(force=profile) if profile else None
-        if (no_mmap or self.device.type != "cpu") and self.offload is None and self.config.moe_layer_ids:
-            # every expert read into memory now (like llama.cpp's --no-mmap): faster decode, RSS = all experts;
-            # on a GPU always (resident means in device memory, not a copy per use from the map)
-            self.resident_experts = ResidentExperts(self.store, self.precision, self.dtype, self.device, 0)
+        if self.offload is None and self.config.moe_layer_ids:
+            # by default (CPU) experts are computed in place from the map, read when first used; with
+            # --no-mmap every expert is read into memory now (like llama.cpp's), RSS = all experts; on a
+            # GPU always (resident means in device memory, not a copy per use from the map)
+            mapped = not no_mmap and self.device.type == "cpu"
+            self.resident_experts = ResidentExperts(self.store, self.precision, self.dtype, self.device, 0,
+                                                    mapped=mapped)
             self.model.experts = self.resident_experts
         self.load_seconds = time.perf_counter() - t0
         self.last_stats: GenerationStats | None = None

@@ -83,9 +83,12 @@ class ResidentExperts:
 
     def __init__(self, store: ExpertStore, precision: str, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", dense_cache_bytes: int | None = None, *,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, mapped: bool = False):
         if dense_cache_bytes is not None and dense_cache_bytes < 0:
             raise ValueError(f"dense_cache_bytes must be ≥ 0 or None, got {dense_cache_bytes}")
+        if mapped and torch.device(device).type != "cpu":
+            raise ValueError("mapped experts are read in place from the bundle's memory map: CPU only")
+        self.mapped = mapped
         self.store = store
         self.precision = store.check_precision(precision)
         self.layout = store.layouts[precision]
@@ -113,8 +116,11 @@ class ResidentExperts:
 
         self._src: dict[int, list[tuple[Tensor, ...]]] = {}  # layer -> per expert (w16,) or (codes, zero, scale)
         self.resident_bytes = 0
-        for layer in cfg.moe_layer_ids:
-            self._load_layer(layer)
+        if mapped:  # nothing read now: each expert is fetched from the map on first use
+            self._src = {layer: _MappedLayer(self, layer) for layer in cfg.moe_layer_ids}
+        else:
+            for layer in cfg.moe_layer_ids:
+                self._load_layer(layer)
 
         kw = dict(device=self.device)
         self._one = torch.empty(self._n, dtype=dtype, **kw)  # scratch: one expert, compute dtype
@@ -127,33 +133,28 @@ class ResidentExperts:
         self._fill_dense_cache()
 
     # -- construction ------------------------------------------------------------------------------
+    def _decode(self, blob: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One quantized expert's (codes [n/g, g] uint8, zero [n/g, 1], scale [n/g, 1] float32)."""
+        n, fh, g = self._n, self._fh, self.spec.group_size
+        codes = torch.empty(n, dtype=torch.uint8)
+        scale = torch.empty(n // g, dtype=torch.float32)
+        zero = torch.empty(n // g, dtype=torch.float32)
+        for j, m in enumerate(self.layout.matrices):
+            Q.unpack_codes(m.packed.view(blob), self.spec.bits, out=codes[j * fh:(j + 1) * fh].view(m.shape))
+            gs = slice(j * fh // g, (j + 1) * fh // g)
+            scale[gs].copy_(m.scale.view(blob, flat=True))
+            zero[gs].copy_(m.zero.view(blob, flat=True))
+        return codes.view(n // g, g), zero.view(n // g, 1), scale.view(n // g, 1)
+
     def _load_layer(self, layer: int) -> None:
-        E, n, fh = self.cfg.n_experts, self._n, self._fh
-        spec = self.spec
-        if spec.is_quantized:
-            g = spec.group_size
-            codes = torch.empty((E, n), dtype=torch.uint8)
-            scale = torch.empty((E, n // g), dtype=torch.float32)
-            zero = torch.empty((E, n // g), dtype=torch.float32)
-        else:
-            w16 = torch.empty((E, n), dtype=torch.float16)
-        for e in range(E):
+        per = []
+        for e in range(self.cfg.n_experts):
             blob = self.store.blob(layer, e, self.precision)  # crc32-checked on first read
-            for j, m in enumerate(self.layout.matrices):
-                if spec.is_quantized:
-                    Q.unpack_codes(m.packed.view(blob), spec.bits, out=codes[e, j * fh:(j + 1) * fh].view(m.shape))
-                    gs = slice(j * fh // g, (j + 1) * fh // g)
-                    scale[e, gs].copy_(m.scale.view(blob, flat=True))
-                    zero[e, gs].copy_(m.zero.view(blob, flat=True))
-                else:
-                    w16[e, j * fh:(j + 1) * fh].copy_(m.packed.view(blob, flat=True))
-        if spec.is_quantized:
-            parts = (codes.view(E, n // g, g), zero.view(E, n // g, 1), scale.view(E, n // g, 1))
-        else:
-            parts = (w16,)
-        parts = tuple(p.to(self.device) for p in parts)
+            per.append(self._decode(blob) if self.spec.is_quantized
+                       else (blob[: self.layout.size].view(torch.float16),))
+        parts = tuple(torch.stack([p[j] for p in per]).to(self.device) for j in range(len(per[0])))
         self.resident_bytes += sum(p.numel() * p.element_size() for p in parts)
-        self._src[layer] = [tuple(p[e] for p in parts) for e in range(E)]
+        self._src[layer] = [tuple(p[e] for p in parts) for e in range(self.cfg.n_experts)]
 
     def _views(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """(gate_up [2F, H], down [H, F]) views of a flat expert."""
@@ -289,6 +290,32 @@ class ResidentExperts:
             n = (r1 - r0) * Fd
             buf = self._widen(src, 2 * fh + r0 * Fd, 2 * fh + r1 * Fd, self._one[:n], self._one32[:n]).view(r1 - r0, Fd)
             torch.mm(h, buf.t(), out=out[:, r0:r1])
+
+
+class _MappedLayer:
+    """``src[e]`` of one layer for mapped experts, made on the expert's first use (its crc32 checked
+    then) and kept: f16 — ``(w16,)``, a view of the map (gate, up and down lie back to back in the
+    blob), so only the page cache holds it; q4/q2 — the codes widened to one byte each with float32
+    zeros and scales, as :meth:`ResidentExperts._load_layer` makes them (unpacking 4-bit codes on
+    every call would cost ~1.5x per matrix), so memory grows by twice the packed bytes of the experts
+    used, never more."""
+
+    def __init__(self, owner: "ResidentExperts", layer: int):
+        self.owner, self.layer = owner, layer
+        self._got: dict[int, tuple[Tensor, ...]] = {}
+
+    def __getitem__(self, e: int) -> tuple[Tensor, ...]:
+        src = self._got.get(e)
+        if src is None:
+            o = self.owner
+            blob = o.store.blob(self.layer, e, o.precision)
+            if o.spec.is_quantized:
+                src = o._decode(blob)
+                o.resident_bytes += sum(p.numel() * p.element_size() for p in src)
+            else:
+                src = (blob[: o.layout.size].view(torch.float16),)
+            self._got[e] = src
+        return src
 
 
 # --------------------------------------------------------------------------------------------------
