@@ -210,3 +210,36 @@ def test_weights_outlive_close(converted):
     m.close()  # unmaps the bundle; the non-expert weights are copies, not views of it
     norm = m.weights.get(C.T_OUTPUT_NORM)
     assert torch.isfinite(norm).all()
+
+
+class _RecordingTransfer:
+    def __init__(self):
+        self.jobs = []
+
+    def submit(self, layer, expert, precision, slot, entry, priority):
+        self.jobs.append((layer, expert, priority))
+
+
+def test_prefetches_queue_after_the_layers_own_loads(converted):
+    """Copies named at layer i's gate input reach the link only when layer i has queued its demand loads
+    (the executor calls flush()); after a dense layer, which queues none, at once."""
+    from fate.runtime.cache import ExpertCache
+    from fate.runtime.offload import Prefetcher
+
+    m = fate.load(converted["deepseek"][1], experts="q4", device="cpu")
+    cfg = m.config
+    assert not cfg.moe_layers[0] and cfg.moe_layers[1] and cfg.moe_layers[2]
+    routers = {i: m.weights.get(C.T_FFN_GATE_INP.format(i=i)) for i in cfg.moe_layer_ids}
+    rec = _RecordingTransfer()
+    p = Prefetcher(cfg, routers, ExpertCache([0] + [cfg.top_k + 2] * (cfg.n_layers - 1)), rec, extra=2,
+                   decode_precision="q4", low_precision=None, int2_share=0.0)
+    g = torch.randn(1, cfg.hidden_size)
+    p.on_gate_input(1, g)  # MoE layer 1 names layer 2's experts
+    assert rec.jobs == [] and p.predicted[2]
+    p.flush()
+    assert [j[0] for j in rec.jobs] == [2] * len(p.predicted[2])
+    assert [j[2] for j in rec.jobs] == sorted(j[2] for j in rec.jobs)  # in rank order
+    rec.jobs.clear()
+    p.on_gate_input(0, g)  # dense layer 0 names layer 1's: queued at once
+    assert rec.jobs and {j[0] for j in rec.jobs} == {1}
+    m.close()

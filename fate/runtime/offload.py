@@ -53,6 +53,17 @@ class Prefetcher:
         self.extra, self.decode_precision = extra, decode_precision
         self.low_precision, self.int2_share = low_precision, int2_share
         self.predicted: dict[int, set[int]] = {}
+        self._pending: list[tuple] = []  # copies named at layer i's gate, queued once layer i's own are
+
+    def flush(self) -> None:
+        """Queue the copies of the last prediction.  The executor calls this right after queueing its
+        layer's demand loads: a copy cannot be interrupted once the link has started it, so a next-layer
+        prefetch queued first would make this layer's misses wait a whole copy for it."""
+        pending, self._pending = self._pending, []
+        for job in pending:
+            entry = job[4]
+            if not entry.released:
+                self.transfer.submit(*job)
 
     def on_gate_input(self, layer: int, g: torch.Tensor) -> None:
         nxt = layer + 1
@@ -82,8 +93,10 @@ class Prefetcher:
                 break  # every slot holds an expert in use, in flight or predicted
             entry, _, fresh = got
             if fresh:  # else resident or arriving already; a lower-precision copy is upgraded on use
-                self.transfer.submit(nxt, e, precisions[e], entry.slot, entry, 1.0 + rank)
+                self._pending.append((nxt, e, precisions[e], entry.slot, entry, 1.0 + rank))
                 budget -= 1
+        if not self.cfg.moe_layers[layer]:  # a dense layer queues no demand loads: nothing to wait for
+            self.flush()
 
 
 class OffloadedExperts:
@@ -96,6 +109,11 @@ class OffloadedExperts:
         self.dtype, self.device = dtype, device
         self.decode_precision, self.low_precision, self.int2_share = decode_precision, low_precision, int2_share
         self.keep, self.prefetcher = keep, prefetcher
+        H, Fd = cfg.hidden_size, cfg.expert_ffn
+        # one expert's dense weights, rewritten by every computed expert: fresh multi-MB tensors per
+        # call cost more than the dequantization itself (page faults on CPU)
+        gu = torch.empty((2 * Fd, H), dtype=dtype, device=device)
+        self._scratch = (gu[:Fd], gu[Fd:], torch.empty((H, Fd), dtype=dtype, device=device))
 
     def _reserve_waiting(self, lc, e, precision, pins, phase, layer):
         """Reserve a slot for ``e``; while every slot is pinned or in flight, wait for a copy to land."""
@@ -136,6 +154,7 @@ class OffloadedExperts:
                     hits += 1
                 else:
                     late += 1
+                    self.transfer.promote(entry)  # needed now: ahead of every prefetch still queued
                 entries[e] = entry
                 continue
             misses += 1
@@ -152,6 +171,8 @@ class OffloadedExperts:
             entries[e], _ = got
             self.transfer.submit(layer, e, want[e], entries[e].slot, entries[e], TransferEngine.DEMAND)
 
+        if self.prefetcher is not None:
+            self.prefetcher.flush()  # the next layer's prefetches queue behind this layer's demand loads
         # hits first (their bytes are here), then the rest in the order their loads were queued
         compute_order = sorted(entries, key=lambda e: (not entries[e].ready.is_set(), ranked.index(e))) + waiting
         i = 0
@@ -166,7 +187,8 @@ class OffloadedExperts:
             self.stats.stalled(phase, layer, self.transfer.wait(entry))
             lc.touch(e)
             layout = self.store.layouts[entry.precision]
-            gate, up, down = Q.unpack_expert(self.transfer.slot(layer, entry.slot, layout.size), layout, dtype=self.dtype)
+            gate, up, down = Q.unpack_expert(self.transfer.slot(layer, entry.slot, layout.size), layout,
+                                             dtype=self.dtype, out=self._scratch)
             xs = x.index_select(0, rows.token_index(rows.span(e)))
             rows.put(e, swiglu_mlp(xs, gate, up, down))
             self.transfer.read_done(layer, entry.slot)

@@ -105,7 +105,9 @@ def measure(model, store, device: torch.device, steps: int = 12, precision: str 
     if precision is not None and cfg.moe_layer_ids:
         blob = store.blob(cfg.moe_layer_ids[0], 0, precision).to(device, copy=True)
         layout = store.layouts[precision]
-        model.experts = DenseExperts(lambda layer, e: Q.unpack_expert(blob, layout, dtype=model.dtype))
+        H, Fd = cfg.hidden_size, cfg.expert_ffn
+        out = tuple(torch.empty(s, dtype=model.dtype, device=device) for s in ((Fd, H), (Fd, H), (H, Fd)))
+        model.experts = DenseExperts(lambda layer, e: Q.unpack_expert(blob, layout, dtype=model.dtype, out=out))
     try:
         times = _time_steps(model, kv, ids, device, steps)
     finally:

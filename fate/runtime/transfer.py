@@ -12,6 +12,7 @@ pinned staging buffer and a dedicated copy stream, so it overlaps compute.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import queue
 import threading
@@ -32,10 +33,12 @@ class _Job:
     precision: str = field(compare=False)
     slot: int = field(compare=False)
     entry: object = field(compare=False)  # anything with a threading.Event ``ready``
+    done: int = field(default=0, compare=False)  # bytes already copied (a preempted prefetch resumes here)
 
 
 class TransferEngine:
     DEMAND = 0.0  # priority of a load a layer is waiting for
+    PIECES = 4  # on a throttled link a prefetch moves in this many pieces and yields to demand loads between them
 
     def __init__(self, store: ExpertStore, slots_per_layer: list[int], slot_bytes: int, device: torch.device,
                  throttle=None, stats=None):
@@ -102,12 +105,39 @@ class TransferEngine:
                 self._error = e
                 job.entry.ready.set()
 
+    def promote(self, entry) -> None:
+        """A queued (or preempted) prefetch that a layer now waits for becomes a demand load."""
+        with self._q.mutex:
+            q = self._q.queue
+            for job in q:
+                if job.entry is entry and job.priority > self.DEMAND:
+                    job.priority = self.DEMAND
+                    heapq.heapify(q)
+                    return
+
+    def _demand_waiting(self) -> bool:
+        with self._q.mutex:
+            return bool(self._q.queue) and self._q.queue[0].priority <= self.DEMAND
+
     def _copy(self, job: _Job) -> None:
         blob = self.store.blob(job.layer, job.expert, job.precision)  # crc32 checked on first read
         n = blob.numel()
         t = time.perf_counter()
         dst = self.buffers[job.layer][job.slot, :n]
-        if self._cuda:
+        if self.throttle is not None and not self._cuda:
+            # a slow link: move the blob in pieces, and let a demand load that arrives meanwhile go
+            # first (the rest of this prefetch is queued again and resumes where it stopped)
+            step = -(-n // self.PIECES) if job.priority > self.DEMAND else n
+            while job.done < n:
+                end = min(n, job.done + step)
+                dst[job.done:end].copy_(blob[job.done:end])
+                self.throttle.transfer(end - job.done)
+                job.done = end
+                if job.done < n and job.priority > self.DEMAND and self._demand_waiting():
+                    self.copy_seconds += time.perf_counter() - t
+                    self._q.put(job)
+                    return
+        elif self._cuda:
             staging = self._staging[:n]
             staging.copy_(blob)
             with torch.cuda.stream(self._stream):
@@ -118,7 +148,7 @@ class TransferEngine:
             self._stream.synchronize()
         else:
             dst.copy_(blob)
-        if self.throttle is not None:
+        if self.throttle is not None and self._cuda:
             self.throttle.transfer(n)
         self.copy_seconds += time.perf_counter() - t
         if self.stats is not None:
