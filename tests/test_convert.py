@@ -100,10 +100,14 @@ def _oracle_stats(arch: str, ckpt_dir: Path, ids: list[int], cfg):
     captured: dict[int, torch.Tensor] = {}
     hooks = [layer.post_attention_layernorm.register_forward_hook(
         lambda mod, inp, out, i=i: captured.__setitem__(i, out[0].detach().float())) for i, layer in enumerate(layers)]
+    emb = []
+    hooks.append(model.model.embed_tokens.register_forward_hook(lambda mod, inp, out: emb.append(out[0].detach())))
     with torch.no_grad():
         model(torch.tensor([ids]))
-    for h in hooks:
-        h.remove()
+        for h in hooks:
+            h.remove()
+        # layer 0 is predicted from the token embedding through its own post-attention norm
+        captured[-1] = layers[0].post_attention_layernorm(emb[0]).float()
     L, E, k = cfg.n_layers, cfg.n_experts, cfg.top_k
     pop = torch.zeros(L, E, dtype=torch.int64)
     cos = torch.full((L,), float("nan"))
@@ -116,12 +120,11 @@ def _oracle_stats(arch: str, ckpt_dir: Path, ids: list[int], cfg):
         probs = torch.softmax(captured[i] @ w.T, dim=-1)
         top = probs.topk(k, dim=-1).indices
         pop[i] = torch.bincount(top.flatten(), minlength=E)
-        if i > 0:
-            pred = captured[i - 1] @ w.T
-            cos[i] = torch.nn.functional.cosine_similarity(captured[i - 1].double(), captured[i].double(), dim=-1).mean()
-            for j, m in enumerate((0, 1, 2, 4)):
-                cand = pred.topk(min(k + m, E), dim=-1).indices
-                rec[i, j] = (top.unsqueeze(-1) == cand.unsqueeze(1)).any(-1).sum(-1).double().mean() / k
+        pred = captured[i - 1] @ w.T
+        cos[i] = torch.nn.functional.cosine_similarity(captured[i - 1].double(), captured[i].double(), dim=-1).mean()
+        for j, m in enumerate((0, 1, 2, 4)):
+            cand = pred.topk(min(k + m, E), dim=-1).indices
+            rec[i, j] = (top.unsqueeze(-1) == cand.unsqueeze(1)).any(-1).sum(-1).double().mean() / k
     return pop, cos, rec
 
 

@@ -105,6 +105,8 @@ def test_observer_sees_every_gate_input(arch, ckpts, oracles):
     hooks = [layer.post_attention_layernorm.register_forward_hook(
         lambda mod, args, out, i=i: captured.__setitem__(i, out[0].detach().clone()))
         for i, layer in enumerate(oracle.model.layers)]
+    emb = []
+    hooks.append(oracle.model.embed_tokens.register_forward_hook(lambda mod, args, out: emb.append(out[0].detach())))
     try:
         ids = _ids(16, seed=4)
         model.forward(ids)
@@ -113,8 +115,10 @@ def test_observer_sees_every_gate_input(arch, ckpts, oracles):
     finally:
         for h in hooks:
             h.remove()
-    assert sorted(rec.gate_inputs) == list(range(cfg.n_layers)) == sorted(captured)
-    for i in range(cfg.n_layers):
+    with torch.no_grad():  # before layer 0: the embedding through layer 0's post-attention norm (its predictor)
+        captured[-1] = oracle.model.layers[0].post_attention_layernorm(emb[0])
+    assert sorted(rec.gate_inputs) == list(range(-1, cfg.n_layers)) == sorted(captured)
+    for i in range(-1, cfg.n_layers):
         torch.testing.assert_close(rec.gate_inputs[i], captured[i], atol=1e-5, rtol=0)
 
 

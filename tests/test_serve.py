@@ -47,7 +47,7 @@ def model(bundle):
     m.close()
 
 
-SLOW = dict(mem="40%", link="2MB/s")  # offloaded experts over an emulated slow link: ~80 ms per token
+SLOW = dict(mem="40%", link="2MB/s")  # offloaded experts over an emulated slow link: ~15-20 ms per token
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +305,7 @@ def first_token_seconds(c: httpx.Client) -> float:
 
 
 def test_dropped_client_frees_engine(slow_model):
-    long = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0}  # ~30 s if it ran to the end
+    long = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0}  # several seconds if it ran to the end
     with serving(slow_model) as url, httpx.Client(base_url=url, timeout=30) as c:
         # a stream dropped after its first token
         with c.stream("POST", "/v1/completions", json={**long, "stream": True}) as r:
@@ -323,7 +323,8 @@ def test_dropped_client_frees_engine(slow_model):
         samples = parse_metrics(c.get("/metrics").text)
         assert metric(samples, "fate_generations_total", endpoint="/v1/completions", finish_reason="cancelled") == 2
         assert metric(samples, "fate_generations_total", endpoint="/v1/completions", finish_reason="length") == 2
-        assert metric(samples, "fate_completion_tokens_total") < 100  # the dropped ones stopped early
+        # the dropped ones stopped early: run to the end they would have made 2 x 400 tokens
+        assert metric(samples, "fate_completion_tokens_total") < 200
         assert metric(samples, "fate_http_requests_total", endpoint="/v1/completions", status="499") == 1
 
         # expert statistics of the offloading engine

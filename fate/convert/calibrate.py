@@ -1,9 +1,11 @@
 """Routing statistics measured on calibration text, by running the model itself layer by layer.
 
-Per MoE layer: how many tokens each expert received (popularity).  Per layer i ≥ 1 that has a router:
-the mean cosine similarity between the gate inputs of layers i-1 and i, and the recall of the
-cross-layer prediction — layer i's router applied to layer i-1's gate input — with k, k+1, k+2 and
-k+4 candidates: the share of the experts layer i really chose that were among the predicted ones.
+Per MoE layer: how many tokens each expert received (popularity).  Per MoE layer i: the mean cosine
+similarity between layer i's gate input and the input of its prediction, and the recall of the
+prediction — layer i's router applied to that input — with k, k+1, k+2 and k+4 candidates: the share
+of the experts layer i really chose that were among the predicted ones.  The input is layer i-1's
+gate input (the paper's cross-layer prediction), and for layer 0 the token embedding through layer
+0's post-attention norm (:meth:`MoEModel.predictor_input`, what the runtime's prefetcher uses).
 
 Memory stays bounded: only one layer's non-expert weights and one expert are materialised at a time,
 plus the hidden states of the calibration tokens (tokens × hidden × 4 bytes).
@@ -71,7 +73,7 @@ def calibrate(ckpt: HFCheckpoint, spec: A.ArchSpec, cfg: ModelConfig, token_ids:
         table = ckpt.get(emb_name, emb_shape)
         h = table[torch.tensor(token_ids, dtype=torch.long)].to(torch.float32)
         del table
-        prev_g: torch.Tensor | None = None
+        prev_g = model.predictor_input(h)  # layer 0 is predicted from the token embedding
         for i in range(L):
             # attention runs per sequence (causal within it); everything after it is per token, so the
             # FFN runs once over all tokens and each expert is read from the checkpoint once per layer

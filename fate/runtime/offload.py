@@ -95,7 +95,7 @@ class Prefetcher:
             if fresh:  # else resident or arriving already; a lower-precision copy is upgraded on use
                 self._pending.append((nxt, e, precisions[e], entry.slot, entry, 1.0 + rank))
                 budget -= 1
-        if not self.cfg.moe_layers[layer]:  # a dense layer queues no demand loads: nothing to wait for
+        if layer < 0 or not self.cfg.moe_layers[layer]:  # no demand loads of its own to wait for
             self.flush()
 
 

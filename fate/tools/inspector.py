@@ -424,7 +424,7 @@ def format_report(r: dict) -> str:
     labels = list(rows[0]["recall"]) if rows else []
     n = r["top_n"]
     out.append("layers        popularity: token->expert assignments on the calibration text; recall: layer i's "
-               "experts predicted from layer i-1's gate input")
+               "experts predicted from layer i-1's gate input (layer 0: from the token embedding)")
     out.append(f"  layer  kind   assign  top-{n:<2}  max    unused  cosine " + "".join(f"{'r@' + lb:>7}" for lb in labels))
     for row in rows:
         assign = "-" if row["assignments"] is None else str(row["assignments"])

@@ -562,6 +562,9 @@ class DemoSettings:
 
 PRESETS: dict[str, dict] = {
     "demo": {},
+    # Deeper, with twice the experts: a trained model whose bytes are mostly experts, for the
+    # offloading benchmark (docs/BENCHMARKS.md); ~25 minutes on 2 cores.
+    "offload": dict(num_layers=8, num_experts=16, steps=1100),
     # A few-second configuration for tests.
     "tiny": dict(
         vocab_size=320, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, num_experts=4,
