@@ -33,12 +33,10 @@ class _Job:
     precision: str = field(compare=False)
     slot: int = field(compare=False)
     entry: object = field(compare=False)  # anything with a threading.Event ``ready``
-    done: int = field(default=0, compare=False)  # bytes already copied (a preempted prefetch resumes here)
 
 
 class TransferEngine:
     DEMAND = 0.0  # priority of a load a layer is waiting for
-    PIECES = 4  # on a throttled link a prefetch moves in this many pieces and yields to demand loads between them
 
     def __init__(self, store: ExpertStore, slots_per_layer: list[int], slot_bytes: int, device: torch.device,
                  throttle=None, stats=None):
@@ -106,7 +104,9 @@ class TransferEngine:
                 job.entry.ready.set()
 
     def promote(self, entry) -> None:
-        """A queued (or preempted) prefetch that a layer now waits for becomes a demand load."""
+        """A queued prefetch that a layer now waits for becomes a demand load (ahead of other prefetches;
+        a copy already on the link is not interrupted: moving a prefetch in pieces that yield to demand
+        loads was tried and lost 10 points of hit rate, docs/BENCHMARKS.md)."""
         with self._q.mutex:
             q = self._q.queue
             for job in q:
@@ -115,29 +115,12 @@ class TransferEngine:
                     heapq.heapify(q)
                     return
 
-    def _demand_waiting(self) -> bool:
-        with self._q.mutex:
-            return bool(self._q.queue) and self._q.queue[0].priority <= self.DEMAND
-
     def _copy(self, job: _Job) -> None:
         blob = self.store.blob(job.layer, job.expert, job.precision)  # crc32 checked on first read
         n = blob.numel()
         t = time.perf_counter()
         dst = self.buffers[job.layer][job.slot, :n]
-        if self.throttle is not None and not self._cuda:
-            # a slow link: move the blob in pieces, and let a demand load that arrives meanwhile go
-            # first (the rest of this prefetch is queued again and resumes where it stopped)
-            step = -(-n // self.PIECES) if job.priority > self.DEMAND else n
-            while job.done < n:
-                end = min(n, job.done + step)
-                dst[job.done:end].copy_(blob[job.done:end])
-                self.throttle.transfer(end - job.done)
-                job.done = end
-                if job.done < n and job.priority > self.DEMAND and self._demand_waiting():
-                    self.copy_seconds += time.perf_counter() - t
-                    self._q.put(job)
-                    return
-        elif self._cuda:
+        if self._cuda:
             staging = self._staging[:n]
             staging.copy_(blob)
             with torch.cuda.stream(self._stream):
@@ -148,7 +131,7 @@ class TransferEngine:
             self._stream.synchronize()
         else:
             dst.copy_(blob)
-        if self.throttle is not None and self._cuda:
+        if self.throttle is not None:
             self.throttle.transfer(n)
         self.copy_seconds += time.perf_counter() - t
         if self.stats is not None:
