@@ -188,9 +188,11 @@ class FateSystem:
             if (not isinstance(ex, ResidentExperts) or ex.dense_cache_bytes != want
                     or getattr(ex, "mapped", False) != mapped):
                 ex = m.model.experts = ResidentExperts(m.store, precision, m.dtype, m.device, want, mapped=mapped)
-            how = ("read from the map on first use (fate-run's default" + (", f16 in place)" if precision == "f16" else
-                   ", codes widened to a byte then)") if mapped else (
-                f"{ex.resident_bytes / 2**20:.0f} MiB resident (fate-run --no-mmap)")
+            if mapped:
+                how = "read from the map on first use (fate-run's default, " + (
+                    "f16 in place)" if precision == "f16" else "codes widened to a byte then)")
+            else:
+                how = f"{ex.resident_bytes / 2**20:.0f} MiB resident (fate-run --no-mmap)"
             self.describe = f"{precision} experts: ResidentExperts, {how}, dense cache {ex.dense_bytes / 2**20:.0f} MiB"
         if m.device.type != "cpu":
             self.describe += f"; non-expert weights: {type(m.model.weights).__name__} ({dtype} on {device})"

@@ -563,7 +563,7 @@ class DemoSettings:
 PRESETS: dict[str, dict] = {
     "demo": {},
     # Deeper, with twice the experts: a trained model whose bytes are mostly experts, for the
-    # offloading benchmark (docs/BENCHMARKS.md); ~25 minutes on 2 cores.
+    # offloading benchmark (docs/BENCHMARKS.md); ~21 minutes with --threads 1.
     "offload": dict(num_layers=8, num_experts=16, steps=1100),
     # A few-second configuration for tests.
     "tiny": dict(
