@@ -15,7 +15,9 @@ transformers in float32 and fate compute the same function), converts it once wi
   :class:`fate.runtime.resident.ResidentExperts` read in place from the memory map (``mapped``) and
   widened per call into cached scratch, non-expert matrices by :class:`fate.runtime.resident.ResidentWeights`;
   ``P+nommap`` holds the experts in memory in their stored precision (``fate-run --no-mmap``; q4/q2 codes
-  one byte each, so no unpacking per call); ``P+dense`` adds a dense cache of every expert;
+  one byte each, so no unpacking per call); q4 one-token calls go through :mod:`fate.kernels` (the
+  native INT4 product) where it builds, ``P+torch`` keeps them on torch ops; ``P+dense`` adds a dense
+  cache of every expert;
   ``P+fp32w`` keeps the engine's BundleWeights (non-expert weights widened once to float32);
   ``P+plain`` is the runtime before resident.py (DenseExperts over ExpertStore.dense, BundleWeights).
   Where the engine already installs these (``policy="resident"``), the script uses what it installed.
@@ -44,7 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-DEFAULT_VARIANTS = "f16,q4,f16+nommap,q4+nommap,q2+nommap,f16+dense,f16+plain,q4+plain"
+DEFAULT_VARIANTS = "f16,q4,q4+torch,f16+nommap,q4+nommap,q2,f16+plain,q4+plain"
 
 
 def parse_args(argv=None):
@@ -172,9 +174,9 @@ class FateSystem:
                  device: str = "cpu", dtype: str = "fp32"):
         self.name = f"fate {variant}"
         precision, *mods = variant.split("+")
-        bad = set(mods) - {"dense", "fp32w", "plain", "nommap"}
+        bad = set(mods) - {"dense", "fp32w", "plain", "nommap", "torch"}
         if bad or precision not in ("f16", "q4", "q2"):
-            raise SystemExit(f"unknown variant {variant!r}: use P[+nommap][+dense][+fp32w] or P+plain, P in f16, q4, q2")
+            raise SystemExit(f"unknown variant {variant!r}: use P[+nommap][+torch][+dense][+fp32w] or P+plain, P in f16, q4, q2")
         self.model = m = fate.load(bundle, experts=precision, threads=threads, policy="resident", device=device,
                                    compute_dtype=dtype)
         if "plain" in mods:
@@ -184,16 +186,19 @@ class FateSystem:
         else:
             want = None if "dense" in mods else 0
             mapped = m.device.type == "cpu" and not ({"dense", "nommap"} & set(mods))
+            native = "torch" not in mods
             ex = m.model.experts
             if (not isinstance(ex, ResidentExperts) or ex.dense_cache_bytes != want
-                    or getattr(ex, "mapped", False) != mapped):
-                ex = m.model.experts = ResidentExperts(m.store, precision, m.dtype, m.device, want, mapped=mapped)
+                    or getattr(ex, "mapped", False) != mapped or (ex.native and not native)):
+                ex = m.model.experts = ResidentExperts(m.store, precision, m.dtype, m.device, want, mapped=mapped,
+                                                       native=native)
             if mapped:
                 how = "read from the map on first use (fate-run's default, " + (
                     "f16 in place)" if precision == "f16" else "codes widened to a byte then)")
             else:
                 how = f"{ex.resident_bytes / 2**20:.0f} MiB resident (fate-run --no-mmap)"
-            self.describe = f"{precision} experts: ResidentExperts, {how}, dense cache {ex.dense_bytes / 2**20:.0f} MiB"
+            self.describe = (f"{precision} experts: ResidentExperts, {how}, dense cache {ex.dense_bytes / 2**20:.0f} MiB"
+                             + ("; one-token q4 products by fate.kernels" if ex.native else ""))
         if m.device.type != "cpu":
             self.describe += f"; non-expert weights: {type(m.model.weights).__name__} ({dtype} on {device})"
         elif "fp32w" in mods or "plain" in mods:
@@ -362,11 +367,18 @@ def kernels(args) -> int:
         ("float32 weights, F.linear", w32, lambda w: F.linear(x, w), lambda w: w),
         ("f16 resident, widen into scratch + F.linear (fate)", w16, lambda w: F.linear(x, buf.copy_(w)),
          lambda w: w.float()),
-        ("q4 one byte/code, dequantize into scratch + F.linear (fate)", q4_one, one_byte, exact_q),
+        ("q4 one byte/code, dequantize into scratch + F.linear (fate with FATE_NATIVE=0)", q4_one, one_byte, exact_q),
         ("q4 packed, fate.quant dequantize out= + F.linear", q4, packed, exact_q),
         ("q2 one byte/code, dequantize into scratch + F.linear (fate)", q2_one, one_byte, exact_q),
         ("q2 packed, fate.quant dequantize out= + F.linear", q2, packed, exact_q),
     ]
+    from fate import kernels as K
+
+    if K.available():
+        table.append(("q4 packed, fate.kernels native product (fate's one-token q4 path)", q4,
+                      lambda it: K.q4_matvec(x, it[1], it[2], it[3]), exact_q))
+    else:
+        print(f"(fate.kernels unavailable: {K.unavailable_reason()})", file=sys.stderr)
     if args.compile:
         spec4 = Q.QuantSpec.default("q4")
         ng = cols // spec4.group_size

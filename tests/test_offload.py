@@ -21,7 +21,9 @@ PROMPT = "the quick brown fox jumps over the lazy dog and"
 
 def _tokens(path, n=16, **opts):
     m = fate.load(path, experts="q4", **opts)
-    if opts.get("policy") == "resident":  # the plain executor: the offloaded one's math, all experts at hand
+    if opts.get("policy") == "resident" and opts.get("device") == "cuda":
+        # the plain executor: the offloaded one's math (on CPU the engine's resident default already is:
+        # one-token q4 products through fate.kernels on both sides)
         m.model.experts = DenseExperts(lambda layer, e: m.store.dense(layer, e, "q4", dtype=m.dtype, device=m.device))
     out = m.generate(PROMPT, n, temperature=0.0, stop_at_eos=False)
     m.close()

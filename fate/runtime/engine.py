@@ -228,7 +228,7 @@ class FateModel:
             # GPU always (resident means in device memory, not a copy per use from the map)
             mapped = not no_mmap and self.device.type == "cpu"
             self.resident_experts = ResidentExperts(self.store, self.precision, self.dtype, self.device, 0,
-                                                    mapped=mapped)
+                                                    mapped=mapped, native=True)
             self.model.experts = self.resident_experts
         self.load_seconds = time.perf_counter() - t0
         self.last_stats: GenerationStats | None = None

@@ -19,7 +19,9 @@ is in use, in flight or itself predicted.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from fate import kernels as K
 from fate import quant as Q
 from fate.runtime.model import ExpertRows, swiglu_mlp
 from fate.runtime.stats import ExpertStats
@@ -114,6 +116,10 @@ class OffloadedExperts:
         # call cost more than the dequantization itself (page faults on CPU)
         gu = torch.empty((2 * Fd, H), dtype=dtype, device=device)
         self._scratch = (gu[:Fd], gu[Fd:], torch.empty((H, Fd), dtype=dtype, device=device))
+        # one-token q4 products straight from the packed slot (fate.kernels), where it runs
+        self._native = (torch.device(device).type == "cpu" and dtype == torch.float32
+                        and any(store.specs[p].bits == 4 and store.specs[p].group_size == K.GROUP
+                                for p in store.precisions) and K.available())
 
     def _reserve_waiting(self, lc, e, precision, pins, phase, layer):
         """Reserve a slot for ``e``; while every slot is pinned or in flight, wait for a copy to land."""
@@ -187,10 +193,15 @@ class OffloadedExperts:
             self.stats.stalled(phase, layer, self.transfer.wait(entry))
             lc.touch(e)
             layout = self.store.layouts[entry.precision]
-            gate, up, down = Q.unpack_expert(self.transfer.slot(layer, entry.slot, layout.size), layout,
-                                             dtype=self.dtype, out=self._scratch)
+            slot = self.transfer.slot(layer, entry.slot, layout.size)
             xs = x.index_select(0, rows.token_index(rows.span(e)))
-            rows.put(e, swiglu_mlp(xs, gate, up, down))
+            spec = layout.spec
+            if self._native and T == 1 and spec.bits == 4 and spec.group_size == K.GROUP:
+                g, u, d = ((m.packed.view(slot), m.scale.view(slot), m.zero.view(slot)) for m in layout.matrices)
+                rows.put(e, K.q4_matvec(F.silu(K.q4_matvec(xs, *g)) * K.q4_matvec(xs, *u), *d))
+            else:
+                gate, up, down = Q.unpack_expert(slot, layout, dtype=self.dtype, out=self._scratch)
+                rows.put(e, swiglu_mlp(xs, gate, up, down))
             self.transfer.read_done(layer, entry.slot)
             pins.discard(e)
             nxt = next((w for w in waiting if w not in entries), None)

@@ -52,6 +52,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fate import kernels as K
 from fate import quant as Q
 from fate.formats import constants as C
 from fate.runtime.model import ExpertRows
@@ -83,7 +84,7 @@ class ResidentExperts:
 
     def __init__(self, store: ExpertStore, precision: str, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", dense_cache_bytes: int | None = None, *,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, mapped: bool = False):
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, mapped: bool = False, native: bool = False):
         if dense_cache_bytes is not None and dense_cache_bytes < 0:
             raise ValueError(f"dense_cache_bytes must be ≥ 0 or None, got {dense_cache_bytes}")
         if mapped and torch.device(device).type != "cpu":
@@ -106,6 +107,11 @@ class ResidentExperts:
         cpu = self.device.type == "cpu"
         # one-token calls read dense copies only where memory bandwidth is not what limits them
         self.dense_min_tokens = 2 if cpu else 1
+        # one-token calls of q4 experts through fate.kernels (packed codes read as stored; results equal
+        # the torch path's to ~1e-7 relative, not bit for bit): where asked for and where it runs
+        self.native = bool(native and cpu and dtype == torch.float32 and self.spec.is_quantized
+                           and self.spec.bits == 4 and self.spec.group_size == K.GROUP and K.available())
+        self._packed: dict[tuple[int, int], tuple[tuple[Tensor, Tensor, Tensor], ...]] = {}
         budget = int(chunk_bytes) if cpu else 1 << 62
         self.chunk_bytes = budget
         if 4 * self._n <= budget:
@@ -256,6 +262,12 @@ class ResidentExperts:
         Fd = self._F
         src = self._src[layer]
         out = torch.empty((k, self._H), dtype=x.dtype, device=x.device)
+        if self.native:
+            for j, e in enumerate(ids):
+                g, u, d = self._packed_expert(layer, e)
+                h = F.silu(K.q4_matvec(x, *g)) * K.q4_matvec(x, *u)
+                out[j:j + 1] = K.q4_matvec(h, *d)
+            return (out * topk_weights.reshape(k, 1)).sum(0, keepdim=True).to(x.dtype)
         if self.dense_min_tokens > 1 and self._gu_blocks is None:  # the CPU path, kept lean
             one, one32, (gu, down) = self._one, self._one32, self._one_views
             for j, e in enumerate(ids):
@@ -276,6 +288,18 @@ class ResidentExperts:
             a = F.linear(x, gu)
             torch.mm(F.silu(a[:, :Fd]) * a[:, Fd:], down.t(), out=out[j:j + 1])
         return (out * topk_weights.reshape(k, 1)).sum(0, keepdim=True).to(x.dtype)
+
+    def _packed_expert(self, layer: int, e: int) -> tuple[tuple[Tensor, Tensor, Tensor], ...]:
+        """(packed codes, scale, zero) of gate, up and down as the blob stores them: views of the map
+        (mapped), else of a copy held in memory."""
+        got = self._packed.get((layer, e))
+        if got is None:
+            blob = self.store.blob(layer, e, self.precision)  # crc32-checked on first read
+            if not self.mapped:
+                blob = blob.clone()
+            got = self._packed[layer, e] = tuple((m.packed.view(blob), m.scale.view(blob), m.zero.view(blob))
+                                                 for m in self.layout.matrices)
+        return got
 
     def _expert_in_blocks(self, src: tuple[Tensor, ...], x: Tensor, out: Tensor) -> None:
         """One expert on one token with gate_up and down widened and multiplied in row blocks."""
