@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: compute timed as the offloading executor computes (native q4 products)
 
 
 @dataclass
@@ -93,9 +93,7 @@ def measure(model, store, device: torch.device, steps: int = 12, precision: str 
     device (dequantized per call, as the offloading executor does from its slots): the compute of a
     decode step without any transfer, whatever executor ``model`` has and whatever fits on the device.
     Without it, ``model``'s own executor runs (it must need no transfers)."""
-    from fate import quant as Q
     from fate.runtime.kv import KVCache
-    from fate.runtime.model import DenseExperts
 
     cfg = model.cfg
     kv = KVCache.for_model(cfg, steps + 2, dtype=model.dtype, device=device)
@@ -107,7 +105,7 @@ def measure(model, store, device: torch.device, steps: int = 12, precision: str 
         layout = store.layouts[precision]
         H, Fd = cfg.hidden_size, cfg.expert_ffn
         out = tuple(torch.empty(s, dtype=model.dtype, device=device) for s in ((Fd, H), (Fd, H), (H, Fd)))
-        model.experts = DenseExperts(lambda layer, e: Q.unpack_expert(blob, layout, dtype=model.dtype, out=out))
+        model.experts = _OneBlob(blob, layout, model.dtype, device, out)
     try:
         times = _time_steps(model, kv, ids, device, steps)
     finally:
@@ -128,6 +126,32 @@ def measure(model, store, device: torch.device, steps: int = 12, precision: str 
             samples.append(time.perf_counter() - t)
         copy_s[p], nbytes[p] = min(samples), n
     return TimingProfile(layer_s, copy_s, nbytes, str(device), time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+class _OneBlob:
+    """Every routed expert computed from one blob held on the device, the way the offloading executor
+    computes from a slot: one-token q4 products through fate.kernels where it runs, else the blob
+    dequantized (into reused buffers) and multiplied."""
+
+    def __init__(self, blob, layout, dtype, device, out):
+        from fate import kernels as K
+        from fate import quant as Q
+        from fate.runtime.model import DenseExperts
+
+        spec = layout.spec
+        self.native = (torch.device(device).type == "cpu" and dtype == torch.float32 and spec.bits == 4
+                       and spec.group_size == K.GROUP and K.available())
+        self.parts = [(m.packed.view(blob), m.scale.view(blob), m.zero.view(blob)) for m in layout.matrices]
+        self.dense = DenseExperts(lambda layer, e: Q.unpack_expert(blob, layout, dtype=dtype, out=out))
+        self.K = K
+
+    def moe(self, layer, x, topk_ids, topk_weights):
+        if not (self.native and x.shape[0] == 1):
+            return self.dense.moe(layer, x, topk_ids, topk_weights)
+        K, (g, u, d) = self.K, self.parts
+        terms = [K.q4_matvec(torch.nn.functional.silu(K.q4_matvec(x, *g)) * K.q4_matvec(x, *u), *d)
+                 * topk_weights[:, j:j + 1] for j in range(topk_ids.shape[1])]
+        return torch.cat(terms).sum(0, keepdim=True).to(x.dtype)
 
 
 def _time_steps(model, kv, ids, device, steps: int) -> list[float]:
