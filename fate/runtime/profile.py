@@ -141,7 +141,8 @@ class _OneBlob:
         spec = layout.spec
         self.native = (torch.device(device).type == "cpu" and dtype == torch.float32 and spec.bits == 4
                        and spec.group_size == K.GROUP and K.available())
-        self.parts = [(m.packed.view(blob), m.scale.view(blob), m.zero.view(blob)) for m in layout.matrices]
+        self.parts = ([(m.packed.view(blob), m.scale.view(blob), m.zero.view(blob)) for m in layout.matrices]
+                      if self.native else None)
         self.dense = DenseExperts(lambda layer, e: Q.unpack_expert(blob, layout, dtype=dtype, out=out))
         self.K = K
 
