@@ -25,7 +25,7 @@ import threading
 
 import torch
 
-__all__ = ["available", "q4_matvec", "GROUP"]
+__all__ = ["available", "q4_matvec", "q4_swiglu", "GROUP"]
 
 GROUP = 64  # the group size the kernel handles (q4's default)
 _NAME = "fate_q4_kernel_v1"  # change with the source: torch caches builds by name
@@ -146,3 +146,9 @@ def q4_matvec(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: 
     """``x`` [1, K] float32 times the INT4 matrix (``packed`` [N, K/2] uint8, ``scale``/``zero`` float16
     with N * K / 64 elements), transposed: [1, N] float32.  Call :func:`available` first."""
     return _module.q4_matvec(x, packed, scale, zero)
+
+
+def q4_swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
+    """One expert on one token, ``down(silu(gate(x)) * up(x))``, each matrix a ``(packed, scale, zero)``
+    triple as :func:`q4_matvec` takes it: [1, H] float32."""
+    return q4_matvec(torch.nn.functional.silu(q4_matvec(x, *gate)) * q4_matvec(x, *up), *down)

@@ -19,7 +19,6 @@ is in use, in flight or itself predicted.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from fate import kernels as K
 from fate import quant as Q
@@ -197,8 +196,8 @@ class OffloadedExperts:
             xs = x.index_select(0, rows.token_index(rows.span(e)))
             spec = layout.spec
             if self._native and T == 1 and spec.bits == 4 and spec.group_size == K.GROUP:
-                g, u, d = ((m.packed.view(slot), m.scale.view(slot), m.zero.view(slot)) for m in layout.matrices)
-                rows.put(e, K.q4_matvec(F.silu(K.q4_matvec(xs, *g)) * K.q4_matvec(xs, *u), *d))
+                rows.put(e, K.q4_swiglu(xs, *((m.packed.view(slot), m.scale.view(slot), m.zero.view(slot))
+                                              for m in layout.matrices)))
             else:
                 gate, up, down = Q.unpack_expert(slot, layout, dtype=self.dtype, out=self._scratch)
                 rows.put(e, swiglu_mlp(xs, gate, up, down))

@@ -149,9 +149,7 @@ class _OneBlob:
     def moe(self, layer, x, topk_ids, topk_weights):
         if not (self.native and x.shape[0] == 1):
             return self.dense.moe(layer, x, topk_ids, topk_weights)
-        K, (g, u, d) = self.K, self.parts
-        terms = [K.q4_matvec(torch.nn.functional.silu(K.q4_matvec(x, *g)) * K.q4_matvec(x, *u), *d)
-                 * topk_weights[:, j:j + 1] for j in range(topk_ids.shape[1])]
+        terms = [self.K.q4_swiglu(x, *self.parts) * topk_weights[:, j:j + 1] for j in range(topk_ids.shape[1])]
         return torch.cat(terms).sum(0, keepdim=True).to(x.dtype)
 
 

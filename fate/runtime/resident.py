@@ -264,9 +264,7 @@ class ResidentExperts:
         out = torch.empty((k, self._H), dtype=x.dtype, device=x.device)
         if self.native:
             for j, e in enumerate(ids):
-                g, u, d = self._packed_expert(layer, e)
-                h = F.silu(K.q4_matvec(x, *g)) * K.q4_matvec(x, *u)
-                out[j:j + 1] = K.q4_matvec(h, *d)
+                out[j:j + 1] = K.q4_swiglu(x, *self._packed_expert(layer, e))
             return (out * topk_weights.reshape(k, 1)).sum(0, keepdim=True).to(x.dtype)
         if self.dense_min_tokens > 1 and self._gu_blocks is None:  # the CPU path, kept lean
             one, one32, (gu, down) = self._one, self._one32, self._one_views
