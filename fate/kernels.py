@@ -10,9 +10,10 @@ Zen 4 VM, a [1024, 512] product took 48 us against 230 us for fate.quant's dequa
 and 120 us for an f16 matrix (benchmarks/runtime.py ``--kernels``).  Sums run in a different order than
 F.linear's, so results differ from the torch path in the last bits (~1e-7 relative), not more.
 
-It is C++ with AVX-512 intrinsics, compiled on first use with torch's ``cpp_extension`` (g++ and
-ninja; about 30 s, once per machine, cached by torch under ``~/.cache/torch_extensions``).  Where the
-CPU lacks AVX-512, there is no compiler, or ``FATE_NATIVE=0`` is set, :func:`available` is False and
+It is C++ with AVX-512 and AVX2 intrinsics (the widest the CPU has is used; ``FATE_NATIVE=avx2``
+forces AVX2), compiled on first use with torch's ``cpp_extension`` (g++ and ninja; about 30 s, once per
+machine, cached by torch under ``~/.cache/torch_extensions``).  Where the CPU lacks AVX2/F16C/FMA,
+there is no compiler, the build fails, or ``FATE_NATIVE=0`` is set, :func:`available` is False and
 callers keep the torch path.
 """
 
@@ -28,14 +29,72 @@ import torch
 __all__ = ["available", "q4_matvec", "q4_swiglu", "GROUP"]
 
 GROUP = 64  # the group size the kernel handles (q4's default)
-_NAME = "fate_q4_kernel_v1"  # change with the source: torch caches builds by name
+_NAME = "fate_q4_kernel_v2"  # change with the source: torch caches builds by name
 
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <immintrin.h>
 
-// y[0, n] = sum_k ((q[n, k] - zero[n, k / 64]) * scale[n, k / 64]) * x[0, k]
-torch::Tensor q4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor zero) {
+// y[0, n] = sum_k ((q[n, k] - zero[n, k / 64]) * scale[n, k / 64]) * x[0, k] for rows n0 .. n1-1;
+// q: 4-bit codes, byte i of a row holding codes 2i (low nibble) and 2i + 1
+__attribute__((target("avx512f,f16c,fma")))
+static void rows_avx512(const float* xp, const uint8_t* pp, const uint16_t* sp, const uint16_t* zp, float* yp,
+                        int64_t K, int64_t n0, int64_t n1) {
+  const int64_t G = K / 64;
+  const __m512i low = _mm512_set1_epi32(15);
+  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int64_t n = n0; n < n1; ++n) {
+    __m512 acc = _mm512_setzero_ps();
+    const uint8_t* row = pp + n * (K / 2);
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 s = _mm512_set1_ps(_cvtsh_ss(sp[n * G + g]));
+      const __m512 z = _mm512_set1_ps(_cvtsh_ss(zp[n * G + g]));
+      for (int64_t j = 0; j < 64; j += 32) {  // 16 bytes = 32 codes
+        const int64_t k = g * 64 + j;
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+        const __m512i lo = _mm512_and_si512(b, low), hi = _mm512_srli_epi32(b, 4);
+        const __m512 w0 = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo, first, hi)), z), s);
+        const __m512 w1 = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo, second, hi)), z), s);
+        acc = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp + k), acc);
+        acc = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp + k + 16), acc);
+      }
+    }
+    yp[n] = _mm512_reduce_add_ps(acc);
+  }
+}
+
+__attribute__((target("avx2,f16c,fma")))
+static void rows_avx2(const float* xp, const uint8_t* pp, const uint16_t* sp, const uint16_t* zp, float* yp,
+                      int64_t K, int64_t n0, int64_t n1) {
+  const int64_t G = K / 64;
+  const __m256i low = _mm256_set1_epi32(15);
+  for (int64_t n = n0; n < n1; ++n) {
+    __m256 acc = _mm256_setzero_ps();
+    const uint8_t* row = pp + n * (K / 2);
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 s = _mm256_set1_ps(_cvtsh_ss(sp[n * G + g]));
+      const __m256 z = _mm256_set1_ps(_cvtsh_ss(zp[n * G + g]));
+      for (int64_t j = 0; j < 64; j += 16) {  // 8 bytes = 16 codes
+        const int64_t k = g * 64 + j;
+        const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2)));
+        const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_srli_epi32(b, 4);
+        // unpack within 128-bit lanes, then put the lanes in order: codes k .. k+7 and k+8 .. k+15
+        const __m256i a = _mm256_unpacklo_epi32(lo, hi), c = _mm256_unpackhi_epi32(lo, hi);
+        const __m256i c0 = _mm256_permute2x128_si256(a, c, 0x20), c1 = _mm256_permute2x128_si256(a, c, 0x31);
+        const __m256 w0 = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c0), z), s);
+        const __m256 w1 = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c1), z), s);
+        acc = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp + k), acc);
+        acc = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + k + 8), acc);
+      }
+    }
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    yp[n] = _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+  }
+}
+
+torch::Tensor q4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor zero, bool wide) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2 && x.size(0) == 1, "x: [1, K] float32");
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && packed.dim() == 2, "packed: [N, K/2] uint8");
   const int64_t N = packed.size(0), K = packed.size(1) * 2, G = K / 64;
@@ -49,28 +108,8 @@ torch::Tensor q4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   const uint16_t* zp = reinterpret_cast<const uint16_t*>(zero.data_ptr<at::Half>());
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    const __m512i low = _mm512_set1_epi32(15);
-    // byte i of 16 holds codes 2i (low nibble) and 2i+1: interleave the low and high nibbles
-    const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-    for (int64_t n = n0; n < n1; ++n) {
-      __m512 acc = _mm512_setzero_ps();
-      const uint8_t* row = pp + n * (K / 2);
-      for (int64_t g = 0; g < G; ++g) {
-        const __m512 s = _mm512_set1_ps(_cvtsh_ss(sp[n * G + g]));
-        const __m512 z = _mm512_set1_ps(_cvtsh_ss(zp[n * G + g]));
-        for (int64_t j = 0; j < 64; j += 32) {
-          const int64_t k = g * 64 + j;
-          const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
-          const __m512i lo = _mm512_and_si512(b, low), hi = _mm512_srli_epi32(b, 4);
-          const __m512 w0 = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo, first, hi)), z), s);
-          const __m512 w1 = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo, second, hi)), z), s);
-          acc = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp + k), acc);
-          acc = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp + k + 16), acc);
-        }
-      }
-      yp[n] = _mm512_reduce_add_ps(acc);
-    }
+    if (wide) rows_avx512(xp, pp, sp, zp, yp, K, n0, n1);
+    else rows_avx2(xp, pp, sp, zp, yp, K, n0, n1);
   });
   return y;
 }
@@ -82,14 +121,15 @@ _tried = False
 _why = ""
 
 
-def _cpu_has_avx512() -> bool:
+_wide = False  # AVX-512 rows (else AVX2)
+
+
+def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+            return set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
-        return False
-    have = set(flags.split())
-    return {"avx512f", "f16c", "fma"} <= have
+        return set()
 
 
 def _load():
@@ -101,9 +141,12 @@ def _load():
         if os.environ.get("FATE_NATIVE", "1") == "0":
             _why = "FATE_NATIVE=0"
             return None
-        if sys.byteorder != "little" or not _cpu_has_avx512():
-            _why = "this CPU has no AVX-512"
+        flags = _cpu_flags()
+        if sys.byteorder != "little" or not {"avx2", "f16c", "fma"} <= flags:
+            _why = "this CPU has no AVX2/F16C/FMA"
             return None
+        global _wide
+        _wide = "avx512f" in flags and os.environ.get("FATE_NATIVE") != "avx2"
         if shutil.which(os.environ.get("CXX", "c++")) is None:
             _why = "no C++ compiler"
             return None
@@ -113,8 +156,9 @@ def _load():
             if not _built():
                 print("fate: building the native INT4 kernel (once per machine, ~30 s; FATE_NATIVE=0 skips it)",
                       file=sys.stderr, flush=True)
-            _module = X.load_inline(_NAME, cpp_sources=_SOURCE, functions=["q4_matvec"],
-                                    extra_cflags=["-O3", "-mavx512f", "-mf16c", "-mfma"], verbose=False)
+            # each row loop names its instruction set itself; the rest is plain C++
+            _module = X.load_inline(_NAME, cpp_sources=_SOURCE, functions=["q4_matvec"], extra_cflags=["-O3"],
+                                    verbose=False)
         except Exception as e:  # no ninja, a broken toolchain, ...: the torch path serves
             _why = f"the kernel did not build ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             _module = None
@@ -142,10 +186,12 @@ def unavailable_reason() -> str:
     return _why
 
 
-def q4_matvec(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+def q4_matvec(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+              wide: bool | None = None) -> torch.Tensor:
     """``x`` [1, K] float32 times the INT4 matrix (``packed`` [N, K/2] uint8, ``scale``/``zero`` float16
-    with N * K / 64 elements), transposed: [1, N] float32.  Call :func:`available` first."""
-    return _module.q4_matvec(x, packed, scale, zero)
+    with N * K / 64 elements), transposed: [1, N] float32.  Call :func:`available` first.  ``wide``:
+    AVX-512 (True) or AVX2 (False) rows; default what this CPU has (``FATE_NATIVE=avx2`` forces AVX2)."""
+    return _module.q4_matvec(x, packed, scale, zero, _wide if wide is None else wide)
 
 
 def q4_swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:

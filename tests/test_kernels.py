@@ -28,15 +28,21 @@ def _random_q4(n: int, k: int, seed: int):
     return Q.pack_codes(codes, 4), scale, zero
 
 
+def _widths():
+    flags = K._cpu_flags()
+    return [w for w, need in ((False, "avx2"), (True, "avx512f")) if need in flags]
+
+
 @needs_kernel
 @pytest.mark.parametrize("n,k", [(1, 64), (7, 128), (48, 64), (256, 512), (1000, 192)])
 def test_q4_matvec_equals_dequantize_then_linear(n, k):
     packed, scale, zero = _random_q4(n, k, seed=n + k)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(k))
     want = F.linear(x, Q.dequantize_weight((packed, scale, zero), (n, k), Q.QuantSpec.default("q4")))
-    got = K.q4_matvec(x, packed, scale, zero)
-    assert got.shape == (1, n) and got.dtype == torch.float32
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    for wide in _widths():  # AVX2 and, where the CPU has it, AVX-512 rows
+        got = K.q4_matvec(x, packed, scale, zero, wide=wide)
+        assert got.shape == (1, n) and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
 @needs_kernel
