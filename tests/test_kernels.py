@@ -71,6 +71,16 @@ def test_resident_experts_native_decode(converted, mapped):
             want = ref.moe(layer, x, ids, w)
             torch.testing.assert_close(res.moe(layer, x, ids, w), want, rtol=1e-5,
                                        atol=1e-5 * float(want.abs().max()))
+        # batched calls dequantize the packed codes with fate.quant: the torch path's bits exactly
+        x = torch.randn(5, cfg.hidden_size, generator=g)
+        ids = torch.stack([torch.randperm(cfg.n_experts, generator=g)[:cfg.top_k] for _ in range(5)])
+        w = torch.rand(5, cfg.top_k, generator=g)
+        assert torch.equal(res.moe(layer, x, ids, w), ref.moe(layer, x, ids, w))
+        for a, b in zip(res.get_expert(layer, 1), m.store.dense(layer, 1, "q4")):
+            assert torch.equal(a, b)
+    # q4 stays packed: nothing widened beside the map (mapped), the packed bytes alone (--no-mmap)
+    n_blobs = len(cfg.moe_layer_ids) * cfg.n_experts
+    assert res.resident_bytes == (0 if mapped else n_blobs * m.store.blob_bytes("q4"))
     m.close()
 
 

@@ -111,7 +111,6 @@ class ResidentExperts:
         # the torch path's to ~1e-7 relative, not bit for bit): where asked for and where it runs
         self.native = bool(native and cpu and dtype == torch.float32 and self.spec.is_quantized
                            and self.spec.bits == 4 and self.spec.group_size == K.GROUP and K.available())
-        self._packed: dict[tuple[int, int], tuple[tuple[Tensor, Tensor, Tensor], ...]] = {}
         budget = int(chunk_bytes) if cpu else 1 << 62
         self.chunk_bytes = budget
         if 4 * self._n <= budget:
@@ -124,6 +123,11 @@ class ResidentExperts:
         self.resident_bytes = 0
         if mapped:  # nothing read now: each expert is fetched from the map on first use
             self._src = {layer: _MappedLayer(self, layer) for layer in cfg.moe_layer_ids}
+        elif self.native:  # q4 kept packed as stored: the kernel reads it, batched calls dequantize it
+            for layer in cfg.moe_layer_ids:
+                self._src[layer] = [_PackedExpert(store.blob(layer, e, precision).clone(), self.layout)
+                                    for e in range(cfg.n_experts)]
+                self.resident_bytes += cfg.n_experts * self.layout.size
         else:
             for layer in cfg.moe_layer_ids:
                 self._load_layer(layer)
@@ -206,7 +210,11 @@ class ResidentExperts:
         """Weights ``start:end`` of one expert's flat [n] (from its resident ``src``) into ``out``
         (compute dtype, ``end - start`` elements); ``tmp32`` is the float32 intermediate, ``out`` itself
         when none is needed.  ``start``/``end`` are multiples of the group size."""
-        if len(src) == 1:
+        if isinstance(src, _PackedExpert):  # whole experts only (the native path needs no row blocks)
+            fh, H, Fd = self._fh, self._H, self._F
+            Q.unpack_expert(src.blob, self.layout, dtype=torch.float32,
+                            out=(tmp32[:fh].view(Fd, H), tmp32[fh:2 * fh].view(Fd, H), tmp32[2 * fh:].view(H, Fd)))
+        elif len(src) == 1:
             tmp32.copy_(src[0] if end - start == self._n else src[0][start:end])
         else:
             codes, zero, scale = src
@@ -264,7 +272,7 @@ class ResidentExperts:
         out = torch.empty((k, self._H), dtype=x.dtype, device=x.device)
         if self.native:
             for j, e in enumerate(ids):
-                out[j:j + 1] = K.q4_swiglu(x, *self._packed_expert(layer, e))
+                out[j:j + 1] = K.q4_swiglu(x, *src[e].parts)
             return (out * topk_weights.reshape(k, 1)).sum(0, keepdim=True).to(x.dtype)
         if self.dense_min_tokens > 1 and self._gu_blocks is None:  # the CPU path, kept lean
             one, one32, (gu, down) = self._one, self._one32, self._one_views
@@ -287,18 +295,6 @@ class ResidentExperts:
             torch.mm(F.silu(a[:, :Fd]) * a[:, Fd:], down.t(), out=out[j:j + 1])
         return (out * topk_weights.reshape(k, 1)).sum(0, keepdim=True).to(x.dtype)
 
-    def _packed_expert(self, layer: int, e: int) -> tuple[tuple[Tensor, Tensor, Tensor], ...]:
-        """(packed codes, scale, zero) of gate, up and down as the blob stores them: views of the map
-        (mapped), else of a copy held in memory."""
-        got = self._packed.get((layer, e))
-        if got is None:
-            blob = self.store.blob(layer, e, self.precision)  # crc32-checked on first read
-            if not self.mapped:
-                blob = blob.clone()
-            got = self._packed[layer, e] = tuple((m.packed.view(blob), m.scale.view(blob), m.zero.view(blob))
-                                                 for m in self.layout.matrices)
-        return got
-
     def _expert_in_blocks(self, src: tuple[Tensor, ...], x: Tensor, out: Tensor) -> None:
         """One expert on one token with gate_up and down widened and multiplied in row blocks."""
         H, Fd, fh = self._H, self._F, self._fh
@@ -314,13 +310,24 @@ class ResidentExperts:
             torch.mm(h, buf.t(), out=out[:, r0:r1])
 
 
+class _PackedExpert:
+    """A q4 expert as stored (a view of the map, or a copy): its blob, and the (packed codes, scale,
+    zero) of gate, up and down as fate.kernels reads them."""
+
+    __slots__ = ("blob", "parts")
+
+    def __init__(self, blob: Tensor, layout):
+        self.blob = blob
+        self.parts = tuple((m.packed.view(blob), m.scale.view(blob), m.zero.view(blob)) for m in layout.matrices)
+
+
 class _MappedLayer:
     """``src[e]`` of one layer for mapped experts, made on the expert's first use (its crc32 checked
     then) and kept: f16 — ``(w16,)``, a view of the map (gate, up and down lie back to back in the
-    blob), so only the page cache holds it; q4/q2 — the codes widened to one byte each with float32
-    zeros and scales, as :meth:`ResidentExperts._load_layer` makes them (unpacking 4-bit codes on
-    every call would cost ~1.5x per matrix), so memory grows by twice the packed bytes of the experts
-    used, never more."""
+    blob), so only the page cache holds it; q4 with the native kernel — a :class:`_PackedExpert` over
+    the map, likewise; otherwise q4/q2 — the codes widened to one byte each with float32 zeros and
+    scales, as :meth:`ResidentExperts._load_layer` makes them (unpacking codes on every call would cost
+    ~1.5x per matrix), so memory grows by twice the packed bytes of the experts used, never more."""
 
     def __init__(self, owner: "ResidentExperts", layer: int):
         self.owner, self.layer = owner, layer
@@ -331,7 +338,9 @@ class _MappedLayer:
         if src is None:
             o = self.owner
             blob = o.store.blob(self.layer, e, o.precision)
-            if o.spec.is_quantized:
+            if o.native:
+                src = _PackedExpert(blob, o.layout)
+            elif o.spec.is_quantized:
                 src = o._decode(blob)
                 o.resident_bytes += sum(p.numel() * p.element_size() for p in src)
             else:
