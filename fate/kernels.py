@@ -26,10 +26,10 @@ import threading
 
 import torch
 
-__all__ = ["available", "q4_matvec", "q4_swiglu", "GROUP"]
+__all__ = ["available", "q4_matvec", "q4_swiglu", "q4_dequant", "GROUP"]
 
 GROUP = 64  # the group size the kernel handles (q4's default)
-_NAME = "fate_q4_kernel_v2"  # change with the source: torch caches builds by name
+_NAME = "fate_q4_kernel_v3"  # change with the source: torch caches builds by name
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -92,6 +92,45 @@ static void rows_avx2(const float* xp, const uint8_t* pp, const uint16_t* sp, co
     const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
     yp[n] = _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
   }
+}
+
+// out[n, k] = (q[n, k] - zero[n, k / 64]) * scale[n, k / 64] in float32: fate.quant's dequantization
+// (a subtraction, then a multiplication, each rounded) in one pass
+__attribute__((target("avx2,f16c,fma")))
+static void dequant_rows(const uint8_t* pp, const uint16_t* sp, const uint16_t* zp, float* op, int64_t K,
+                         int64_t n0, int64_t n1) {
+  const int64_t G = K / 64;
+  const __m256i low = _mm256_set1_epi32(15);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = pp + n * (K / 2);
+    float* o = op + n * K;
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 s = _mm256_set1_ps(_cvtsh_ss(sp[n * G + g]));
+      const __m256 z = _mm256_set1_ps(_cvtsh_ss(zp[n * G + g]));
+      for (int64_t j = 0; j < 64; j += 16) {
+        const int64_t k = g * 64 + j;
+        const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2)));
+        const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_srli_epi32(b, 4);
+        const __m256i a = _mm256_unpacklo_epi32(lo, hi), c = _mm256_unpackhi_epi32(lo, hi);
+        _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(a, c, 0x20)), z), s));
+        _mm256_storeu_ps(o + k + 8, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(a, c, 0x31)), z), s));
+      }
+    }
+  }
+}
+
+void q4_dequant(torch::Tensor packed, torch::Tensor scale, torch::Tensor zero, torch::Tensor out) {
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && packed.dim() == 2, "packed: [N, K/2] uint8");
+  const int64_t N = packed.size(0), K = packed.size(1) * 2, G = K / 64;
+  TORCH_CHECK(K % 64 == 0, "K must be a multiple of 64");
+  TORCH_CHECK(scale.dtype() == torch::kFloat16 && zero.dtype() == torch::kFloat16 && scale.is_contiguous()
+              && zero.is_contiguous() && scale.numel() == N * G && zero.numel() == N * G, "scale/zero: [N, K/64] float16");
+  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.numel() == N * K, "out: [N, K] float32");
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  const uint16_t* zp = reinterpret_cast<const uint16_t*>(zero.data_ptr<at::Half>());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { dequant_rows(pp, sp, zp, op, K, n0, n1); });
 }
 
 torch::Tensor q4_matvec(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor zero, bool wide) {
@@ -157,7 +196,7 @@ def _load():
                 print("fate: building the native INT4 kernel (once per machine, ~30 s; FATE_NATIVE=0 skips it)",
                       file=sys.stderr, flush=True)
             # each row loop names its instruction set itself; the rest is plain C++
-            _module = X.load_inline(_NAME, cpp_sources=_SOURCE, functions=["q4_matvec"], extra_cflags=["-O3"],
+            _module = X.load_inline(_NAME, cpp_sources=_SOURCE, functions=["q4_matvec", "q4_dequant"], extra_cflags=["-O3"],
                                     verbose=False)
         except Exception as e:  # no ninja, a broken toolchain, ...: the torch path serves
             _why = f"the kernel did not build ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
@@ -198,3 +237,10 @@ def q4_swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
     """One expert on one token, ``down(silu(gate(x)) * up(x))``, each matrix a ``(packed, scale, zero)``
     triple as :func:`q4_matvec` takes it: [1, H] float32."""
     return q4_matvec(torch.nn.functional.silu(q4_matvec(x, *gate)) * q4_matvec(x, *up), *down)
+
+
+def q4_dequant(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The INT4 matrix as float32 into ``out`` ([N, K], contiguous): fate.quant's ``(q - zero) * scale``,
+    bit for bit, in one pass (batched calls multiply it as usual)."""
+    _module.q4_dequant(packed, scale, zero, out)
+    return out

@@ -89,3 +89,12 @@ def test_fate_native_0_turns_it_off():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "FATE_NATIVE": "0"}).stdout
     assert out.strip() == "False FATE_NATIVE=0"
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k", [(1, 64), (7, 128), (300, 512)])
+def test_q4_dequant_is_fate_quant_bit_for_bit(n, k):
+    packed, scale, zero = _random_q4(n, k, seed=3 * n + k)
+    want = Q.dequantize_weight((packed, scale, zero), (n, k), Q.QuantSpec.default("q4"))
+    got = K.q4_dequant(packed, scale, zero, torch.empty(n, k))
+    assert torch.equal(got, want)

@@ -195,9 +195,13 @@ class OffloadedExperts:
             slot = self.transfer.slot(layer, entry.slot, layout.size)
             xs = x.index_select(0, rows.token_index(rows.span(e)))
             spec = layout.spec
-            if self._native and T == 1 and spec.bits == 4 and spec.group_size == K.GROUP:
-                rows.put(e, K.q4_swiglu(xs, *((m.packed.view(slot), m.scale.view(slot), m.zero.view(slot))
-                                              for m in layout.matrices)))
+            if self._native and spec.bits == 4 and spec.group_size == K.GROUP:
+                parts = [(m.packed.view(slot), m.scale.view(slot), m.zero.view(slot)) for m in layout.matrices]
+                if T == 1:
+                    rows.put(e, K.q4_swiglu(xs, *parts))
+                else:  # fate.quant's dequantization, bit for bit, in one native pass
+                    gate, up, down = (K.q4_dequant(*p, out=o) for p, o in zip(parts, self._scratch))
+                    rows.put(e, swiglu_mlp(xs, gate, up, down))
             else:
                 gate, up, down = Q.unpack_expert(slot, layout, dtype=self.dtype, out=self._scratch)
                 rows.put(e, swiglu_mlp(xs, gate, up, down))

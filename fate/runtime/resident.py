@@ -211,9 +211,9 @@ class ResidentExperts:
         (compute dtype, ``end - start`` elements); ``tmp32`` is the float32 intermediate, ``out`` itself
         when none is needed.  ``start``/``end`` are multiples of the group size."""
         if isinstance(src, _PackedExpert):  # whole experts only (the native path needs no row blocks)
-            fh, H, Fd = self._fh, self._H, self._F
-            Q.unpack_expert(src.blob, self.layout, dtype=torch.float32,
-                            out=(tmp32[:fh].view(Fd, H), tmp32[fh:2 * fh].view(Fd, H), tmp32[2 * fh:].view(H, Fd)))
+            fh = self._fh
+            for j, part in enumerate(src.parts):  # gate, up, down back to back, as the blob has them
+                K.q4_dequant(*part, out=tmp32[j * fh:(j + 1) * fh])
         elif len(src) == 1:
             tmp32.copy_(src[0] if end - start == self._n else src[0][start:end])
         else:
