@@ -116,9 +116,22 @@ class OffloadedExperts:
         gu = torch.empty((2 * Fd, H), dtype=dtype, device=device)
         self._scratch = (gu[:Fd], gu[Fd:], torch.empty((H, Fd), dtype=dtype, device=device))
         # one-token q4 products straight from the packed slot (fate.kernels), where it runs
+        self._parts: dict[tuple[int, int, str], list] = {}
         self._native = (torch.device(device).type == "cpu" and dtype == torch.float32
                         and any(store.specs[p].bits == 4 and store.specs[p].group_size == K.GROUP
                                 for p in store.precisions) and K.available())
+
+    def _slot_parts(self, layer: int, slot_id: int, precision: str, slot: torch.Tensor, layout):
+        """(packed, scale, zero) views of gate, up and down in a slot: the same views whatever expert the
+        slot holds, so made once per (layer, slot, precision) — nine views cost more than the products."""
+        key = (layer, slot_id, precision)
+        parts = self._parts.get(key)
+        if parts is None:
+            parts = [(m.packed.view(slot), m.scale.view(slot), m.zero.view(slot)) for m in layout.matrices]
+            base = slot.untyped_storage().data_ptr()
+            if all(t.untyped_storage().data_ptr() == base for p in parts for t in p):  # views, not copies
+                self._parts[key] = parts
+        return parts
 
     def _reserve_waiting(self, lc, e, precision, pins, phase, layer):
         """Reserve a slot for ``e``; while every slot is pinned or in flight, wait for a copy to land."""
@@ -196,7 +209,7 @@ class OffloadedExperts:
             xs = x.index_select(0, rows.token_index(rows.span(e)))
             spec = layout.spec
             if self._native and spec.bits == 4 and spec.group_size == K.GROUP:
-                parts = [(m.packed.view(slot), m.scale.view(slot), m.zero.view(slot)) for m in layout.matrices]
+                parts = self._slot_parts(layer, entry.slot, entry.precision, slot, layout)
                 if T == 1:
                     rows.put(e, K.q4_swiglu(xs, *parts))
                 else:  # fate.quant's dequantization, bit for bit, in one native pass
