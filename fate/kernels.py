@@ -29,7 +29,7 @@ import torch
 __all__ = ["available", "q4_matvec", "q4_swiglu", "q4_dequant", "GROUP"]
 
 GROUP = 64  # the group size the kernel handles (q4's default)
-_NAME = "fate_q4_kernel_v3"  # change with the source: torch caches builds by name
+_NAME = "fate_q4_kernel_v4"  # change with the source: torch caches builds by name
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -64,11 +64,21 @@ static void rows_avx512(const float* xp, const uint8_t* pp, const uint16_t* sp, 
   }
 }
 
+// codes k .. k+15 of a row (8 packed bytes at p) as two float vectors, in order
+__attribute__((target("avx2,f16c,fma")))
+static inline void codes16_avx2(const uint8_t* p, __m256* c0, __m256* c1) {
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i lo = _mm256_and_si256(b, _mm256_set1_epi32(15)), hi = _mm256_srli_epi32(b, 4);
+  // unpack within 128-bit lanes, then put the lanes in order
+  const __m256i a = _mm256_unpacklo_epi32(lo, hi), c = _mm256_unpackhi_epi32(lo, hi);
+  *c0 = _mm256_cvtepi32_ps(_mm256_permute2x128_si256(a, c, 0x20));
+  *c1 = _mm256_cvtepi32_ps(_mm256_permute2x128_si256(a, c, 0x31));
+}
+
 __attribute__((target("avx2,f16c,fma")))
 static void rows_avx2(const float* xp, const uint8_t* pp, const uint16_t* sp, const uint16_t* zp, float* yp,
                       int64_t K, int64_t n0, int64_t n1) {
   const int64_t G = K / 64;
-  const __m256i low = _mm256_set1_epi32(15);
   for (int64_t n = n0; n < n1; ++n) {
     __m256 acc = _mm256_setzero_ps();
     const uint8_t* row = pp + n * (K / 2);
@@ -77,13 +87,10 @@ static void rows_avx2(const float* xp, const uint8_t* pp, const uint16_t* sp, co
       const __m256 z = _mm256_set1_ps(_cvtsh_ss(zp[n * G + g]));
       for (int64_t j = 0; j < 64; j += 16) {  // 8 bytes = 16 codes
         const int64_t k = g * 64 + j;
-        const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2)));
-        const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_srli_epi32(b, 4);
-        // unpack within 128-bit lanes, then put the lanes in order: codes k .. k+7 and k+8 .. k+15
-        const __m256i a = _mm256_unpacklo_epi32(lo, hi), c = _mm256_unpackhi_epi32(lo, hi);
-        const __m256i c0 = _mm256_permute2x128_si256(a, c, 0x20), c1 = _mm256_permute2x128_si256(a, c, 0x31);
-        const __m256 w0 = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c0), z), s);
-        const __m256 w1 = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c1), z), s);
+        __m256 c0, c1;
+        codes16_avx2(row + k / 2, &c0, &c1);
+        const __m256 w0 = _mm256_mul_ps(_mm256_sub_ps(c0, z), s);
+        const __m256 w1 = _mm256_mul_ps(_mm256_sub_ps(c1, z), s);
         acc = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp + k), acc);
         acc = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + k + 8), acc);
       }
@@ -100,7 +107,6 @@ __attribute__((target("avx2,f16c,fma")))
 static void dequant_rows(const uint8_t* pp, const uint16_t* sp, const uint16_t* zp, float* op, int64_t K,
                          int64_t n0, int64_t n1) {
   const int64_t G = K / 64;
-  const __m256i low = _mm256_set1_epi32(15);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = pp + n * (K / 2);
     float* o = op + n * K;
@@ -109,11 +115,10 @@ static void dequant_rows(const uint8_t* pp, const uint16_t* sp, const uint16_t* 
       const __m256 z = _mm256_set1_ps(_cvtsh_ss(zp[n * G + g]));
       for (int64_t j = 0; j < 64; j += 16) {
         const int64_t k = g * 64 + j;
-        const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2)));
-        const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_srli_epi32(b, 4);
-        const __m256i a = _mm256_unpacklo_epi32(lo, hi), c = _mm256_unpackhi_epi32(lo, hi);
-        _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(a, c, 0x20)), z), s));
-        _mm256_storeu_ps(o + k + 8, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(a, c, 0x31)), z), s));
+        __m256 c0, c1;
+        codes16_avx2(row + k / 2, &c0, &c1);
+        _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_sub_ps(c0, z), s));
+        _mm256_storeu_ps(o + k + 8, _mm256_mul_ps(_mm256_sub_ps(c1, z), s));
       }
     }
   }

@@ -269,7 +269,6 @@ class FateModel:
         if policy == "lru":  # mixtral-offloading: one LRU cache of equal size per layer
             evict, cache_alloc = "lru", "even"
         slot_bytes = self.store.blob_bytes(self.precision)
-        layout = self.store.layouts[self.precision]
         act = torch.finfo(self.dtype).bits // 8
         # activations of a full-context prefill and one dequantized expert (scratch), estimated generously
         buffer_bytes = (4 * self.context * max(cfg.hidden_size, cfg.n_experts * cfg.top_k) * act
@@ -319,7 +318,6 @@ class FateModel:
         weakref.finalize(self, transfer.close)  # the worker thread ends with the model
         self.model.experts = self.offload
         self.model.observer = prefetcher
-        _ = layout
 
     def experts_report(self) -> dict | None:
         """The ``experts`` block of --stats-json for the last generation (None when nothing is offloaded)."""
