@@ -12,10 +12,10 @@ transformers in float32 and fate compute the same function), converts it once wi
   default ``grouped_mm`` experts), ``generate`` greedy;
 * ``fate <variant>``: ``fate.load(bundle, experts=P, policy="resident")`` — the engine fate-run uses —
   computing in float32.  ``P`` alone is what ``fate-run`` does by default on CPU: routed experts by
-  :class:`fate.runtime.resident.ResidentExperts` read in place from the memory map (``mapped``) and
-  widened per call into cached scratch, non-expert matrices by :class:`fate.runtime.resident.ResidentWeights`;
+  :class:`fate.runtime.experts.resident.ResidentExperts` read in place from the memory map (``mapped``) and
+  widened per call into cached scratch, non-expert matrices by :class:`fate.runtime.experts.resident.ResidentWeights`;
   ``P+nommap`` holds the experts in memory in their stored precision (``fate-run --no-mmap``; q4/q2 codes
-  one byte each, so no unpacking per call); q4 one-token calls go through :mod:`fate.kernels` (the
+  one byte each, so no unpacking per call); q4 one-token calls go through :mod:`fate.quant.kernels` (the
   native INT4 product) where it builds, ``P+torch`` keeps them on torch ops; ``P+dense`` adds a dense
   cache of every expert;
   ``P+fp32w`` keeps the engine's BundleWeights (non-expert weights widened once to float32);
@@ -93,10 +93,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import fate  # noqa: E402
-from fate.formats.bundle import BundleError  # noqa: E402
-from fate.runtime.engine import BundleWeights  # noqa: E402
-from fate.runtime.model import DenseExperts  # noqa: E402
-from fate.runtime.resident import ResidentExperts, ResidentWeights  # noqa: E402
+from fate.errors import BundleError  # noqa: E402
+from fate.runtime.weights import BundleWeights  # noqa: E402
+from fate.model.experts import DenseExperts  # noqa: E402
+from fate.runtime.experts.resident import ResidentExperts
+from fate.runtime.weights import ResidentWeights  # noqa: E402
 from tests import tiny_models as TM  # noqa: E402
 
 ARCH = "qwen2_moe"
@@ -198,7 +199,7 @@ class FateSystem:
             else:
                 how = f"{ex.resident_bytes / 2**20:.0f} MiB resident (fate-run --no-mmap)"
             self.describe = (f"{precision} experts: ResidentExperts, {how}, dense cache {ex.dense_bytes / 2**20:.0f} MiB"
-                             + ("; one-token q4 products by fate.kernels" if ex.native else ""))
+                             + ("; one-token q4 products by fate.quant.kernels" if ex.native else ""))
         if m.device.type != "cpu":
             self.describe += f"; non-expert weights: {type(m.model.weights).__name__} ({dtype} on {device})"
         elif "fp32w" in mods or "plain" in mods:
@@ -372,13 +373,13 @@ def kernels(args) -> int:
         ("q2 one byte/code, dequantize into scratch + F.linear (fate)", q2_one, one_byte, exact_q),
         ("q2 packed, fate.quant dequantize out= + F.linear", q2, packed, exact_q),
     ]
-    from fate import kernels as K
+    from fate.quant import kernels as K
 
     if K.available():
-        table.append(("q4 packed, fate.kernels native product (fate's one-token q4 path)", q4,
+        table.append(("q4 packed, fate.quant.kernels native product (fate's one-token q4 path)", q4,
                       lambda it: K.q4_matvec(x, it[1], it[2], it[3]), exact_q))
     else:
-        print(f"(fate.kernels unavailable: {K.unavailable_reason()})", file=sys.stderr)
+        print(f"(fate.quant.kernels unavailable: {K.unavailable_reason()})", file=sys.stderr)
     if args.compile:
         spec4 = Q.QuantSpec.default("q4")
         ng = cols // spec4.group_size

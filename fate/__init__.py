@@ -6,12 +6,5 @@
 
 __version__ = "0.1.0"
 
-
 from fate import convert  # noqa: E402,F401  (a callable package: fate.convert(model_dir, out, **options))
-
-
-def load(path, **options):
-    """Open a bundle for generation; see ``fate-run --help``."""
-    from fate.runtime.engine import load as _load
-
-    return _load(path, **options)
+from fate.runtime.engine import EngineOptions, FateModel, load  # noqa: E402,F401

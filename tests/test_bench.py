@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 import fate
 from fate.tools import bench
-from fate.tools.bench import ROW_KEYS, main, run_bench, synthetic_prompt
+from fate.cli.bench import main
+from fate.tools.bench import ROW_KEYS, run_bench, synthetic_prompt
 
 ARCH = "qwen2_moe"  # shared expert + routed experts: the offloading engine's usual case
 FAST = ["-n", "4", "-r", "1", "--prompt-tokens", "16", "--no-progress"]
@@ -65,21 +66,24 @@ def test_cli_table_json_csv(converted, tmp_path):
     assert meta["prompt_tokens"] == 16 and meta["n"] == 4 and meta["reps"] == 1 and meta["mems"] == ["50%"]
     assert meta["profile"]["fresh"] and meta["profile"]["layer_decode_seconds"] > 0
     for row in rows:
-        assert row["reps"] == 1 and row["decode_tokens"] == 3 and row["prompt_tokens"] == 16
+        assert row["reps"] == 1 and row["decode"]["tokens"] == 3 and row["prefill"]["tokens"] == 16
         assert row["error"] is None and row["failed_runs"] == 0
         assert row["emulated"] == (row["link"] == "2GB/s")
         run = row["runs"][0]
-        assert row["decode_tok_s"] == run["decode_tok_s"] == row["decode_tok_s_min"] == row["decode_tok_s_max"]
+        dec = row["decode"]
+        assert dec["tokens_per_s"] == run["decode"]["tokens_per_s"] == dec["tokens_per_s_min"] == dec["tokens_per_s_max"]
         assert len(run["generated_token_ids"]) == 4
         if row["policy"] == "resident":
-            assert row["hit_rate"] is None and row["bytes_by_precision"] is None and row["slots"] is None
+            assert row["experts"] is None and row["budget"] is None
         else:
-            assert row["needed"] == row["hits"] + row["late_prefetches"] + row["misses"] > 0
-            assert row["mb_by_precision"]["q4"] == pytest.approx(row["bytes_by_precision"]["q4"] / 1e6)
-            assert 0 < row["slot_fraction"] < 1 and not row["fully_resident"]
-            assert len(row["by_layer"]) == len(row["slots_per_layer"]) and sum(row["slots_per_layer"]) == row["slots"]
-            for k in ("needed", "hits", "misses", "late_prefetches"):  # per layer adds up to the totals
-                assert sum(lay[k] for lay in row["by_layer"]) == row[k]
+            ex, t = row["experts"], row["experts"]["total"]
+            assert t["needed"] == t["hits"] + t["late_prefetches"] + t["misses"] > 0
+            assert ex["mb_by_precision"]["q4"] == pytest.approx(ex["bytes_by_precision"]["q4"] / 1e6)
+            b = row["budget"]
+            assert 0 < b["slot_fraction"] < 1 and not b["fully_resident"]
+            assert len(ex["layers"]) == len(b["slots_per_layer"]) and sum(b["slots_per_layer"]) == b["slots"]
+            for k in ("needed", "hits", "misses", "late_prefetches", "evictions"):  # layers add up to the totals
+                assert sum(lay[k] for lay in ex["layers"]) == t[k] == ex["prefill"][k] + ex["decode"][k]
     emu = [row for row in rows if row["emulated"]]
     assert emu and all("emulated" in row["link_label"] and "2 GB/s" in row["link_label"] for row in emu)
     assert all(row["link_bytes_per_s"] == 2e9 and row["copy_ms"] > 0 and row["effective_ratio"] > 0 for row in emu)
@@ -92,7 +96,8 @@ def test_cli_table_json_csv(converted, tmp_path):
     with open(cs, newline="") as f:
         recs = list(csv.DictReader(f))
     assert len(recs) == 7 and recs[0]["policy"] == "ondemand" and "mb_q4" in recs[0] and "runs" not in recs[0]
-    assert float(recs[3]["decode_tok_s"]) == pytest.approx(rows[3]["decode_tok_s"])
+    assert float(recs[3]["decode.tokens_per_s"]) == pytest.approx(rows[3]["decode"]["tokens_per_s"])
+    assert int(recs[0]["experts.total.needed"]) == rows[0]["experts"]["total"]["needed"]
 
 
 def test_figures_are_the_engines(converted):
@@ -114,23 +119,25 @@ def test_figures_are_the_engines(converted):
     # ondemand is fully deterministic: every use is a miss and a copy
     d = direct("ondemand")
     row, ex = by["ondemand"], d["experts"]
-    assert (row["needed"], row["hits"], row["misses"]) == (ex["needed"], ex["hits"], ex["misses"])
-    assert row["bytes_by_precision"] == ex["bytes_by_precision"] == {"q4": ex["needed"] * blob}
+    t, et = row["experts"]["total"], ex["total"]
+    assert (t["needed"], t["hits"], t["misses"]) == (et["needed"], et["hits"], et["misses"])
+    assert row["experts"]["bytes_by_precision"] == ex["bytes_by_precision"] == {"q4": et["needed"] * blob}
     assert row["runs"][0]["generated_token_ids"] == d["generated_token_ids"]
-    assert row["prompt_tokens"] == d["prefill.tokens"] and row["decode_tokens"] == d["decode.tokens"]
-    assert row["slots"] == d["budget"]["slots"]
+    assert row["prefill"]["tokens"] == d["prefill"]["tokens"] and row["decode"]["tokens"] == d["decode"]["tokens"]
+    assert row["budget"]["slots"] == d["budget"]["slots"]
     # lru and fate: which expert is needed depends only on the (greedy) tokens; hits depend on timing
     for policy in ("lru", "fate"):
         d = direct(policy)
         row, ex = by[policy], d["experts"]
-        assert row["needed"] == ex["needed"], policy
+        assert row["experts"]["total"]["needed"] == ex["total"]["needed"], policy
         assert row["runs"][0]["generated_token_ids"] == d["generated_token_ids"], policy
-        assert row["slots"] == d["budget"]["slots"], policy
+        assert row["budget"]["slots"] == d["budget"]["slots"], policy
     # lru never prefetches: each miss is one q4 copy, and the hit rate is hits / needed
-    row = by["lru"]
-    assert row["bytes_by_precision"] == {"q4": row["misses"] * blob} and row["late_prefetches"] == 0
-    assert row["hit_rate"] == pytest.approx(row["hits"] / row["needed"])
-    assert by["fate"]["decode_prefetch_recall"] is not None and by["lru"]["decode_prefetch_recall"] is None
+    t = by["lru"]["experts"]["total"]
+    assert by["lru"]["experts"]["bytes_by_precision"] == {"q4": t["misses"] * blob} and t["late_prefetches"] == 0
+    assert t["hit_rate"] == pytest.approx(t["hits"] / t["needed"])
+    assert by["fate"]["experts"]["decode"]["prefetch_recall"] is not None
+    assert by["lru"]["experts"]["decode"]["prefetch_recall"] is None
 
 
 def test_repetitions_alternate_and_aggregate(converted, monkeypatch):
@@ -144,20 +151,20 @@ def test_repetitions_alternate_and_aggregate(converted, monkeypatch):
         calls.append((policy, mem, link))
         scale = (1.0, 2.0, 0.5)[rep]  # median 1.0, min 0.5, max 2.0
         off = policy != "resident"
-        return {"prefill_tok_s": 2 * speed[policy] * scale, "decode_tok_s": speed[policy] * scale,
-                "prefill_seconds": 1.0, "decode_seconds": 1.0, "decode_tokens": n - 1,
-                "hit_rate": 0.5 if off else None, "prefill_hit_rate": 0.4 if off else None,
-                "decode_hit_rate": 0.6 if off else None, "decode_prefetch_recall": 0.9 if policy == "fate" else None,
-                "needed": 10 + rep if off else None, "hits": 5 if off else None, "late_prefetches": 0 if off else None,
-                "misses": 5 + rep if off else None, "stall_seconds": 0.1 * (rep + 1) if off else None,
-                "bytes_by_precision": {"q4": 1000 * (rep + 1)} if off else None,
-                "link_label": link if off else "none", "emulated": off and link != "none",
-                "link_bytes_per_s": 1e9 if off and link != "none" else None,
+        counts = {"needed": 10 + rep, "hits": 5, "late_prefetches": 0, "misses": 5 + rep, "evictions": rep,
+                  "predicted_needed": 0, "named": 0, "named_needed": 0, "stall_seconds": 0.1 * (rep + 1),
+                  "hit_rate": 0.5, "prefetch_recall": None, "prefetch_precision": None}
+        experts = {"policy": policy, "link": {"kind": "bandwidth" if link != "none" else "none", "label": link,
+                                              "emulated": link != "none",
+                                              "bytes_per_s": 1e9 if link != "none" else 0.0},
+                   "total": counts, "prefill": counts, "decode": counts, "layers": [{"layer": 0, **counts}],
+                   "bytes_by_precision": {"q4": 1000 * (rep + 1)}}
+        return {"prefill": {"tokens": 8, "seconds": 1.0, "tokens_per_s": 2 * speed[policy] * scale},
+                "decode": {"tokens": n - 1, "seconds": 1.0, "tokens_per_s": speed[policy] * scale},
+                "generated_tokens": n, "stop_reason": "length", "load_seconds": 0.0, "peak_rss_bytes": 1,
+                "generated_token_ids": [1] * n, "experts": experts if off else None,
                 "budget": {"slots": 7, "slots_per_layer": [7], "slot_fraction": 0.5, "budget_bytes": 1,
-                           "fully_resident": False} if off else None,
-                "by_layer": [{"needed": 10 + rep, "hits": 5, "late_prefetches": 0, "misses": 5 + rep, "hit_rate": 0.5,
-                              "prefetch_recall": None, "stall_seconds": 0.1}] if off else None,
-                "generated_token_ids": [1] * n}
+                           "fully_resident": False} if off else None}
 
     monkeypatch.setattr(bench, "_one_run", fake)
     rows = run_bench(path, mems=["25%", "50%"], links=["none", "1GB/s"], n=4, reps=3, prompt_tokens=8)
@@ -167,19 +174,20 @@ def test_repetitions_alternate_and_aggregate(converted, monkeypatch):
     assert [(r["policy"], r["mem"], r["link"]) for r in rows] == configs
     for r in rows:
         s = speed[r["policy"]]
-        assert (r["decode_tok_s"], r["decode_tok_s_min"], r["decode_tok_s_max"]) == (s, 0.5 * s, 2 * s)
-        assert r["prefill_tok_s"] == 2 * s and r["reps"] == 3
-        assert r["decode_frac_resident"] == pytest.approx(s / 50.0)
+        dec, pre = r["decode"], r["prefill"]
+        assert (dec["tokens_per_s"], dec["tokens_per_s_min"], dec["tokens_per_s_max"]) == (s, 0.5 * s, 2 * s)
+        assert pre["tokens_per_s"] == 2 * s and r["reps"] == 3
+        assert dec["x_resident"] == pytest.approx(s / 50.0)
         if r["policy"] == "resident":
-            assert r["decode_speedup"] is None and r["hit_rate"] is None
+            assert dec["x_ondemand"] is None and r["experts"] is None
         else:
-            assert r["decode_speedup"] == pytest.approx(s / 10.0)
-            assert r["prefill_speedup"] == pytest.approx(s / 10.0)
-            assert r["needed"] == 11 and r["misses"] == 6 and isinstance(r["needed"], int)
-            assert r["bytes_by_precision"] == {"q4": 2000} and r["mb_by_precision"] == {"q4": 0.002}
-            assert r["stall_seconds"] == pytest.approx(0.2)
-            assert r["by_layer"] == [{"needed": 11, "hits": 5, "late_prefetches": 0, "misses": 6, "hit_rate": 0.5,
-                                      "prefetch_recall": None, "stall_seconds": 0.1}]
+            assert dec["x_ondemand"] == pytest.approx(s / 10.0)
+            assert pre["x_ondemand"] == pytest.approx(s / 10.0)
+            t = r["experts"]["total"]
+            assert t["needed"] == 11 and t["misses"] == 6 and t["evictions"] == 1 and isinstance(t["needed"], int)
+            assert r["experts"]["bytes_by_precision"] == {"q4": 2000} and r["experts"]["mb_by_precision"] == {"q4": 0.002}
+            assert t["stall_seconds"] == pytest.approx(0.2)
+            assert r["experts"]["layers"] == [{"layer": 0, **t}]
             assert r["emulated"] == (r["link"] == "1GB/s")
         if r["emulated"]:  # one expert over 1 GB/s, against resident's 1/50 s per token over the layers
             m = fate.load(path)
@@ -213,7 +221,7 @@ def test_a_failing_configuration_is_reported_not_fatal(converted, monkeypatch, t
     assert r.stderr.strip().splitlines()[-1].startswith("error: 1 configuration(s) failed")
     rows = json.loads(js.read_text())["rows"]
     assert rows[1]["error"].startswith("RuntimeError") and rows[1]["failed_runs"] == 1 and rows[1]["reps"] == 0
-    assert rows[1]["decode_tok_s"] is None and rows[0]["error"] is None
+    assert rows[1]["decode"] is None and rows[0]["error"] is None
 
 
 def test_prompt_choices(converted, tmp_path):
@@ -225,13 +233,13 @@ def test_prompt_choices(converted, tmp_path):
     m.close()
     assert a == b and len(a) == 40 and len(long) == 3000 and long[:40] == a
     rows = run_bench(path, policies="resident", prompt_ids=text_ids, n=3, reps=1)
-    assert len(rows) == 1 and rows[0]["prompt_tokens"] == len(text_ids) and rows[0]["mem"] == "all"
+    assert len(rows) == 1 and rows[0]["prefill"]["tokens"] == len(text_ids) and rows[0]["mem"] == "all"
     f = tmp_path / "p.txt"
     f.write_text("the quick brown fox")
     r = _invoke([path, "--policies", "resident", "-f", f, "-n", "3", "-r", "1", "--no-progress", "--json",
                  tmp_path / "b.json"])
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "b.json").read_text())["rows"][0]["prompt_tokens"] == len(text_ids)
+    assert json.loads((tmp_path / "b.json").read_text())["rows"][0]["prefill"]["tokens"] == len(text_ids)
 
 
 @pytest.mark.parametrize("args, needle", [

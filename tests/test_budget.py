@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from fate.runtime.budget import BudgetError, BudgetPlan, parse_mem, plan_budget
-from fate.runtime.config import ModelConfig
+from fate.errors import BudgetError
+from fate.runtime.experts.budget import BudgetPlan, parse_mem, plan_budget
+from fate.model.config import ModelConfig
 
 MiB = 2**20
 

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from fate.runtime.cache import Entry, ExpertCache, LayerCache
+from fate.runtime.experts.residency import Entry, ExpertCache, LayerCache
 
 
 def fill(lc: LayerCache, expert: int, precision: str = "q4", **kw):

@@ -7,10 +7,9 @@ import time
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from fate.errors import ChatTemplateError, ChatTemplateSecurityError
 from fate.runtime.chat import (
     ChatSession,
-    ChatTemplateError,
-    ChatTemplateSecurityError,
     common_prefix_length,
     render_chat,
     select_chat_template,

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 
 import fate
 from fate import quant as Q
-from fate.convert import arch as A
-from fate.convert.cli import main as convert_main
-from fate.convert.convert import ConvertError
+from fate.model import arch as A
+from fate.cli.convert import main as convert_main
+from fate.errors import ConvertError
 from fate.formats import constants as C
 from fate.formats.bundle import Bundle
 from tests.conftest import CALIB_TEXT, CALIB_TOKENS, assert_one_line_error

@@ -7,7 +7,7 @@ from collections import OrderedDict
 
 import pytest
 
-from fate.runtime.evict import ARCPolicy, EvictionPolicy, LFUPolicy, LRUPolicy, make_policy
+from fate.runtime.experts.evict import ARCPolicy, EvictionPolicy, LFUPolicy, LRUPolicy, make_policy
 
 
 def request(pol: EvictionPolicy, key: int, pinned=()) -> str:

@@ -38,7 +38,8 @@ import pytest
 
 import fate
 from fate.formats import constants as C
-from fate.formats.bundle import Bundle, BundleError
+from fate.errors import BundleError
+from fate.formats.bundle import Bundle
 
 # --- what counts as a pass ----------------------------------------------------------------------------
 ACCEPT_NON_EXPERT_DATA_DRIFT = False
@@ -714,7 +715,7 @@ def test_wrong_metadata_types_raise_bundle_errors(pristine, tmp_path):
 def test_cli_reports_a_mutated_bundle_in_one_line(pristine, tmp_path):
     from click.testing import CliRunner
 
-    from fate.runtime.cli import main as run_main
+    from fate.cli.run import main as run_main
 
     g = pristine["gguf"]
     bad = tmp_path / "bad.gguf"

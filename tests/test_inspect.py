@@ -14,7 +14,8 @@ from click.testing import CliRunner
 import fate
 from fate.formats import constants as C
 from fate.formats.bundle import Bundle
-from fate.runtime.config import ModelConfig
+from fate.model.config import ModelConfig
+from fate.cli import inspect as inspect_cli
 from fate.tools import inspector as I
 from tests.tiny_models import ARCHS, make_checkpoint
 
@@ -25,7 +26,7 @@ LAYER_KEYS = {"layer", "kind", "popularity", "assignments", "top_share", "max_sh
 
 
 def _invoke(*args):
-    return CliRunner().invoke(I.main, [str(a) for a in args])
+    return CliRunner().invoke(inspect_cli.main, [str(a) for a in args])
 
 
 def _one_line_error(res, code=2):

@@ -1,4 +1,4 @@
-"""fate.kernels: the native INT4 one-token product equals fate.quant's dequantization + F.linear to
+"""fate.quant.kernels: the native INT4 one-token product equals fate.quant's dequantization + F.linear to
 float32 rounding, and the resident executor uses it where it runs."""
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 
 import fate
-from fate import kernels as K
+from fate.quant import kernels as K
+from fate.sysinfo import cpu_flags
 from fate import quant as Q
-from fate.runtime.model import DenseExperts
-from fate.runtime.resident import ResidentExperts
+from fate.model.experts import DenseExperts
+from fate.runtime.experts.resident import ResidentExperts
 
 needs_kernel = pytest.mark.skipif(not K.available(), reason=f"native kernel unavailable: {K.unavailable_reason()}")
 
@@ -29,7 +30,7 @@ def _random_q4(n: int, k: int, seed: int):
 
 
 def _widths():
-    flags = K._cpu_flags()
+    flags = cpu_flags()
     return [w for w, need in ((False, "avx2"), (True, "avx512f")) if need in flags]
 
 
@@ -58,7 +59,7 @@ def test_q4_matvec_rejects_bad_shapes():
 @pytest.mark.parametrize("mapped", [True, False])
 def test_resident_experts_native_decode(converted, mapped):
     m = fate.load(converted["qwen3_moe"][1], experts="q4", device="cpu")
-    assert m.resident_experts.native  # fate.load's CPU default runs q4 decode through the kernel
+    assert m.experts.native  # fate.load's CPU default runs q4 decode through the kernel
     res = ResidentExperts(m.store, "q4", m.dtype, m.device, 0, mapped=mapped, native=True)
     ref = DenseExperts(lambda layer, e: m.store.dense(layer, e, "q4"))
     cfg = m.config
@@ -85,7 +86,7 @@ def test_resident_experts_native_decode(converted, mapped):
 
 
 def test_fate_native_0_turns_it_off():
-    code = "from fate import kernels as K; print(K.available(), K.unavailable_reason())"
+    code = "from fate.quant import kernels as K; print(K.available(), K.unavailable_reason())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "FATE_NATIVE": "0"}).stdout
     assert out.strip() == "False FATE_NATIVE=0"

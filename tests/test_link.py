@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from fate.runtime.link import LinkError, LinkSpec, Throttle, parse_link, resolve_ratio
+from fate.errors import LinkError
+from fate.runtime.experts.link import LinkSpec, Throttle, parse_link, resolve_ratio
 
 
 class FakeClock:

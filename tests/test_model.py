@@ -7,10 +7,12 @@ import json
 import pytest
 import torch
 
-from fate.convert import arch as A
+from fate.model import arch as A
 from fate.formats import constants as C
-from fate.runtime.kv import KVCache, KVCacheFull
-from fate.runtime.model import DenseExperts, DictWeights, MoEModel
+from fate.errors import ContextFullError
+from fate.model.kv import KVCache
+from fate.model.experts import DenseExperts
+from fate.model.transformer import DictWeights, MoEModel
 from tests import tiny_models as TM
 
 ATOL = 1e-4
@@ -178,7 +180,7 @@ def test_olmoe_clip_binds(tmp_path):
     model, cfg = TM.load_fate_model(tmp_path)
     assert cfg.clip_qkv == pytest.approx(0.3)
     h = model.embed(_ids(8))
-    from fate.runtime.model import rms_norm
+    from fate.model.transformer import rms_norm
     x = rms_norm(h, model.weights.get("blk.0.attn_norm.weight"), cfg.rms_eps)
     q = rms_norm(torch.nn.functional.linear(x, model.weights.get("blk.0.attn_q.weight")),
                  model.weights.get("blk.0.attn_q_norm.weight"), cfg.rms_eps)
@@ -287,7 +289,7 @@ def test_kv_cache_full_is_a_clear_error(ckpts):
     with pytest.raises(ValueError, match="new_cache"):
         model.forward(_ids(2), KVCache.for_model(cfg, 10, dtype=torch.bfloat16))
     model.forward(_ids(8), kv)
-    with pytest.raises(KVCacheFull, match="KV cache full"):
+    with pytest.raises(ContextFullError, match="KV cache full"):
         model.forward(_ids(3), kv)
     assert kv.length == 8  # refused before any layer ran
     model.forward(_ids(2), kv)

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 import fate
 from fate.formats import constants as C
-from fate.runtime.cli import main as run_main
-from fate.runtime.model import DenseExperts
+from fate.cli.run import main as run_main
+from fate.model.experts import DenseExperts
 from tests.conftest import DEVICES
 from tests.tiny_models import ARCHS
 
@@ -23,7 +23,7 @@ def _tokens(path, n=16, **opts):
     m = fate.load(path, experts="q4", **opts)
     if opts.get("policy") == "resident" and opts.get("device") == "cuda":
         # the plain executor: the offloaded one's math (on CPU the engine's resident default already is:
-        # one-token q4 products through fate.kernels on both sides)
+        # one-token q4 products through fate.quant.kernels on both sides)
         m.model.experts = DenseExperts(lambda layer, e: m.store.dense(layer, e, "q4", dtype=m.dtype, device=m.device))
     out = m.generate(PROMPT, n, temperature=0.0, stop_at_eos=False)
     m.close()
@@ -38,8 +38,8 @@ def test_offloading_never_changes_greedy_tokens(converted, arch, device):
     for mem in ("25%", "50%"):
         got, stats = _tokens(path, mem=mem, int2_share=0.0, device=device)
         assert got == want, (arch, mem)
-        e = stats.experts
-        assert e is not None and e["needed"] > 0 and e["hits"] + e["misses"] + e["late_prefetches"] == e["needed"]
+        e = stats.experts["total"]
+        assert e["needed"] > 0 and e["hits"] + e["misses"] + e["late_prefetches"] == e["needed"]
         assert stats.budget["slots_per_layer"] and not stats.budget["fully_resident"]
     for policy in ("ondemand", "lru"):
         got, _ = _tokens(path, mem="25%", policy=policy, device=device)
@@ -70,11 +70,11 @@ def test_ondemand_counts_every_use_as_a_miss(converted):
     toks, stats = _tokens(path, n=6, policy="ondemand")
     e = stats.experts
     n_moe = 3
-    decode = e["by_phase"]["decode"]
-    assert decode["needed"] == 5 * 2 * n_moe  # 5 decode steps x top-2 x MoE layers
-    assert e["hits"] == 0 and e["misses"] == e["needed"] and e["prefetch_recall"] is None
+    assert e["decode"]["needed"] == 5 * 2 * n_moe  # 5 decode steps x top-2 x MoE layers
+    t = e["total"]
+    assert t["hits"] == 0 and t["misses"] == t["needed"] and t["prefetch_recall"] is None
     blob = fate.load(path).store.blob_bytes("q4")
-    assert e["bytes_by_precision"] == {"q4": e["needed"] * blob}
+    assert e["bytes_by_precision"] == {"q4": t["needed"] * blob}
 
 
 class _Recorder:
@@ -112,7 +112,7 @@ def test_prefetch_recall_matches_an_independent_count(converted):
                 needed_total += len(actual)
                 hit_total += len(actual & rec.named[i])
     _, stats = _tokens(path, n=10, mem="50%", prefetch_extra=0, int2_share=0.0)
-    d = stats.experts["by_phase"]["decode"]
+    d = stats.experts["decode"]
     assert d["prefetch_recall"] == pytest.approx(hit_total / needed_total)
     assert d["prefetch_precision"] == pytest.approx(hit_total / needed_total)  # k named, k needed per layer
 
@@ -124,7 +124,7 @@ def test_int2_share_respected_in_prefill(converted):
     moved = m.last_stats.experts["bytes_by_precision"]
     assert moved.get("q2", 0) > 0  # some prefill experts went as INT2
     # the rule itself: least popular experts, share of assignments ≤ 30 %
-    from fate.runtime.offload import hybrid_precisions
+    from fate.runtime.experts.hybrid import hybrid_precisions
 
     counts = [10, 1, 5, 0, 2, 30, 1, 1]
     ranked = sorted((e for e in range(8) if counts[e]), key=lambda e: -counts[e])
@@ -150,9 +150,17 @@ def test_cli_budget_errors_and_stats_json(converted, tmp_path):
                                         "--link", "ratio:1", "--stats-json", str(out), "-v"])
     assert res.exit_code == 0, res.output
     d = json.loads(out.read_text())
-    for k in ("hit_rate", "prefetch_recall", "prefetch_precision", "late_prefetches", "misses",
-              "bytes_by_precision", "stall_seconds", "evictions", "by_layer", "by_phase"):
-        assert k in d["experts"]
+    ex = d["experts"]
+    assert set(ex) == {"policy", "link", "total", "prefill", "decode", "layers", "bytes_by_precision"}
+    for part in [ex["total"], ex["prefill"], ex["decode"]] + ex["layers"]:
+        for k in ("needed", "hits", "late_prefetches", "misses", "evictions", "predicted_needed", "named",
+                  "named_needed", "stall_seconds", "hit_rate", "prefetch_recall", "prefetch_precision"):
+            assert k in part
+    # every count is in exactly one (phase, layer) cell: layers and phases add up to the totals
+    for k in ("needed", "hits", "late_prefetches", "misses", "evictions", "named", "named_needed"):
+        assert sum(r[k] for r in ex["layers"]) == ex["total"][k] == ex["prefill"][k] + ex["decode"][k], k
+    assert ex["total"]["evictions"] > 0 and sum(r["evictions"] > 0 for r in ex["layers"]) >= 1
+    assert d["prefill"]["tokens"] == len(d["prompt_token_ids"]) and d["decode"]["tokens"] == 3
     assert d["experts"]["link"]["emulated"] and "emulated" in res.output
     assert d["budget"]["slots_per_layer"][0] == 0  # DeepSeekMoE's dense first layer has no slots
     assert "slots per MoE layer" in res.output
@@ -161,7 +169,7 @@ def test_cli_budget_errors_and_stats_json(converted, tmp_path):
 def test_timing_profile_is_measured_once_and_cached(converted, monkeypatch, tmp_path):
     import os
 
-    from fate.runtime import profile as P
+    from fate.runtime.experts import profile as P
 
     monkeypatch.setenv("FATE_CACHE_DIR", str(tmp_path))
     path = converted["mixtral"][1]
@@ -170,7 +178,7 @@ def test_timing_profile_is_measured_once_and_cached(converted, monkeypatch, tmp_
     assert len(files) == 1
     prof = json.loads(files[0].read_text())
     assert prof["layer_decode_seconds"] > 0 and set(prof["expert_copy_seconds"]) == {"f16", "q4", "q2"}
-    assert m.prefetch_extra == m.timing.extra_candidates(2, 8, "q4", None)
+    assert m.offloading.prefetch_extra == m.timing.extra_candidates(2, 8, "q4", None)
 
     def boom(*a, **k):
         raise AssertionError("measured again")
@@ -183,7 +191,7 @@ def test_timing_profile_is_measured_once_and_cached(converted, monkeypatch, tmp_
 
 
 def test_profile_window_bounds_extra_candidates():
-    from fate.runtime.profile import TimingProfile
+    from fate.runtime.experts.profile import TimingProfile
 
     p = TimingProfile(0.010, {"q4": 0.001}, {"q4": 1_000_000}, "cpu", "now")
     assert p.extra_candidates(2, 8, "q4", None) == 6  # 10 copies fit a layer: capped at E - k
@@ -215,33 +223,53 @@ def test_weights_outlive_close(converted):
 
 
 class _RecordingTransfer:
-    def __init__(self):
+    """The transfer queue's interface, recording the order of submissions and landing every copy at once."""
+
+    DEMAND = 0.0
+
+    def __init__(self, store, slots_per_layer):
+        from fate.runtime.experts.transfer import TransferEngine
+
+        self.real = TransferEngine(store, slots_per_layer, store.blob_bytes("q4"), torch.device("cpu"))
         self.jobs = []
 
     def submit(self, layer, expert, precision, slot, entry, priority):
         self.jobs.append((layer, expert, priority))
+        self.real.submit(layer, expert, precision, slot, entry, priority)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
 
 
 def test_prefetches_queue_after_the_layers_own_loads(converted):
-    """Copies named at layer i's gate input reach the link only when layer i has queued its demand loads
-    (the executor calls flush()); after a dense layer, which queues none, at once."""
-    from fate.runtime.cache import ExpertCache
-    from fate.runtime.offload import Prefetcher
+    """A MoE layer predicts the next one only once its own demand loads are queued (a copy on the link
+    cannot be interrupted); after a dense layer, which queues none, at once."""
+    from fate.runtime.experts.offload import OffloadedExperts
+    from fate.runtime.experts.prefetch import Predictor
+    from fate.runtime.experts.residency import ExpertCache
+    from fate.runtime.experts.stats import ExpertStats
 
     m = fate.load(converted["deepseek"][1], experts="q4", device="cpu")
     cfg = m.config
     assert not cfg.moe_layers[0] and cfg.moe_layers[1] and cfg.moe_layers[2]
     routers = {i: m.weights.get(C.T_FFN_GATE_INP.format(i=i)) for i in cfg.moe_layer_ids}
-    rec = _RecordingTransfer()
-    p = Prefetcher(cfg, routers, ExpertCache([0] + [cfg.top_k + 2] * (cfg.n_layers - 1)), rec, extra=2,
-                   decode_precision="q4", low_precision=None, int2_share=0.0)
+    slots = [0] + [cfg.top_k + 2] * (cfg.n_layers - 1)
+    rec = _RecordingTransfer(m.store, slots)
+    predictor = Predictor(cfg, routers, extra=2, decode_precision="q4", low_precision=None, int2_share=0.0)
+    ex = OffloadedExperts(cfg, m.store, ExpertCache(slots), rec, ExpertStats(cfg.n_layers), dtype=m.dtype,
+                          device="cpu", predictor=predictor)
     g = torch.randn(1, cfg.hidden_size)
-    p.on_gate_input(1, g)  # MoE layer 1 names layer 2's experts
-    assert rec.jobs == [] and p.predicted[2]
-    p.flush()
-    assert [j[0] for j in rec.jobs] == [2] * len(p.predicted[2])
-    assert [j[2] for j in rec.jobs] == sorted(j[2] for j in rec.jobs)  # in rank order
+    ex.on_gate_input(1, g)  # a MoE layer's gate input: nothing yet, moe() predicts after its own loads
+    assert rec.jobs == []
+    _, ids, w = m.model.route(1, g)
+    ex.moe(1, g, ids, w)
+    layers = [j[0] for j in rec.jobs]
+    assert layers[:cfg.top_k] == [1] * cfg.top_k and set(layers[cfg.top_k:]) == {2}  # demand, then prefetch
+    assert all(j[2] == rec.DEMAND for j in rec.jobs[:cfg.top_k])
+    prefetch = [j[2] for j in rec.jobs[cfg.top_k:]]
+    assert prefetch == sorted(prefetch) and prefetch[0] > rec.DEMAND  # in rank order, behind any demand
     rec.jobs.clear()
-    p.on_gate_input(0, g)  # dense layer 0 names layer 1's: queued at once
+    ex.on_gate_input(0, g)  # dense layer 0 names layer 1's: queued at once
     assert rec.jobs and {j[0] for j in rec.jobs} == {1}
+    rec.real.close()
     m.close()

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 import fate
+from fate.cli import perplexity as perplexity_cli
 from fate.tools import perplexity as P
 from tests.test_runtime import _rounded_checkpoint
 from tests.tiny_models import load_oracle
@@ -33,7 +34,7 @@ def text_file(tmp_path_factory):
 
 
 def _invoke(*args):
-    return CliRunner().invoke(P.main, [str(a) for a in args])
+    return CliRunner().invoke(perplexity_cli.main, [str(a) for a in args])
 
 
 def _one_line_error(res):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import fate.quant as fq
+import fate.quant.layout as layout
 from fate.quant import (
     ALIGNMENT,
     QuantSpec,
@@ -183,9 +183,9 @@ def test_portable_unpack_path(monkeypatch):
     for bits in (4, 2):
         q = torch.randint(0, 2**bits, (3, 32), dtype=torch.uint8, generator=g)
         p = pack_codes(q, bits)
-        monkeypatch.setattr(fq, "_LITTLE_ENDIAN", False)
+        monkeypatch.setattr(layout, "_LITTLE_ENDIAN", False)
         slow = unpack_codes(p, bits)
-        monkeypatch.setattr(fq, "_LITTLE_ENDIAN", True)
+        monkeypatch.setattr(layout, "_LITTLE_ENDIAN", True)
         assert torch.equal(slow, q) and torch.equal(unpack_codes(p, bits), q)
 
 

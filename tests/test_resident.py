@@ -10,10 +10,11 @@ import torch.nn.functional as F
 
 import fate
 from fate.formats import constants as C
-from fate.formats.bundle import BundleError
-from fate.runtime.engine import BundleWeights
-from fate.runtime.model import DenseExperts
-from fate.runtime.resident import DEFAULT_CHUNK_BYTES, ResidentExperts, ResidentWeights
+from fate.errors import BundleError
+from fate.runtime.weights import BundleWeights
+from fate.model.experts import DenseExperts
+from fate.runtime.experts.resident import DEFAULT_CHUNK_BYTES, ResidentExperts
+from fate.runtime.weights import ResidentWeights
 from tests.tiny_models import ARCHS, VOCAB
 
 PRECISIONS = ("f16", "q4", "q2")
@@ -116,7 +117,7 @@ def test_moe_matches_on_random_routing(precision, models):
 
 
 def test_row_blocks_cover_every_row():
-    from fate.runtime.resident import _row_blocks
+    from fate.quant.expert import row_blocks as _row_blocks
 
     for rows, cols, budget in ((128, 64, 4096), (1000, 512, 1 << 20), (7, 64, 1), (2048, 2048, 1 << 20)):
         blocks = _row_blocks(rows, cols, budget)

@@ -13,11 +13,12 @@ from safetensors.torch import save_file
 
 import fate
 from fate import quant as Q
-from fate.convert import arch as A
+from fate.model import arch as A
 from fate.formats import constants as C
-from fate.formats.bundle import Bundle, BundleError
-from fate.runtime.cli import main as run_main
-from fate.runtime.engine import RuntimeUserError
+from fate.errors import BundleError
+from fate.formats.bundle import Bundle
+from fate.cli.run import main as run_main
+from fate.errors import RequestError
 from tests.conftest import DEVICES, assert_one_line_error
 from tests.tiny_models import ARCHS, load_oracle, read_checkpoint_tensors
 
@@ -71,7 +72,7 @@ def test_logits_and_greedy_tokens_match_transformers(converted, tmp_path, arch, 
             ref = oracle.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, pad_token_id=0)[0, len(ids):]
         out = model.generate(ids, 32, temperature=0.0, stop_at_eos=False)
         assert out.token_ids == ref.tolist()
-        assert out.stats.to_dict()["decode.tokens"] == 31
+        assert out.stats.to_dict()["decode"]["tokens"] == 31
 
 
 def test_kv_decode_equals_full_recompute(models):
@@ -149,10 +150,12 @@ def test_cli_generates_with_timings_and_stats_json(converted, tmp_path):
     assert res.exit_code == 0, res.output
     assert "prompt eval" in res.output and "tokens per second" in res.output
     d = json.loads(stats.read_text())
-    for k in ("prefill.tokens", "prefill.seconds", "prefill.tokens_per_s", "decode.tokens", "decode.seconds",
-              "decode.tokens_per_s", "load_seconds", "peak_rss_bytes", "prompt_token_ids", "generated_token_ids"):
+    for ph in ("prefill", "decode"):
+        assert set(d[ph]) == {"tokens", "seconds", "tokens_per_s"}
+    for k in ("generated_tokens", "stop_reason", "load_seconds", "peak_rss_bytes", "prompt_token_ids",
+              "generated_token_ids", "experts", "budget"):
         assert k in d
-    assert len(d["generated_token_ids"]) == 8 and d["decode.tokens"] == 7 and d["peak_rss_bytes"] > 0
+    assert len(d["generated_token_ids"]) == 8 and d["decode"]["tokens"] == 7 and d["peak_rss_bytes"] > 0
 
 
 def test_bad_bundles(converted, tmp_path):
@@ -231,14 +234,14 @@ def test_bad_requests(converted):
     assert_one_line_error(_run([path]), "no prompt")
     if not torch.cuda.is_available():
         assert_one_line_error(_run([path, "-p", "x", "--device", "cuda"]), "no CUDA")
-    with pytest.raises(RuntimeUserError):
+    with pytest.raises(RequestError):
         fate.load(path).generate([], 4)
     with pytest.raises(BundleError):
         fate.load(path, experts="f32")
 
 
 def test_demo_bundle_ships_and_generates():
-    from fate.runtime.cli import demo_path
+    from fate.cli.common import demo_path
 
     assert demo_path().is_file() and demo_path().stat().st_size < 16 * 2**20
     res = _run(["--demo", "-p", "The module", "-n", 12, "--temp", 0])
@@ -251,7 +254,7 @@ def test_demo_bundle_ships_and_generates():
 
 @pytest.mark.parametrize("precision", ["f16", "q4"])
 def test_no_mmap_preload_gives_the_same_tokens(converted, precision):
-    from fate.runtime.resident import ResidentExperts
+    from fate.runtime.experts.resident import ResidentExperts
 
     path = converted["qwen2_moe"][1]
     a = fate.load(path, experts=precision).generate(PROMPT, 16, temperature=0.0, stop_at_eos=False).token_ids

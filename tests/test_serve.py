@@ -24,7 +24,8 @@ import pytest
 import uvicorn
 
 import fate
-from fate.tools.serve import _StopMatcher, create_app
+from fate.serve import create_app
+from fate.serve.worker import StopMatcher
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "The quick brown fox"
@@ -53,7 +54,7 @@ SLOW = dict(mem="40%", link="1MB/s")  # offloaded experts over an emulated slow 
 @pytest.fixture(scope="module")
 def slow_model(bundle):
     m = fate.load(bundle, **SLOW)
-    assert m.expert_stats is not None  # really offloading
+    assert m.offloading is not None  # really offloading
     yield m
     m.close()
 
@@ -210,15 +211,15 @@ def test_same_tokens_as_generate(model):
 
 
 def test_stop_matcher_holds_back_prefixes():
-    m = _StopMatcher(["END", "xy"])
+    m = StopMatcher(["END", "xy"])
     assert m.feed("abcE") == ("abc", False)
     assert m.feed("N") == ("", False)
     assert m.feed("D and more") == ("", True)
-    m = _StopMatcher(["END"])
+    m = StopMatcher(["END"])
     assert m.feed("aEN") == ("a", False)
     assert m.feed("x") == ("ENx", False)
     assert m.feed("E") == ("", False) and m.flush() == "E"
-    assert _StopMatcher(["b", "abc"]).feed("xabc") == ("x", True)  # the earliest stop string wins
+    assert StopMatcher(["b", "abc"]).feed("xabc") == ("x", True)  # the earliest stop string wins
 
 
 # --- the queue under load ----------------------------------------------------------------------------
@@ -329,13 +330,17 @@ def test_dropped_client_frees_engine(slow_model):
         assert metric(samples, "fate_http_requests_total", endpoint="/v1/completions", status="499") == 1
 
         # expert statistics of the offloading engine
-        for name in ("fate_expert_hit_rate", "fate_expert_prefetch_recall"):
+        # expert statistics of the offloading engine, named as in the stats schema (docs/STATS.md)
+        for name in ("fate_experts_hit_rate", "fate_experts_prefetch_recall", "fate_experts_prefetch_precision"):
             assert 0.0 <= metric(samples, name) <= 1.0
-        assert metric(samples, "fate_expert_needed_total") > 0
-        assert metric(samples, "fate_expert_bytes_moved_total", precision="q4") > 0
-        assert metric(samples, "fate_expert_stall_seconds_total") > 0
-        assert metric(samples, "fate_decode_tokens_per_second", phase="all") > 0
-        assert metric(samples, "fate_prefill_tokens_per_second", phase="last") > 0
+        needed = metric(samples, "fate_experts_needed_total")
+        assert needed > 0 and needed == sum(metric(samples, f"fate_experts_{k}_total")
+                                            for k in ("hits", "late_prefetches", "misses"))
+        assert metric(samples, "fate_experts_bytes_total", precision="q4") > 0
+        assert metric(samples, "fate_experts_stall_seconds_total") > 0
+        assert metric(samples, "fate_decode_tokens_per_s", window="all") > 0
+        assert metric(samples, "fate_prefill_tokens_per_s", window="last") > 0
+        assert metric(samples, "fate_decode_tokens_total") > 0 and metric(samples, "fate_prefill_seconds_total") > 0
 
 
 # --- bad requests and auth ---------------------------------------------------------------------------
@@ -440,7 +445,7 @@ def test_bad_requests(model):
         assert metric(samples, "fate_http_requests_total", endpoint="/v1/completions", status="413") == 3
         assert metric(samples, "fate_http_requests_total", endpoint="/v1/completions", status="500") == 1
         assert metric(samples, "fate_generations_total", endpoint="/v1/completions", finish_reason="error") == 2
-        assert not any(name.startswith("fate_expert_") for name, _ in samples)  # nothing offloaded
+        assert not any(name.startswith("fate_experts_") for name, _ in samples)  # nothing offloaded
 
 
 def test_api_key(model):
@@ -480,7 +485,7 @@ def test_api_key(model):
 def test_cli_sigterm_cancels_and_exits(bundle):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fate.tools.serve", str(bundle), "--port", "0", "--queue", "2", "--log-level",
+        [sys.executable, "-m", "fate.cli.serve", str(bundle), "--port", "0", "--queue", "2", "--log-level",
          "warning", "--mem", SLOW["mem"], "--link", SLOW["link"], "-c", "256"],
         stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -533,7 +538,7 @@ def test_cli_sigterm_cancels_and_exits(bundle):
 def test_cli_user_errors(tmp_path):
     from click.testing import CliRunner
 
-    from fate.tools.serve import main
+    from fate.cli.serve import main
 
     runner = CliRunner()
     r = runner.invoke(main, [str(tmp_path / "missing.gguf"), "--port", "0"])

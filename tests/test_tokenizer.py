@@ -8,7 +8,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from fate.runtime.chat import render_chat
-from fate.runtime.tokenizer import BundleTokenizer, StreamDecoder, TokenizerError
+from fate.errors import TokenizerError
+from fate.runtime.tokenizer import BundleTokenizer, StreamDecoder
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: E402

@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from fate.tools import train_demo  # noqa: E402
+from scripts import train_demo  # noqa: E402
 
-DATA = Path(train_demo.__file__).resolve().parents[1] / "data"
+DATA = Path(train_demo.__file__).resolve().parents[1] / "fate" / "data"
 
 
 @pytest.fixture(scope="module")

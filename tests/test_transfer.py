@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import fate
-from fate.runtime.link import LinkSpec, Throttle
-from fate.runtime.transfer import TransferEngine
+from fate.runtime.experts.link import LinkSpec, Throttle
+from fate.runtime.experts.transfer import TransferEngine
 
 
 class _Entry:

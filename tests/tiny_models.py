@@ -5,8 +5,8 @@ downloaded), plus the oracles they are checked against.
   (or shards with ``model.safetensors.index.json``), ``tokenizer.json``, ``tokenizer_config.json`` and
   ``generation_config.json`` — exactly as a converter would find one on disk.
 * :func:`load_oracle` returns a transformers model computing the same function.
-* :func:`load_fate_model` builds fate's :class:`~fate.runtime.model.MoEModel` straight from the
-  checkpoint (through ``fate.convert.arch``'s tensor mapping), with experts as plain tensors.
+* :func:`load_fate_model` builds fate's :class:`~fate.model.transformer.MoEModel` straight from the
+  checkpoint (through ``fate.model.arch``'s tensor mapping), with experts as plain tensors.
 
 Dimensions: hidden 64, 4 heads, 2 kv heads, expert FFN 64, 8 experts, top-2, vocab 384.  hidden and
 the expert FFN are multiples of 64 because the converter quantizes in groups of 64 along the input
@@ -354,8 +354,9 @@ def load_fate_model(ckpt_dir: str | os.PathLike, *, dtype: torch.dtype = torch.f
                     max_ctx: int | None = None):
     """(MoEModel, ModelConfig) for a checkpoint: non-expert tensors through ``arch.non_expert_tensors``
     (shape-checked), routed experts through ``arch.expert_tensor_names`` as plain tensors."""
-    from fate.convert import arch as A
-    from fate.runtime.model import DenseExperts, DictWeights, MoEModel
+    from fate.model import arch as A
+    from fate.model.experts import DenseExperts
+    from fate.model.transformer import DictWeights, MoEModel
 
     hf = json.loads((Path(ckpt_dir) / "config.json").read_text())
     spec = A.spec_for(hf)

@@ -8,13 +8,15 @@ once a sub-module is imported, Python binds the package over any function of the
 import sys
 import types
 
+from fate.convert.pipeline import ConvertResult, convert as _convert
+
+__all__ = ["ConvertResult"]
+
 
 class _CallableModule(types.ModuleType):
-    def __call__(self, model_dir, out, **options):
+    def __call__(self, model_dir, out, **options) -> ConvertResult:
         """Convert a Hugging Face MoE checkpoint into a fate bundle; see ``fate-convert --help``."""
-        from fate.convert.convert import convert
-
-        return convert(model_dir, out, **options)
+        return _convert(model_dir, out, **options)
 
 
 sys.modules[__name__].__class__ = _CallableModule

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fate.convert import arch as A
 from fate.formats import constants as C
 from fate.formats.hf import HFCheckpoint
-from fate.runtime.config import ModelConfig
-from fate.runtime.model import DenseExperts, MoEModel
+from fate.model import arch as A
+from fate.model.config import ModelConfig
+from fate.model.experts import DenseExperts
+from fate.model.transformer import MoEModel, plain_linear
 
 
 @dataclass
@@ -48,6 +49,9 @@ class _LayerWeights:
             t = self.ckpt.get(hf_name, shape).to(torch.float32)
             self.cache[name] = t
         return t
+
+    def linear(self, x, name: str, bias: str | None = None):
+        return plain_linear(self, x, name, bias)
 
     def drop(self) -> None:
         self.cache = {}

@@ -45,30 +45,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fate.errors import BundleError, BundleMetadataError, BundleStructureError, BundleVersionError, ChecksumError
 from fate.formats import constants as C
 from fate.formats.writer import DTYPE_BYTES, PAD_PREFIX, TORCH_DTYPES
-
-
-class BundleError(ValueError):
-    """Anything wrong with a bundle file; the message names the part."""
-
-
-class BundleVersionError(BundleError):
-    pass
-
-
-class ChecksumError(BundleError):
-    pass
-
-
-class BundleStructureError(BundleError):
-    """The container is malformed: a count, length, offset, shape or dtype in the header that does not fit
-    the file or the rest of the header (a truncated file included)."""
-
-
-class BundleMetadataError(BundleError):
-    """A metadata value of the wrong type or out of range, or one that contradicts another value or the
-    tensors."""
 
 
 @dataclass(frozen=True)
@@ -638,5 +617,4 @@ def open_bundle(path: str | os.PathLike) -> Bundle:
     return Bundle(path)
 
 
-__all__ = ["Bundle", "BundleError", "BundleMetadataError", "BundleStructureError", "BundleVersionError",
-           "ChecksumError", "K_METADATA_CRC", "TensorEntry", "metadata_crc32", "open_bundle", "np"]
+__all__ = ["Bundle", "K_METADATA_CRC", "TensorEntry", "metadata_crc32", "open_bundle"]

@@ -59,7 +59,7 @@ K_ADD_BOS = "tokenizer.ggml.add_bos_token"
 
 # --- fate's own keys -------------------------------------------------------------------------------
 K_FATE_VERSION = "fate.fate_version"
-K_MODEL_CONFIG = "fate.model_config"  # JSON of fate.runtime.config.ModelConfig (complete, authoritative)
+K_MODEL_CONFIG = "fate.model_config"  # JSON of fate.model.config.ModelConfig (complete, authoritative)
 K_HF_MODEL_TYPE = "fate.source.model_type"
 K_SOURCE_NAME = "fate.source.name"
 K_SOURCE_CONFIG_SHA256 = "fate.source.config_sha256"
@@ -131,3 +131,21 @@ T_CALIB_RECALL = "fate.calib.recall"  # f32 [L, 4]: recall of predicting layer i
 
 def key(template: str, arch: str) -> str:
     return template.format(arch=arch)
+
+
+# --- what kind of tensor a name is (the one place that decides) -------------------------------------
+def is_expert_tensor(name: str) -> bool:
+    """A routed experts tensor ``blk.N.fate_exps.P`` or its checksums ``blk.N.fate_exps.P.crc32``."""
+    return name.startswith("blk.") and ".fate_exps." in name
+
+
+def is_model_tensor(name: str) -> bool:
+    """A non-expert tensor of the model (embedding, norms, attention, routers, dense and shared MLPs, LM
+    head): not a routed expert tensor and not one of fate's own (``fate.*``: checksums, calibration)."""
+    return not is_expert_tensor(name) and not name.startswith("fate.")
+
+
+def keeps_f32(name: str) -> bool:
+    """Norm weights and routers stay float32 whatever --dtype says: they are tiny, and routing decisions
+    (which experts run, what gets prefetched) are sensitive to their rounding."""
+    return name.endswith("norm.weight") or ".ffn_gate_inp" in name

@@ -1,86 +1,107 @@
-"""Expert statistics of an offloaded run: one object, counted per layer and per phase, JSON out.
+"""The figures of one generation, in the one nested schema fate-run --stats-json, fate-bench --json and
+fate-serve /metrics share (docs/STATS.md is the table; change both together).
 
-Definitions (each "needed" expert is one (layer, expert) a forward step routed tokens to):
-* hit: the expert was resident and its bytes ready when the layer reached it;
-* late prefetch: the prediction had named it and its transfer was under way, but not finished;
-* miss: not resident at all; loaded on demand;
-* prefetch recall: needed experts the prediction had named, over layers that had a prediction;
-* prefetch precision: named experts that were then needed, over all named experts.
+    {"prefill": {"tokens", "seconds", "tokens_per_s"},
+     "decode":  {"tokens", "seconds", "tokens_per_s"},
+     "generated_tokens", "stop_reason", "load_seconds", "peak_rss_bytes",
+     "prompt_token_ids", "generated_token_ids",
+     "experts": null | {"policy", "link", "bytes_by_precision",
+                        "total": C, "prefill": C, "decode": C, "layers": [C + {"layer"}]},
+     "budget": null | the memory plan (fate.runtime.experts.budget.BudgetPlan.to_dict)}
+
+``C`` is one set of expert counters (:data:`EXPERT_FIELDS`): ``total`` is the sum of ``prefill`` and
+``decode``, and of the ``layers``.  ``decode.tokens`` counts forward passes after the prefill (one per
+generated token but the last), as llama.cpp's "eval" does.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
+from dataclasses import dataclass, field
 
-PHASES = ("prefill", "decode")
-COUNTERS = ("needed", "hits", "late_prefetches", "misses", "predicted_needed", "named", "named_needed",
-            "evictions")
+from fate.units import format_size
+
+PHASE_FIELDS = {
+    "tokens": "tokens processed (prefill: the prompt; decode: forward passes after the prefill)",
+    "seconds": "wall time of the phase",
+    "tokens_per_s": "tokens / seconds",
+}
+EXPERT_FIELDS = {
+    "needed": "(layer, expert) pairs a forward step routed tokens to",
+    "hits": "needed experts resident with their bytes ready",
+    "late_prefetches": "needed experts whose prefetch was still in flight",
+    "misses": "needed experts loaded on demand",
+    "evictions": "experts that gave up their slot to another",
+    "predicted_needed": "needed experts in layers that had a prediction",
+    "named": "experts the prediction named",
+    "named_needed": "named experts that were needed",
+    "stall_seconds": "time computation waited for expert copies",
+    "hit_rate": "hits / needed",
+    "prefetch_recall": "named_needed / predicted_needed",
+    "prefetch_precision": "named_needed / named",
+}
+RATES = ("hit_rate", "prefetch_recall", "prefetch_precision")
 
 
-class ExpertStats:
-    def __init__(self, n_layers: int):
-        self.n_layers = n_layers
-        self._lock = threading.Lock()
-        self.reset()
+def phase(tokens: int, seconds: float) -> dict:
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0}
 
-    def reset(self) -> None:
-        self.c = {ph: [defaultdict(int) for _ in range(self.n_layers)] for ph in PHASES}
-        self.stall = {ph: [0.0] * self.n_layers for ph in PHASES}
-        self.bytes_by_precision: dict[str, int] = defaultdict(int)
 
-    def add(self, phase: str, layer: int, **counts: int) -> None:
-        row = self.c[phase][layer]
-        for k, v in counts.items():
-            row[k] += v
+@dataclass
+class GenerationStats:
+    prompt_token_ids: list[int] = field(default_factory=list)
+    generated_token_ids: list[int] = field(default_factory=list)
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0  # forward passes after the prefill (one per generated token but the last)
+    decode_seconds: float = 0.0
+    load_seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    stop_reason: str = ""  # "eos", "length" or "context"
+    experts: dict | None = None  # the "experts" block of the schema, when experts are offloaded
+    budget: dict | None = None  # the memory plan, when --mem was given
 
-    def stalled(self, phase: str, layer: int, seconds: float) -> None:
-        self.stall[phase][layer] += seconds
+    @property
+    def prefill(self) -> dict:
+        return phase(len(self.prompt_token_ids), self.prefill_seconds)
 
-    def moved(self, precision: str, nbytes: int) -> None:
-        with self._lock:
-            self.bytes_by_precision[precision] += nbytes
-
-    @staticmethod
-    def _summary(rows: list[dict], stall: float) -> dict:
-        tot = defaultdict(int)
-        for r in rows:
-            for k, v in r.items():
-                tot[k] += v
-        needed, predicted = tot["needed"], tot["predicted_needed"]
-        return {
-            "needed": needed,
-            "hits": tot["hits"],
-            "hit_rate": tot["hits"] / needed if needed else None,
-            "misses": tot["misses"],
-            "late_prefetches": tot["late_prefetches"],
-            "prefetch_recall": tot["named_needed"] / predicted if predicted else None,
-            "prefetch_precision": tot["named_needed"] / tot["named"] if tot["named"] else None,
-            "evictions": tot["evictions"],
-            "stall_seconds": stall,
-        }
+    @property
+    def decode(self) -> dict:
+        return phase(self.decode_tokens, self.decode_seconds)
 
     def to_dict(self) -> dict:
-        out = self._summary([r for ph in PHASES for r in self.c[ph]], sum(sum(self.stall[ph]) for ph in PHASES))
-        out["bytes_by_precision"] = dict(self.bytes_by_precision)
-        out["by_phase"] = {ph: self._summary(self.c[ph], sum(self.stall[ph])) for ph in PHASES}
-        out["by_layer"] = [
-            self._summary([self.c[ph][i] for ph in PHASES], sum(self.stall[ph][i] for ph in PHASES))
-            for i in range(self.n_layers)]
-        return out
+        return {
+            "prefill": self.prefill,
+            "decode": self.decode,
+            "generated_tokens": len(self.generated_token_ids),
+            "stop_reason": self.stop_reason,
+            "load_seconds": self.load_seconds,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "prompt_token_ids": list(self.prompt_token_ids),
+            "generated_token_ids": list(self.generated_token_ids),
+            "experts": self.experts,
+            "budget": self.budget,
+        }
 
-    def table(self) -> str:
-        d = self.to_dict()
-        pct = lambda v: "   -  " if v is None else f"{100 * v:5.1f}%"  # noqa: E731
-        lines = ["layer  needed   hits  recall  precision  misses  late  stall_ms"]
-        for i, r in enumerate(d["by_layer"]):
-            if r["needed"]:
-                lines.append(f"{i:5d} {r['needed']:7d} {pct(r['hit_rate'])} {pct(r['prefetch_recall'])} "
-                             f"{pct(r['prefetch_precision'])}   {r['misses']:6d} {r['late_prefetches']:5d} "
-                             f"{1000 * r['stall_seconds']:9.1f}")
-        lines.append(f"total {d['needed']:7d} {pct(d['hit_rate'])} {pct(d['prefetch_recall'])} "
-                     f"{pct(d['prefetch_precision'])}   {d['misses']:6d} {d['late_prefetches']:5d} "
-                     f"{1000 * d['stall_seconds']:9.1f}")
-        moved = ", ".join(f"{p} {n / 2**20:.1f} MiB" for p, n in d["bytes_by_precision"].items()) or "nothing"
-        lines.append(f"moved: {moved}")
-        return "\n".join(lines)
+    def timings_text(self) -> str:
+        p, d = self.prefill, self.decode
+        ms = lambda s, n: (1000 * s / n) if n else 0.0  # noqa: E731
+        return "\n".join([
+            f"load time      = {1000 * self.load_seconds:10.2f} ms",
+            f"prompt eval    = {1000 * p['seconds']:10.2f} ms / {p['tokens']:5d} tokens "
+            f"({ms(p['seconds'], p['tokens']):8.2f} ms per token, {p['tokens_per_s']:8.2f} tokens per second)",
+            f"eval time      = {1000 * d['seconds']:10.2f} ms / {d['tokens']:5d} runs   "
+            f"({ms(d['seconds'], d['tokens']):8.2f} ms per token, {d['tokens_per_s']:8.2f} tokens per second)",
+            f"generated      = {len(self.generated_token_ids):10d} tokens (stop: {self.stop_reason})",
+            f"peak RSS       = {format_size(self.peak_rss_bytes):>13}",
+        ] + ([experts_line(self.experts)] if self.experts else []))
+
+
+def experts_line(e: dict) -> str:
+    """One line of the offloading figures (the ``experts`` block)."""
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    t = e["total"]
+    moved = ", ".join(f"{p} {format_size(n)}" for p, n in e["bytes_by_precision"].items()) or "nothing"
+    link = e["link"]
+    tag = f" [link {link['label']}]" if link.get("kind") != "none" else ""
+    return (f"experts ({e['policy']}) = hit rate {pct(t['hit_rate'])}, prefetch recall {pct(t['prefetch_recall'])}, "
+            f"misses {t['misses']}, evictions {t['evictions']}, stall {1000 * t['stall_seconds']:.1f} ms, "
+            f"moved {moved}{tag}")

@@ -28,13 +28,11 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, processors
 
-__all__ = ["BundleTokenizer", "StreamDecoder", "TokenizerError"]
+from fate.errors import TokenizerError
+
+__all__ = ["BundleTokenizer", "StreamDecoder"]
 
 _REPLACEMENT = "\ufffd"
-
-
-class TokenizerError(ValueError):
-    """The bundle's tokenizer data cannot be used."""
 
 
 def _token_text(value: Any) -> str | None:

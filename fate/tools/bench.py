@@ -13,43 +13,34 @@ min–max spread.  ``resident`` (every expert in memory) runs once per repetitio
 and links, and is the reference of the "x resident" column; ``ondemand`` (Load-on-Demand) at the same
 budget and link is the reference of the speedups.
 
-Figures measured under an emulated link (``--link``; see :mod:`fate.runtime.link`) are labelled
+Figures measured under an emulated link (``--link``; see :mod:`fate.runtime.experts.link`) are labelled
 ``(emulated)``: copies were slowed to what the link would allow, on a machine whose real copies are
 memcpy.
 
-Python: ``run_bench(bundle, policies=..., mems=..., links=..., prompt_ids=..., n=..., reps=...)`` returns
-the rows as dicts; keys (one row per configuration):
+Python: ``run_bench(bundle, policies=..., mems=..., links=..., prompt_ids=..., n=..., reps=...)`` returns one
+row per configuration, in the stats schema of docs/STATS.md (the names fate-run --stats-json uses):
 
 * ``policy``, ``mem`` (as asked; ``"all"`` for resident), ``link`` (as asked; ``"none"`` for resident),
-  ``link_label`` (the resolved link, e.g. ``"ratio:1 (60.2 MB/s, emulated)"``), ``emulated`` (bool),
-  ``link_bytes_per_s`` (the emulated rate), ``copy_ms`` (one expert at the run's precision over it) and
-  ``effective_ratio`` (that copy ÷ resident's measured decode time per layer in this session: what
-  ``ratio:R`` came to, as the profile and the runs measured compute at different moments);
-* ``reps``, ``prompt_tokens``, ``decode_tokens`` (forward passes after the prefill: ``n - 1``);
-* ``prefill_tok_s``, ``decode_tok_s`` (medians), ``prefill_tok_s_min``, ``prefill_tok_s_max``,
-  ``decode_tok_s_min``, ``decode_tok_s_max`` (the spread);
-* ``prefill_speedup``, ``decode_speedup`` (÷ ondemand's at the same mem and link; None without it),
-  ``prefill_frac_resident``, ``decode_frac_resident`` (÷ resident's; None without it);
-* ``hit_rate``, ``prefill_hit_rate``, ``decode_hit_rate``, ``decode_prefetch_recall``, ``needed``,
-  ``hits``, ``late_prefetches``, ``misses``, ``stall_seconds``, ``bytes_by_precision`` and
-  ``mb_by_precision`` (MB = 10^6 bytes) — the engine's ``experts`` figures, medians over the
-  repetitions; None where nothing is offloaded (resident, or a budget that holds every expert);
-* ``slots``, ``slots_per_layer``, ``slot_fraction``, ``budget_bytes``, ``fully_resident`` (the memory
-  plan; None for resident);
-* ``by_layer``: per layer, the medians of the engine's ``needed``, ``hits``, ``late_prefetches``,
-  ``misses``, ``hit_rate``, ``prefetch_recall`` and ``stall_seconds`` (both phases; None as above);
-* ``failed_runs``, ``error``: repetitions in which the engine raised, and the first message (a failed
-  configuration is reported, the others are still measured, and the command exits 1); ``reps`` counts
-  the repetitions that completed, whose medians the row gives;
-* ``runs``: the figures of each repetition, including ``generated_token_ids`` (or its ``error``).
+  ``link_label`` (the resolved link, e.g. ``"ratio:1 (60.2 MB/s, emulated)"``), ``emulated``,
+  ``link_bytes_per_s``, ``copy_ms`` (one expert at the run's precision over it) and ``effective_ratio``
+  (that copy ÷ resident's measured decode time per layer in this session), ``reps`` (repetitions that
+  completed), ``failed_runs`` and ``error`` (the first message of a failed repetition);
+* ``prefill`` and ``decode``: ``tokens``, ``seconds``, ``tokens_per_s`` (medians), ``tokens_per_s_min``,
+  ``tokens_per_s_max`` (the spread), ``x_ondemand`` (÷ ondemand's tokens_per_s at the same mem and link)
+  and ``x_resident`` (÷ resident's); None where there is no reference;
+* ``experts``: the engine's ``experts`` block (``total``, ``prefill``, ``decode``, ``layers``,
+  ``bytes_by_precision``), every figure the median over the repetitions, plus ``mb_by_precision``
+  (MB = 10^6 bytes); None where nothing is offloaded (resident, or a budget that holds every expert);
+* ``budget``: ``slots``, ``slots_per_layer``, ``slot_fraction``, ``budget_bytes``, ``fully_resident`` (the
+  memory plan; None for resident);
+* ``runs``: each repetition's own stats (``prefill``, ``decode``, ``experts``, ``budget``,
+  ``generated_token_ids``, ...), or its ``error``.
 """
 
 from __future__ import annotations
 
 import csv
 import gc
-import json
-import math
 import platform
 import statistics
 import sys
@@ -58,38 +49,25 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import click
+import torch
+from tqdm import tqdm
 
-from fate.cli_common import user_errors
+import fate
+from fate.errors import BundleError, EngineError, UsageError, UserError
+from fate.runtime.experts import profile as P
+from fate.runtime.experts.budget import parse_mem
+from fate.runtime.experts.link import parse_link
 
 ALL_POLICIES = ("ondemand", "lru", "fate", "resident")
 DEFAULT_MEMS = ("25%", "50%", "75%")
 DEFAULT_LINKS = ("ratio:1",)
 DEFAULT_PROMPT_TOKENS = 128
 PRECISION_ORDER = ("f16", "q4", "q2")
-
-# the figures of one repetition that are medians in a row
-_RUN_KEYS = ("prefill_tok_s", "decode_tok_s", "prefill_seconds", "decode_seconds", "hit_rate", "prefill_hit_rate",
-             "decode_hit_rate", "decode_prefetch_recall", "needed", "hits", "late_prefetches", "misses",
-             "stall_seconds")
-
-_LAYER_KEYS = ("needed", "hits", "late_prefetches", "misses", "hit_rate", "prefetch_recall", "stall_seconds")
+PHASES = ("prefill", "decode")
 
 ROW_KEYS = ("policy", "mem", "link", "link_label", "emulated", "link_bytes_per_s", "copy_ms", "effective_ratio",
-            "reps", "prompt_tokens", "decode_tokens",
-            "prefill_tok_s", "prefill_tok_s_min", "prefill_tok_s_max", "decode_tok_s", "decode_tok_s_min",
-            "decode_tok_s_max", "prefill_speedup", "decode_speedup", "prefill_frac_resident",
-            "decode_frac_resident", "hit_rate", "prefill_hit_rate", "decode_hit_rate", "decode_prefetch_recall",
-            "needed", "hits", "late_prefetches", "misses", "stall_seconds", "bytes_by_precision",
-            "mb_by_precision", "slots", "slots_per_layer", "slot_fraction", "budget_bytes", "fully_resident",
-            "by_layer", "failed_runs", "error",
-            "runs")
-
-
-def _error(msg: str):
-    from fate.runtime.engine import RuntimeUserError
-
-    return RuntimeUserError(msg)
+            "reps", "failed_runs", "error", "prefill", "decode", "experts", "budget", "runs")
+BUDGET_KEYS = ("slots", "slots_per_layer", "slot_fraction", "budget_bytes", "fully_resident")
 
 
 # --- parsing the lists ------------------------------------------------------------------------------
@@ -101,12 +79,12 @@ def _split(value: str | Iterable[str] | None, option: str) -> list[str]:
     for item in items:
         s = item.strip()
         if not s:
-            raise _error(f"{option} {value if isinstance(value, str) else ','.join(items)!r}: "
-                         "an empty item; give a comma-separated list")
+            raise UsageError(f"{option} {value if isinstance(value, str) else ','.join(items)!r}: "
+                             "an empty item; give a comma-separated list")
         if s not in out:
             out.append(s)
     if not out:
-        raise _error(f"{option}: the list is empty")
+        raise UsageError(f"{option}: the list is empty")
     return out
 
 
@@ -114,54 +92,69 @@ def parse_policies(value) -> list[str]:
     out = [p.lower() for p in _split(value, "--policies")]
     bad = [p for p in out if p not in ALL_POLICIES]
     if bad:
-        raise _error(f"--policies: unknown policy {bad[0]!r}; choose from {', '.join(ALL_POLICIES)}")
+        raise UsageError(f"--policies: unknown policy {bad[0]!r}; choose from {', '.join(ALL_POLICIES)}")
     return out
 
 
-def _parse_list(value, option: str, parse, error_type) -> list[str]:
+def _parse_list(value, option: str, parse) -> list[str]:
     """Split a comma list and check every item with ``parse``; a bad item is one error naming the list."""
     out = _split(value, option)
     for item in out:
         try:
             parse(item)
-        except error_type as e:
-            raise _error(f"{e} (in the {option} list {','.join(out)!r})") from None
+        except UserError as e:
+            raise UsageError(f"{e} (in the {option} list {','.join(out)!r})") from None
     return out
 
 
 def parse_mems(value) -> list[str]:
-    from fate.runtime.budget import BudgetError, parse_mem
-
-    return _parse_list(value, "--mem", parse_mem, BudgetError)
+    return _parse_list(value, "--mem", parse_mem)
 
 
 def parse_links(value) -> list[str]:
-    from fate.runtime.link import LinkError, parse_link
-
-    return _parse_list(value, "--link", parse_link, LinkError)
+    return _parse_list(value, "--link", parse_link)
 
 
 def synthetic_prompt(tokenizer, n_tokens: int) -> list[int]:
     """``n_tokens`` ids of the package's calibration text (BOS first where the tokenizer adds one),
     the text repeated if it is shorter; the same ids on every run."""
     if n_tokens < 1:
-        raise _error(f"--prompt-tokens {n_tokens}: give at least 1")
+        raise UsageError(f"--prompt-tokens {n_tokens}: give at least 1")
     text = resources.files("fate").joinpath("data/calib.txt").read_text(encoding="utf-8")
     ids = list(tokenizer.encode(text, add_special_tokens=True))
     body = list(tokenizer.encode(text, add_special_tokens=False)) or ids
     if not ids:
-        raise _error("the bundle's tokenizer turns the calibration text into no tokens; give a prompt with -p")
+        raise UsageError("the bundle's tokenizer turns the calibration text into no tokens; give a prompt with -p")
     while len(ids) < n_tokens:
         ids.extend(body)
     return ids[:n_tokens]
 
 
-# --- running ---------------------------------------------------------------------------------------
+# --- medians over the repetitions ---------------------------------------------------------------------
 def _median(values: list):
-    vals = [v for v in values if v is not None]
-    if not vals or len(vals) != len(values):
+    """The median of numbers (an int when it is one); None when any is None; a shared string as is."""
+    if any(v is None for v in values):
         return None
-    return statistics.median(vals)
+    if all(isinstance(v, str) for v in values):
+        return values[0] if len(set(values)) == 1 else " | ".join(sorted(set(values)))
+    if all(isinstance(v, bool) for v in values):
+        return any(values)
+    m = statistics.median(values)
+    return int(m) if float(m).is_integer() and all(isinstance(v, int) for v in values) else m
+
+
+def median_tree(trees: list):
+    """Same-shaped dicts/lists (the runs' stats) → one of that shape whose leaves are the medians; a key
+    missing from some runs (a precision one run never moved) counts as 0 there."""
+    first = trees[0]
+    if isinstance(first, dict):
+        keys = list(dict.fromkeys(k for t in trees for k in t))
+        return {k: median_tree([t.get(k, 0) for t in trees]) for k in keys}
+    if isinstance(first, list):
+        if any(len(t) != len(first) for t in trees):
+            return None
+        return [median_tree([t[i] for t in trees]) for i in range(len(first))]
+    return _median(trees)
 
 
 def _ratio(a, b):
@@ -170,9 +163,9 @@ def _ratio(a, b):
     return a / b
 
 
+# --- running ---------------------------------------------------------------------------------------
 def _one_run(bundle, policy, mem, link, prompt_ids, n, opts) -> dict:
-    import fate
-
+    """One fresh load and generation; its stats in the schema of docs/STATS.md."""
     kw = dict(experts=opts["experts"], policy=policy, verify=False)
     if policy != "resident":
         kw.update(mem=mem, link=link, prefetch_extra=opts["prefetch_extra"], int2_share=opts["int2_share"])
@@ -184,87 +177,42 @@ def _one_run(bundle, policy, mem, link, prompt_ids, n, opts) -> dict:
     d = out.stats.to_dict()
     del m, out
     gc.collect()  # between runs, not inside the timed part: the next configuration starts clean
-    ex = d.get("experts")
-    phase = (ex or {}).get("by_phase", {})
-    run = {
-        "prefill_tok_s": d["prefill.tokens_per_s"],
-        "decode_tok_s": d["decode.tokens_per_s"],
-        "prefill_seconds": d["prefill.seconds"],
-        "decode_seconds": d["decode.seconds"],
-        "decode_tokens": d["decode.tokens"],
-        "hit_rate": ex["hit_rate"] if ex else None,
-        "prefill_hit_rate": phase.get("prefill", {}).get("hit_rate") if ex else None,
-        "decode_hit_rate": phase.get("decode", {}).get("hit_rate") if ex else None,
-        "decode_prefetch_recall": phase.get("decode", {}).get("prefetch_recall") if ex else None,
-        "needed": ex["needed"] if ex else None,
-        "hits": ex["hits"] if ex else None,
-        "late_prefetches": ex["late_prefetches"] if ex else None,
-        "misses": ex["misses"] if ex else None,
-        "stall_seconds": ex["stall_seconds"] if ex else None,
-        "bytes_by_precision": dict(ex["bytes_by_precision"]) if ex else None,
-        "link_label": ex["link"]["label"] if ex else ("none" if policy == "resident" else
-                                                       f"{link} (unused: every expert fits the budget)"),
-        "emulated": bool(ex and ex["link"].get("emulated")),
-        "link_bytes_per_s": (ex["link"].get("bytes_per_s") or None) if ex else None,
-        "budget": d.get("budget"),
-        "by_layer": [{k: r[k] for k in _LAYER_KEYS} for r in ex["by_layer"]] if ex else None,
-        "generated_token_ids": d["generated_token_ids"],
-    }
-    return run
+    d.pop("prompt_token_ids")
+    return d
 
 
-def _failed_row(policy, mem, link, all_runs: list[dict], prompt_tokens: int) -> dict:
-    row = {k: None for k in ROW_KEYS}
-    row.update(policy=policy, mem=mem, link=link, link_label=link, emulated=False, reps=0,
-               prompt_tokens=prompt_tokens, runs=all_runs)
-    return row
+def _link_of(run: dict, policy: str, link: str) -> tuple[str, bool, float | None]:
+    ex = run["experts"]
+    if ex is None:
+        return ("none" if policy == "resident" else f"{link} (unused: every expert fits the budget)"), False, None
+    return ex["link"]["label"], bool(ex["link"]["emulated"]), ex["link"]["bytes_per_s"] or None
 
 
-def _config_row(policy, mem, link, all_runs: list[dict], prompt_tokens: int) -> dict:
+def _config_row(policy, mem, link, all_runs: list[dict]) -> dict:
     runs = [r for r in all_runs if "error" not in r]
     errors = [r["error"] for r in all_runs if "error" in r]
-    row = _failed_row(policy, mem, link, all_runs, prompt_tokens) if not runs else _measured_row(
-        policy, mem, link, runs, prompt_tokens)
-    row["failed_runs"] = len(errors)
-    row["error"] = errors[0] if errors else None
-    row["runs"] = [{k: v for k, v in r.items() if k != "budget"} for r in all_runs]
-    return row
-
-
-def _measured_row(policy, mem, link, runs: list[dict], prompt_tokens: int) -> dict:
-    row = {"policy": policy, "mem": mem, "link": link, "reps": len(runs), "prompt_tokens": prompt_tokens,
-           "decode_tokens": runs[0]["decode_tokens"]}
-    labels = {r["link_label"] for r in runs}
-    row["link_label"] = runs[0]["link_label"] if len(labels) == 1 else " | ".join(sorted(labels))
-    row["emulated"] = any(r["emulated"] for r in runs)
-    row["link_bytes_per_s"] = _median([r["link_bytes_per_s"] for r in runs])
-    for k in _RUN_KEYS:
-        row[k] = _median([r[k] for r in runs])
-    for k in ("prefill_tok_s", "decode_tok_s"):
-        row[k + "_min"] = min(r[k] for r in runs)
-        row[k + "_max"] = max(r[k] for r in runs)
-    for k in ("needed", "hits", "late_prefetches", "misses"):  # integers whenever the median is one
-        if row[k] is not None and float(row[k]).is_integer():
-            row[k] = int(row[k])
-    if all(r["bytes_by_precision"] is not None for r in runs):
-        precs = sorted({p for r in runs for p in r["bytes_by_precision"]},
-                       key=lambda p: PRECISION_ORDER.index(p) if p in PRECISION_ORDER else 99)
-        med = {p: statistics.median(r["bytes_by_precision"].get(p, 0) for r in runs) for p in precs}
-        row["bytes_by_precision"] = {p: int(v) if float(v).is_integer() else v for p, v in med.items()}
-        row["mb_by_precision"] = {p: v / 1e6 for p, v in med.items()}
-    else:
-        row["bytes_by_precision"] = row["mb_by_precision"] = None
+    row = dict.fromkeys(ROW_KEYS)
+    row.update(policy=policy, mem=mem, link=link, link_label=link, emulated=False, reps=len(runs),
+               failed_runs=len(errors), error=errors[0] if errors else None, runs=all_runs)
+    if not runs:
+        return row
+    links = [_link_of(r, policy, link) for r in runs]
+    row["link_label"] = _median([ln[0] for ln in links])
+    row["emulated"] = any(ln[1] for ln in links)
+    row["link_bytes_per_s"] = _median([ln[2] for ln in links])
+    for ph in PHASES:
+        p = median_tree([r[ph] for r in runs])
+        rates = [r[ph]["tokens_per_s"] for r in runs]
+        row[ph] = {**p, "tokens_per_s_min": min(rates), "tokens_per_s_max": max(rates), "x_ondemand": None,
+                   "x_resident": None}
+    if all(r["experts"] is not None for r in runs):
+        ex = median_tree([{k: v for k, v in r["experts"].items() if k not in ("policy", "link")} for r in runs])
+        order = sorted(ex["bytes_by_precision"], key=lambda q: PRECISION_ORDER.index(q) if q in PRECISION_ORDER else 99)
+        ex["bytes_by_precision"] = {q: ex["bytes_by_precision"][q] for q in order}
+        ex["mb_by_precision"] = {q: v / 1e6 for q, v in ex["bytes_by_precision"].items()}
+        row["experts"] = ex
     plan = runs[0]["budget"]
-    row["slots"] = plan["slots"] if plan else None
-    row["slots_per_layer"] = plan["slots_per_layer"] if plan else None
-    if all(r["by_layer"] is not None for r in runs):
-        row["by_layer"] = [{k: _median([r["by_layer"][i][k] for r in runs]) for k in _LAYER_KEYS}
-                           for i in range(len(runs[0]["by_layer"]))]
-    else:
-        row["by_layer"] = None
-    row["slot_fraction"] = plan["slot_fraction"] if plan else None
-    row["budget_bytes"] = plan["budget_bytes"] if plan else None
-    row["fully_resident"] = plan["fully_resident"] if plan else None
+    row["budget"] = {k: plan[k] for k in BUDGET_KEYS} if plan else None
     return row
 
 
@@ -276,21 +224,16 @@ class BenchSession:
                  prompt_tokens: int | None = None, n: int = 32, reps: int = 3, experts: str = "q4",
                  prefetch_extra: int | None = None, int2_share: float = 0.3, threads: int | None = None,
                  verify: bool = False, warmup: bool = True, reprofile: bool = True):
-        import torch
-
-        import fate
-        from fate.formats.bundle import BundleError
-
         self.policies = parse_policies(policies)
         offloaded = [p for p in self.policies if p != "resident"]
         self.mems = parse_mems(mems) if offloaded else []
         self.links = parse_links(links) if offloaded else []
         if n < 2:
-            raise _error(f"-n {n}: give at least 2 (decode speed needs one step after the first token)")
+            raise UsageError(f"-n {n}: give at least 2 (decode speed needs one step after the first token)")
         if reps < 1:
-            raise _error(f"-r {reps}: give at least 1 repetition")
+            raise UsageError(f"-r {reps}: give at least 1 repetition")
         if sum(x is not None for x in (prompt_ids, prompt, prompt_tokens)) > 1:
-            raise _error("give one prompt: -p TEXT, -f FILE or --prompt-tokens N")
+            raise UsageError("give one prompt: -p TEXT, -f FILE or --prompt-tokens N")
         path = Path(bundle)
         if not path.exists():
             raise BundleError(f"{path}: no such bundle file")
@@ -298,7 +241,7 @@ class BenchSession:
             raise BundleError(f"{path} is a directory, not a bundle")
         if threads is not None:
             if threads < 1:
-                raise _error(f"-t {threads}: give at least 1 thread")
+                raise UsageError(f"-t {threads}: give at least 1 thread")
             torch.set_num_threads(threads)
         self.bundle, self.n, self.reps = path, n, reps
         self.opts = {"experts": experts, "prefetch_extra": prefetch_extra, "int2_share": int2_share}
@@ -318,10 +261,10 @@ class BenchSession:
             else:
                 ids = synthetic_prompt(ref.tokenizer, prompt_tokens or DEFAULT_PROMPT_TOKENS)
             if not ids:
-                raise _error("the prompt is empty (0 tokens); give some text")
+                raise UsageError("the prompt is empty (0 tokens); give some text")
             if len(ids) + n > ref.context:
-                raise _error(f"the prompt ({len(ids)} tokens) plus -n {n} exceeds the context of {ref.context} "
-                             "tokens; shorten the prompt or lower -n")
+                raise UsageError(f"the prompt ({len(ids)} tokens) plus -n {n} exceeds the context of {ref.context} "
+                                 "tokens; shorten the prompt or lower -n")
             self.prompt_ids = ids
             self.model_info = {
                 "arch": cfg.model_type, "n_layers": cfg.n_layers,
@@ -360,14 +303,12 @@ class BenchSession:
         Afresh means the fastest of five measurements: the profile stands for undisturbed compute,
         and one measurement disturbed by a busy machine must not set the link speed of the session
         (the engine otherwise keeps whatever it measured first, for good)."""
-        from fate.runtime import profile as P
-
         key = P.profile_key(ref.bundle.path, ref.device, ref.dtype, ref.precision)
         prof = None if reprofile else P.load_cached(key)
         fresh = prof is None
         if fresh:
-            prof = min((P.measure(ref.model, ref.store, ref.device, steps=8, precision=ref.precision) for _ in range(5)),
-                       key=lambda p: p.layer_decode_seconds)
+            prof = min((P.measure(ref.config, ref.weights, ref.store, ref.device, ref.dtype, ref.precision, steps=8)
+                        for _ in range(5)), key=lambda p: p.layer_decode_seconds)
             P.save_cached(key, prof)
         return {"layer_decode_seconds": prof.layer_decode_seconds, "expert_copy_seconds": prof.expert_copy_seconds,
                 "expert_bytes": prof.expert_bytes, "measured_at": prof.measured_at, "fresh": fresh}
@@ -382,8 +323,6 @@ class BenchSession:
         return out
 
     def run(self, progress: bool = False) -> list[dict]:
-        from tqdm import tqdm
-
         configs = self.configs()
         runs: dict[tuple, list[dict]] = {c: [] for c in configs}
         bar = tqdm(total=len(configs) * self.reps, desc="fate-bench", unit="run", file=sys.stderr,
@@ -396,32 +335,32 @@ class BenchSession:
                     bar.set_postfix_str(f"{policy} mem {mem} link {link} rep {r + 1}/{self.reps}", refresh=False)
                     try:
                         runs[c].append(_one_run(self.bundle, policy, mem, link, self.prompt_ids, self.n, self.opts))
-                    except RuntimeError as e:  # an engine failure: record it, measure the others
+                    except (EngineError, RuntimeError) as e:  # an engine failure: record it, measure the others
                         runs[c].append({"error": f"{type(e).__name__}: {e}"})
                         gc.collect()
                     bar.update(1)
         finally:
             bar.close()
-        rows = [_config_row(p, m, ln, runs[(p, m, ln)], len(self.prompt_ids)) for p, m, ln in configs]
-        res = next((r for r in rows if r["policy"] == "resident"), None)
-        base = {(r["mem"], r["link"]): r for r in rows if r["policy"] == "ondemand"}
+        rows = [_config_row(p, m, ln, runs[(p, m, ln)]) for p, m, ln in configs]
+        res = next((r for r in rows if r["policy"] == "resident" and r["reps"]), None)
+        base = {(r["mem"], r["link"]): r for r in rows if r["policy"] == "ondemand" and r["reps"]}
         blob = self.model_info["expert_blob_bytes"]
-        res_layer_s = (1.0 / res["decode_tok_s"] / self.model_info["n_layers"]
-                       if res and res["decode_tok_s"] else None)
+        res_tps = res["decode"]["tokens_per_s"] if res else None
+        res_layer_s = 1.0 / res_tps / self.model_info["n_layers"] if res_tps else None
         for row in rows:
             bps = row["link_bytes_per_s"]
             row["copy_ms"] = 1e3 * blob / bps if bps else None
             row["effective_ratio"] = _ratio(blob / bps if bps else None, res_layer_s)
+            if not row["reps"]:
+                continue
             od = base.get((row["mem"], row["link"]))
-            row["prefill_speedup"] = _ratio(row["prefill_tok_s"], od["prefill_tok_s"]) if od else None
-            row["decode_speedup"] = _ratio(row["decode_tok_s"], od["decode_tok_s"]) if od else None
-            row["prefill_frac_resident"] = _ratio(row["prefill_tok_s"], res["prefill_tok_s"]) if res else None
-            row["decode_frac_resident"] = _ratio(row["decode_tok_s"], res["decode_tok_s"]) if res else None
-        return [{k: row[k] for k in ROW_KEYS} for row in rows]
+            for ph in PHASES:
+                tps = row[ph]["tokens_per_s"]
+                row[ph]["x_ondemand"] = _ratio(tps, od[ph]["tokens_per_s"]) if od else None
+                row[ph]["x_resident"] = _ratio(tps, res[ph]["tokens_per_s"]) if res else None
+        return rows
 
     def meta(self) -> dict:
-        import torch
-
         return {"bundle": str(self.bundle), "model": self.model_info, "prompt_tokens": len(self.prompt_ids),
                 "n": self.n, "reps": self.reps, "threads": self.threads, "policies": self.policies,
                 "mems": self.mems, "links": self.links, "plans": self.plans, "profile": self.profile,
@@ -446,14 +385,24 @@ def run_bench(bundle, policies: Sequence[str] | str = ALL_POLICIES, mems: Sequen
 
 
 # --- output --------------------------------------------------------------------------------------------
+def _get(row, *path):
+    v = row
+    for p in path:
+        if v is None:
+            return None
+        v = v.get(p)
+    return v
+
+
 def _precisions(rows) -> list[str]:
-    seen = {p for r in rows for p in (r["bytes_by_precision"] or {})}
+    seen = {p for r in rows for p in (_get(r, "experts", "bytes_by_precision") or {})}
     return sorted(seen, key=lambda p: PRECISION_ORDER.index(p) if p in PRECISION_ORDER else 99)
 
 
-def _fmt_rate(v, lo, hi) -> str:
-    if v is None:
+def _fmt_rate(ph) -> str:
+    if ph is None or ph["tokens_per_s"] is None:
         return "-"
+    v, lo, hi = ph["tokens_per_s"], ph["tokens_per_s_min"], ph["tokens_per_s_max"]
     if lo is None or hi is None or lo == hi:
         return f"{v:.1f}"
     return f"{v:.1f} ({lo:.1f}–{hi:.1f})"
@@ -479,14 +428,16 @@ def table_text(rows: list[dict]) -> str:
     right = [False, True, False] + [True] * (len(head) - 3)
     body = []
     for r in rows:
-        mb = r["mb_by_precision"]
+        mb = _get(r, "experts", "mb_by_precision")
+        stall = _get(r, "experts", "total", "stall_seconds")
         body.append([r["policy"] + (" †" if r["error"] else ""), r["mem"], link_column(r),
-                     _fmt_rate(r["prefill_tok_s"], r["prefill_tok_s_min"], r["prefill_tok_s_max"]),
-                     _fmt_rate(r["decode_tok_s"], r["decode_tok_s_min"], r["decode_tok_s_max"]),
-                     _fmt_x(r["prefill_speedup"]), _fmt_x(r["decode_speedup"]), _fmt_x(r["decode_frac_resident"]),
-                     _fmt_pct(r["hit_rate"]), _fmt_pct(r["decode_hit_rate"]), _fmt_pct(r["decode_prefetch_recall"])]
+                     _fmt_rate(r["prefill"]), _fmt_rate(r["decode"]),
+                     _fmt_x(_get(r, "prefill", "x_ondemand")), _fmt_x(_get(r, "decode", "x_ondemand")),
+                     _fmt_x(_get(r, "decode", "x_resident")),
+                     _fmt_pct(_get(r, "experts", "total", "hit_rate")), _fmt_pct(_get(r, "experts", "decode", "hit_rate")),
+                     _fmt_pct(_get(r, "experts", "decode", "prefetch_recall"))]
                     + ["-" if mb is None else f"{mb.get(p, 0.0):.1f}" for p in precs]
-                    + ["-" if r["stall_seconds"] is None else f"{r['stall_seconds']:.3f}"])
+                    + ["-" if stall is None else f"{stall:.3f}"])
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
 
     def line(cells):
@@ -528,47 +479,60 @@ def footer_text(rows: list[dict]) -> str:
     return "\n".join(notes)
 
 
-CSV_KEYS = [k for k in ROW_KEYS if k not in ("bytes_by_precision", "mb_by_precision", "slots_per_layer", "by_layer",
-                                              "runs")]
-
-
 def per_layer_text(rows: list[dict]) -> str:
-    """Per MoE layer, for each offloaded configuration: slots, hit rate, prefetch recall and stall
-    (both phases; medians over the repetitions) — where the misses and the waiting are."""
+    """Per MoE layer, for each offloaded configuration: slots, hit rate, prefetch recall, evictions and
+    stall (both phases; medians over the repetitions) — where the misses and the waiting are."""
     out = []
     for r in rows:
-        if not r["by_layer"]:
+        layers = _get(r, "experts", "layers")
+        if not layers:
             continue
+        slots = _get(r, "budget", "slots_per_layer")
         out.append(f"{r['policy']} mem {r['mem']} link {link_column(r)}:")
-        out.append("  layer  slots  needed   hit rate  recall  late  misses  stall s")
-        for i, lay in enumerate(r["by_layer"]):
+        out.append("  layer  slots  needed   hit rate  recall  late  misses  evict  stall s")
+        for i, lay in enumerate(layers):
             if not lay["needed"]:
                 continue
-            slots = r["slots_per_layer"][i] if r["slots_per_layer"] else "-"
-            out.append(f"  {i:5d}  {slots:>5}  {lay['needed']:6g}  {_fmt_pct(lay['hit_rate']):>9}  "
+            out.append(f"  {i:5d}  {slots[i] if slots else '-':>5}  {lay['needed']:6g}  {_fmt_pct(lay['hit_rate']):>9}  "
                        f"{_fmt_pct(lay['prefetch_recall']):>6}  {lay['late_prefetches']:4g}  {lay['misses']:6g}  "
-                       f"{lay['stall_seconds']:7.3f}")
+                       f"{lay['evictions']:5g}  {lay['stall_seconds']:7.3f}")
     return "\n".join(out)
 
+
+def _flat(prefix: str, d, out: dict) -> None:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            _flat(f"{prefix}{k}.", v, out)
+        elif not isinstance(v, list):
+            out[prefix + k] = v
+
+
+def csv_record(row: dict, precs: list[str]) -> dict:
+    """One CSV line: every scalar of the row under its dotted schema name (``decode.tokens_per_s``,
+    ``experts.total.hits``; no per-layer or per-run figures), MB moved per precision as ``mb_<p>``."""
+    rec: dict = {}
+    flat = {k: v for k, v in row.items() if k not in ("runs", "experts")}
+    flat["experts"] = {k: v for k, v in (row["experts"] or {}).items()
+                       if k in ("total", "prefill", "decode")}
+    _flat("", flat, rec)
+    mb = _get(row, "experts", "mb_by_precision")
+    for p in precs:
+        rec[f"mb_{p}"] = None if mb is None else mb.get(p, 0.0)
+    return rec
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     precs = _precisions(rows)
-    keys = CSV_KEYS + [f"mb_{p}" for p in precs]
+    recs = [csv_record(r, precs) for r in rows]
+    keys = list(dict.fromkeys(k for rec in recs for k in rec))
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
-        for r in rows:
-            out = {k: ("" if r[k] is None else r[k]) for k in CSV_KEYS}
-            for p in precs:
-                mb = r["mb_by_precision"]
-                out[f"mb_{p}"] = "" if mb is None else mb.get(p, 0.0)
-            w.writerow(out)
+        for rec in recs:
+            w.writerow({k: "" if rec.get(k) is None else rec[k] for k in keys})
 
 
 def _mem_x(mems: list[str]):
-    from fate.runtime.budget import parse_mem
-
     parsed = [parse_mem(m) for m in mems]
     if all(k == "percent" for k, _ in parsed):
         return [v for _, v in parsed], "expert budget (% of all experts)"
@@ -578,10 +542,11 @@ def _mem_x(mems: list[str]):
 
 
 def require_matplotlib():
+    """matplotlib is an optional dependency (the ``plot`` extra): imported only to draw."""
     try:
         import matplotlib
     except ImportError:
-        raise _error("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
+        raise UsageError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -601,9 +566,9 @@ def write_plot(path: Path, rows: list[dict], meta: dict) -> None:
     for (policy, link, emulated), by_mem in series.items():
         label = f"{policy}, {link}" + (" (emulated)" if emulated else "")
         pts = [(x, by_mem[m]) for x, m in zip(xs, mems) if m in by_mem]
-        dec = [(x, r["decode_speedup"]) for x, r in pts if r["decode_speedup"] is not None]
-        pre = [(x, r["prefill_speedup"]) for x, r in pts if r["prefill_speedup"] is not None]
-        hit = [(x, 100 * r["hit_rate"]) for x, r in pts if r["hit_rate"] is not None]
+        dec = [(x, v) for x, r in pts if (v := _get(r, "decode", "x_ondemand")) is not None]
+        pre = [(x, v) for x, r in pts if (v := _get(r, "prefill", "x_ondemand")) is not None]
+        hit = [(x, 100 * v) for x, r in pts if (v := _get(r, "experts", "total", "hit_rate")) is not None]
         if dec:
             line, = ax1.plot(*zip(*dec), marker="o", label=f"{label}: decode")
             if pre:
@@ -628,107 +593,7 @@ def write_plot(path: Path, rows: list[dict], meta: dict) -> None:
     plt.close(fig)
 
 
-# --- the command -----------------------------------------------------------------------------------------
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("bundle", required=False, type=click.Path(path_type=str))
-@click.option("--policies", default=",".join(ALL_POLICIES), show_default=True,
-              help="Comma-separated policies: ondemand, lru, fate, resident.")
-@click.option("--mem", "mems", default=",".join(DEFAULT_MEMS), show_default=True,
-              help="Comma-separated memory budgets (P% of experts, or sizes like 512MiB).")
-@click.option("--link", "links", default=",".join(DEFAULT_LINKS), show_default=True,
-              help="Comma-separated emulated links: ratio:R, 12GB/s, pcie1/pcie3/pcie4, none.")
-@click.option("-p", "--prompt", default=None, help="Prompt text.")
-@click.option("-f", "--prompt-file", type=click.Path(path_type=str), default=None, help="Read the prompt from a file.")
-@click.option("--prompt-tokens", type=int, default=None,
-              help=f"Synthetic prompt: N tokens of the built-in calibration text [default: {DEFAULT_PROMPT_TOKENS}].")
-@click.option("-n", "--n-predict", "n", default=32, show_default=True, help="Tokens to generate per run.")
-@click.option("-r", "--repetitions", "reps", default=3, show_default=True, help="Repetitions (median reported).")
-@click.option("--experts", "precision", default="q4", show_default=True, help="Expert precision: f16, q4 or q2.")
-@click.option("--prefetch-extra", type=int, default=None, help="fate: extra prefetch candidates [default: profiled].")
-@click.option("--int2-share", type=float, default=0.3, show_default=True,
-              help="fate: INT2 share of prefill assignments.")
-@click.option("-t", "--threads", type=int, default=None, help="CPU threads.")
-@click.option("--verify", is_flag=True, help="Check every expert blob's crc32 once before measuring.")
-@click.option("--cached-profile", is_flag=True,
-              help="Use the cached timing profile (ratio:R links, fate's prefetch width) instead of measuring "
-                   "it afresh at the start.")
-@click.option("--json", "json_path", type=click.Path(path_type=str), default=None, help="Write the rows as JSON.")
-@click.option("--csv", "csv_path", type=click.Path(path_type=str), default=None, help="Write the rows as CSV.")
-@click.option("--plot", "plot_path", type=click.Path(path_type=str), default=None,
-              help="Draw speedup and hit rate against the budget (PNG; needs matplotlib).")
-@click.option("--per-layer", is_flag=True,
-              help="Also print per-layer hit rate, recall and stalls of each configuration.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-def main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, reps, precision, prefetch_extra,
-         int2_share, threads, verify, cached_profile, json_path, csv_path, plot_path, per_layer, no_progress,
-         debug):
-    """Benchmark expert offloading policies on a fate BUNDLE, side by side in one process.
-
-    \b
-    Examples:
-      fate-bench model.gguf
-      fate-bench model.gguf --policies ondemand,fate,resident --mem 25%,50% --link ratio:1 -r 5
-      fate-bench model.gguf --link pcie3,ratio:2 --json bench.json --plot bench.png
-    """
-    with user_errors(debug):
-        _main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, reps, precision,
-              prefetch_extra, int2_share, threads, verify, cached_profile, json_path, csv_path, plot_path,
-              per_layer, no_progress)
-    sys.exit(0)
-
-
-def _main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, reps, precision, prefetch_extra,
-          int2_share, threads, verify, cached_profile, json_path, csv_path, plot_path, per_layer, no_progress):
-    if not bundle:
-        raise _error("no bundle given: fate-bench BUNDLE (see fate-bench --help)")
-    # everything that can be checked without measuring is checked first
-    parse_policies(policies)
-    parse_mems(mems)
-    parse_links(links)
-    if plot_path:
-        require_matplotlib()
-    if prompt is not None and prompt_file is not None:
-        raise _error("give the prompt with -p or -f, not both")
-    if prompt_file is not None:
-        try:
-            prompt = Path(prompt_file).read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            raise _error(f"-f {prompt_file}: the prompt file is not UTF-8 text") from None
-    if prompt is not None and prompt_tokens is not None:
-        raise _error("give -p/-f or --prompt-tokens, not both")
-    s = BenchSession(bundle, policies=policies, mems=mems, links=links, prompt=prompt, prompt_tokens=prompt_tokens,
-                     n=n, reps=reps, experts=precision, prefetch_extra=prefetch_extra, int2_share=int2_share,
-                     threads=threads, verify=verify, reprofile=not cached_profile)
-    rows = s.run(progress=not no_progress)
-    meta = s.meta()
-    click.echo(header_text(meta))
-    click.echo()
-    click.echo(table_text(rows))
-    click.echo()
-    click.echo(footer_text(rows))
-    if per_layer:
-        text = per_layer_text(rows)
-        if text:
-            click.echo()
-            click.echo(text)
-    if json_path:
-        Path(json_path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=_json_default))
-    if csv_path:
-        write_csv(Path(csv_path), rows)
-    if plot_path:
-        write_plot(Path(plot_path), rows, meta)
-    failed = [r for r in rows if r["error"]]
-    if failed:
-        click.echo(f"error: {len(failed)} configuration(s) failed in the engine (marked †)", err=True)
-        sys.exit(1)
-
-
-def _json_default(o):
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return str(o)
-
-
-if __name__ == "__main__":
-    main()
+__all__ = ["BenchSession", "run_bench", "synthetic_prompt", "table_text", "header_text", "footer_text",
+           "per_layer_text", "write_csv", "write_plot", "require_matplotlib", "parse_policies", "parse_mems",
+           "parse_links", "median_tree", "ROW_KEYS", "ALL_POLICIES", "DEFAULT_MEMS", "DEFAULT_LINKS",
+           "DEFAULT_PROMPT_TOKENS"]

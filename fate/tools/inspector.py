@@ -57,11 +57,14 @@ import sys
 import zlib
 from pathlib import Path
 
-import click
+from tokenizers import Tokenizer
+from tqdm import tqdm
 
-from fate.cli_common import format_size, user_errors
+from fate.errors import BundleMetadataError, BundleStructureError, ConfigError, UsageError
 from fate.formats import constants as C
-from fate.formats.bundle import Bundle, BundleError
+from fate.formats.bundle import Bundle
+from fate.model.config import ModelConfig
+from fate.units import format_size
 
 PROVENANCE_KEYS = (C.K_HF_MODEL_TYPE, C.K_SOURCE_NAME, C.K_SOURCE_CONFIG_SHA256, C.K_CREATED, C.K_FATE_VERSION,
                    C.K_HQQ_VERSION)
@@ -69,29 +72,18 @@ TEMPLATE_HEAD_LINES = 5
 DEFAULT_TOP_N = 8
 
 
-class InspectError(BundleError):
-    """A bundle that cannot be inspected (its model config is missing or invalid, or the expert tensors
-    do not match it)."""
-
-
 # --- the report ------------------------------------------------------------------------------------
 
 def _config(b: Bundle):
-    from fate.runtime.config import ConfigError, ModelConfig
-
     try:
         return ModelConfig.from_json(b.require(C.K_MODEL_CONFIG))
     except ConfigError as e:
-        raise InspectError(f"{b.path}: {e}") from None
+        raise BundleMetadataError(f"{b.path}: {e}") from None
 
 
 def _finite(v) -> float | None:
     v = float(v)
     return v if math.isfinite(v) else None
-
-
-def _is_expert_tensor(name: str) -> bool:
-    return name.startswith("blk.") and ".fate_exps." in name
 
 
 def _recall_label(m: int) -> str:
@@ -115,8 +107,6 @@ def _tokenizer_info(b: Bundle) -> dict:
         info["error"] = f"no {C.K_TOKENIZER_HF_JSON} key"
         return info
     try:
-        from tokenizers import Tokenizer
-
         tok = Tokenizer.from_str(tj)
         added = json.loads(tj).get("added_tokens") or []
     except Exception as e:  # noqa: BLE001 - reported, not raised: the rest of the report is still useful
@@ -146,7 +136,7 @@ def _layer_rows(b: Bundle, cfg, top_n: int) -> list[dict]:
     for name, t, shape in ((C.T_CALIB_POPULARITY, pop, (L, E)), (C.T_CALIB_COSINE, cos, (L,)),
                            (C.T_CALIB_RECALL, rec, (L, len(extra)))):
         if t is not None and tuple(t.shape) != shape:
-            raise InspectError(f"{b.path}: tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+            raise BundleMetadataError(f"{b.path}: tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
     rows = []
     for i in range(L):
         moe = bool(cfg.moe_layers[i])
@@ -173,7 +163,7 @@ def inspect_bundle(path: str | os.PathLike, *, top_n: int = DEFAULT_TOP_N,
                    template_lines: int = TEMPLATE_HEAD_LINES) -> dict:
     """Everything ``fate-inspect --json`` prints except ``verify`` (keys: see the module docstring)."""
     if top_n < 1:
-        raise InspectError(f"--top {top_n}: give a positive number of experts")
+        raise UsageError(f"--top {top_n}: give a positive number of experts")
     b = Bundle(path)
     try:
         return _report(b, top_n, template_lines)
@@ -186,7 +176,7 @@ def _report(b: Bundle, top_n: int, template_lines: int) -> dict:
     arch = b.get(C.K_GENERAL_ARCH)
     precisions = b.get(C.K_PRECISIONS) or []
     if not isinstance(precisions, list) or not all(isinstance(p, str) for p in precisions):
-        raise InspectError(f"{b.path}: {C.K_PRECISIONS} is not a list of precisions")
+        raise BundleMetadataError(f"{b.path}: {C.K_PRECISIONS} is not a list of precisions")
     top_n = min(top_n, cfg.n_experts) if cfg.n_experts else top_n
 
     by_dtype: dict[str, int] = {}
@@ -196,7 +186,7 @@ def _report(b: Bundle, top_n: int, template_lines: int) -> dict:
     for name, t in b.tensors.items():
         if name.startswith("fate.calib."):
             calib_bytes += t.nbytes
-        elif _is_expert_tensor(name):
+        elif C.is_expert_tensor(name):
             if name.endswith(".crc32"):
                 crc_bytes += t.nbytes
             else:
@@ -277,15 +267,15 @@ def _blob_table(b: Bundle, cfg) -> list[tuple[int, str, int, int, int, list[int]
             name = C.T_EXPERTS.format(i=i, p=p)
             t = b.tensors.get(name)
             if t is None:
-                raise InspectError(f"{b.path}: tensor {name} is missing")
+                raise BundleStructureError(f"{b.path}: tensor {name} is missing")
             size = int(b.require(C.K_PRECISION_BLOB_SIZE.format(p=p)))
             if len(t.shape) != 2 or t.shape[0] != cfg.n_experts or not 0 < size <= t.shape[1]:
-                raise InspectError(f"{b.path}: tensor {name} has shape {list(t.shape)}, expected "
+                raise BundleMetadataError(f"{b.path}: tensor {name} has shape {list(t.shape)}, expected "
                                    f"[{cfg.n_experts}, >={size}]")
             crc_name = C.T_EXPERTS_CRC.format(i=i, p=p)
             crc = b.tensors.get(crc_name)
             if crc is None or crc.shape != (cfg.n_experts,) or crc.dtype != "I64":
-                raise InspectError(f"{b.path}: checksums {crc_name} are missing or malformed")
+                raise BundleMetadataError(f"{b.path}: checksums {crc_name} are missing or malformed")
             out.append((i, p, t.offset, t.shape[1], size, [int(v) for v in b.tensor(crc_name).tolist()]))
     return out
 
@@ -296,8 +286,6 @@ def verify_bundle(path: str | os.PathLike, *, progress: bool = False, report: di
 
     Blobs are read with plain file reads into one buffer, so memory stays flat on any bundle size.
     ``report``, when given, receives ``checked`` (blobs) and ``bytes`` (bytes read)."""
-    from tqdm import tqdm
-
     b = Bundle(path)
     try:
         cfg = _config(b)
@@ -317,7 +305,7 @@ def verify_bundle(path: str | os.PathLike, *, progress: bool = False, report: di
                 f.seek(offset + e * stride)
                 got = f.readinto(view)
                 if got != size:
-                    raise InspectError(f"{path}: truncated: expert {e} of layer {layer} ({p}) ends past the file")
+                    raise BundleMetadataError(f"{path}: truncated: expert {e} of layer {layer} ({p}) ends past the file")
                 actual = zlib.crc32(view)
                 if actual != stored[e]:
                     bad.append({"layer": layer, "precision": p, "expert": e, "expected": stored[e],
@@ -442,30 +430,27 @@ def format_bad(bad: list[dict]) -> list[str]:
 
 # --- plot ------------------------------------------------------------------------------------------
 
-def _require_matplotlib():
-    from fate.runtime.engine import RuntimeUserError
-
+def require_matplotlib():
+    """matplotlib is an optional dependency (the ``plot`` extra): imported only to draw."""
     try:
         import matplotlib  # noqa: F401
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
         from matplotlib.figure import Figure  # noqa: F401
     except ImportError:
-        raise RuntimeUserError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
+        raise UsageError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
 
 
 def plot_report(r: dict, out: str | os.PathLike) -> None:
     """Layer x expert popularity heatmap (each MoE layer's share per expert) beside the per-layer recall
     curves (and the adjacent cosine), written to ``out`` (the format follows its extension)."""
-    _require_matplotlib()
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # optional dependency (see require_matplotlib)
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    from fate.runtime.engine import RuntimeUserError
-
     rows = [row for row in r["layers"] if row["kind"] == "moe"]
     if r["calibration"] is None or not rows or all(row["popularity"] is None for row in rows):
-        raise RuntimeUserError(f"{r['path']} has no calibration statistics to plot (converted with --no-calib); "
+        raise UsageError(f"{r['path']} has no calibration statistics to plot (converted with --no-calib); "
                                "re-convert it with calibration")
     E = r["architecture"]["n_experts"]
     grid = []
@@ -499,73 +484,3 @@ def plot_report(r: dict, out: str | os.PathLike) -> None:
     ax_rec.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{Path(r['path']).name}: {r['architecture']['model_type']}, {E} experts")
     fig.savefig(out, dpi=120)
-
-
-# --- command line ----------------------------------------------------------------------------------
-
-def _jsonable(obj):
-    """NaN/inf cannot appear in strict JSON: they are already None in the report; this guards the rest."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("bundle", type=click.Path(path_type=str))
-@click.option("--verify", is_flag=True, help="Check the crc32 of every expert blob; list each bad one, exit 1 if any.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (keys: python -m pydoc fate.tools.inspector).")
-@click.option("--plot", "plot_file", type=click.Path(path_type=str), default=None,
-              help="Draw a layer x expert popularity heatmap and the per-layer recall curves (needs matplotlib).")
-@click.option("--top", "top_n", type=int, default=DEFAULT_TOP_N, show_default=True,
-              help="N of the 'share of the assignments going to the top-N experts' column.")
-@click.option("--template-lines", type=int, default=TEMPLATE_HEAD_LINES, show_default=True,
-              help="Chat template lines to show.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-def main(bundle, verify, as_json, plot_file, top_n, template_lines, quiet, debug):
-    """Describe a fate BUNDLE: architecture, sizes, precisions, quantization, tokenizer, chat template,
-    calibration and provenance, and per-layer expert popularity and cross-layer recall.
-
-    \b
-    Examples:
-      fate-inspect model.gguf
-      fate-inspect model.gguf --verify          # exit 1 if any expert blob is corrupt
-      fate-inspect model.gguf --json > info.json
-      fate-inspect model.gguf --plot layers.png
-    """
-    with user_errors(debug):
-        if plot_file is not None:
-            _require_matplotlib()
-        if template_lines < 0:
-            from fate.runtime.engine import RuntimeUserError
-
-            raise RuntimeUserError(f"--template-lines {template_lines}: give 0 or more")
-        report = inspect_bundle(bundle, top_n=top_n, template_lines=template_lines)
-        bad = None
-        if verify:
-            counts: dict = {}
-            bad = verify_bundle(bundle, progress=not quiet, report=counts)
-            report["verify"] = {"checked": counts["checked"], "bytes": counts["bytes"], "bad": bad, "ok": not bad}
-        if plot_file is not None:
-            plot_report(report, plot_file)
-        if as_json:
-            click.echo(json.dumps(_jsonable(report), indent=2, allow_nan=False))
-        else:
-            click.echo(format_report(report))
-            if verify:
-                for line in format_bad(bad):
-                    click.echo(line)
-                v = report["verify"]
-                click.echo(f"verify        {v['checked']} expert blobs ({format_size(v['bytes'])}): "
-                           + ("all good" if not bad else f"{len(bad)} bad"))
-        if plot_file is not None:
-            click.echo(f"wrote {plot_file}", err=True)
-    sys.exit(1 if bad else 0)
-
-
-if __name__ == "__main__":
-    main()

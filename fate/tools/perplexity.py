@@ -41,7 +41,6 @@ result below); ``compare(bundle, text, ctx, stride) -> dict`` (the ``--json`` do
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -49,11 +48,16 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import click
 import torch
+from tqdm import tqdm
 
-from fate.cli_common import format_size, user_errors
-from fate.runtime.engine import RuntimeUserError
+import fate
+from fate.errors import BundleError, BundleMetadataError, ConfigError, RequestError
+from fate.formats import constants as C
+from fate.formats.bundle import Bundle
+from fate.model.config import ModelConfig
+from fate.runtime.engine import FateModel
+from fate.units import format_size
 
 MODES = ("f16", "q4", "q2", "hybrid")
 PRECISION_ORDER = ("f16", "q4", "q2")
@@ -62,7 +66,7 @@ HYBRID_MEM = "50%"
 HYBRID_INT2_SHARE = 0.3
 
 
-class PerplexityError(RuntimeUserError):
+class PerplexityError(RequestError):
     """A perplexity request that cannot be served (bad window sizes, too little text, ...)."""
 
 
@@ -122,16 +126,12 @@ def read_text(path: str | os.PathLike) -> str:
 
 def _bundle_facts(path) -> tuple[int, list[str]]:
     """(context length, stored precisions) read from the bundle's metadata, without loading a model."""
-    from fate.formats import constants as C
-    from fate.formats.bundle import Bundle, BundleError
-    from fate.runtime.config import ConfigError, ModelConfig
-
     b = Bundle(path)
     try:
         try:
             cfg = ModelConfig.from_json(b.require(C.K_MODEL_CONFIG))
         except ConfigError as e:
-            raise BundleError(f"{b.path}: {e}") from None
+            raise BundleMetadataError(f"{b.path}: {e}") from None
         precisions = b.require(C.K_PRECISIONS)
         if not isinstance(precisions, list):
             raise BundleError(f"{b.path}: {C.K_PRECISIONS} is not a list of precisions")
@@ -153,8 +153,6 @@ def _hybrid_high(precisions: Sequence[str]) -> str:
 def load_model(path, experts: str = "q4", *, ctx: int, mem: str | int | None = None, policy: str | None = None,
                int2_share: float = HYBRID_INT2_SHARE, precisions: Sequence[str] | None = None, **options):
     """``fate.load`` for one ``--experts`` mode (see the module docstring); ``options`` go to fate.load."""
-    import fate
-
     if experts not in MODES:
         raise PerplexityError(f"--experts {experts!r}: choose one of {', '.join(MODES)}")
     if experts != "hybrid":
@@ -170,7 +168,7 @@ def load_model(path, experts: str = "q4", *, ctx: int, mem: str | int | None = N
     high = _hybrid_high(precisions)
     mem = HYBRID_MEM if mem is None else mem
     model = fate.load(path, experts=high, context=ctx, mem=mem, policy="fate", int2_share=int2_share, **options)
-    if model.offload is None or model.offload.low_precision is None:
+    if not model.hybrid:
         model.close()
         raise PerplexityError(f"--experts hybrid: --mem {mem} holds every expert, so nothing is offloaded and no "
                               f"prefill expert runs as INT2; give a smaller --mem (e.g. {HYBRID_MEM})")
@@ -178,10 +176,7 @@ def load_model(path, experts: str = "q4", *, ctx: int, mem: str | int | None = N
 
 
 def _mode_of(model) -> str:
-    off = getattr(model, "offload", None)
-    if off is not None and off.low_precision is not None and off.int2_share > 0:
-        return "hybrid"
-    return model.precision
+    return "hybrid" if model.hybrid else model.precision
 
 
 # --- scoring ---------------------------------------------------------------------------------------
@@ -208,15 +203,12 @@ def _ppl(nll: float) -> float:
 
 
 def _score(model, ids: list[int], ctx: int, stride: int, *, chunks: int | None, progress: bool, label: str) -> dict:
-    from tqdm import tqdm
-
     wins = windows(len(ids), ctx, stride)
     if chunks is not None:
         if chunks <= 0:
             raise PerplexityError(f"--chunks {chunks}: give a positive number of windows")
         wins = wins[:chunks]
-    if model.expert_stats is not None:
-        model.expert_stats.reset()
+    model.reset_stats()
     all_ids = torch.tensor(ids, dtype=torch.long)
     total = total_sq = 0.0
     n = run = 0
@@ -224,7 +216,7 @@ def _score(model, ids: list[int], ctx: int, stride: int, *, chunks: int | None, 
     with torch.inference_mode(), tqdm(total=len(wins), desc=f"perplexity {label}", unit="window",
                                       disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
         for begin, end, first in wins:
-            logits = model.model.forward(all_ids[begin:end].to(model.device), None)
+            logits = model.logits(all_ids[begin:end])
             # logits at window position j predict the token at j + 1
             lp = torch.log_softmax(logits[first - begin - 1:end - begin - 1].float(), dim=-1)
             target = all_ids[first:end].to(lp.device)
@@ -239,8 +231,8 @@ def _score(model, ids: list[int], ctx: int, stride: int, *, chunks: int | None, 
     mean = total / n
     var = max(total_sq / n - mean * mean, 0.0) * n / (n - 1) if n > 1 else 0.0
     ppl = _ppl(mean)
-    plan = getattr(model, "plan", None)
-    offload = model.experts_report() if getattr(model, "offload", None) is not None else None
+    plan = model.plan
+    offload = model.experts_report()
     return {
         "experts": label,
         "perplexity": ppl,
@@ -253,7 +245,7 @@ def _score(model, ids: list[int], ctx: int, stride: int, *, chunks: int | None, 
         "stride": stride,
         "policy": model.policy,
         "mem": plan.request if plan is not None and plan.request else None,
-        "int2_share": float(model.offload.int2_share) if label == "hybrid" else 0.0,
+        "int2_share": float(model.options.int2_share) if label == "hybrid" else 0.0,
         "seconds": seconds,
         "tokens_per_s": run / seconds if seconds > 0 else 0.0,
         "offload": offload,
@@ -272,8 +264,6 @@ def perplexity(bundle_or_model, text: str | Sequence[int], ctx: int | None = Non
     ``fate.load`` (device, compute_dtype, threads, verify, ...).  A loaded model is used as it is: then
     leave ``experts``, ``mem``, ``policy`` and ``load_options`` unset.  Returns one result (keys: module
     docstring)."""
-    from fate.runtime.engine import FateModel
-
     if isinstance(bundle_or_model, FateModel):
         model = bundle_or_model
         if experts is not None and experts != _mode_of(model):
@@ -348,7 +338,7 @@ def compare(bundle, text: str | Sequence[int], ctx: int | None = None, stride: i
             "reference": reference, "results": results}
 
 
-# --- command line ----------------------------------------------------------------------------------
+# --- text output ------------------------------------------------------------------------------------
 
 def _moved(r: dict) -> str:
     off = r.get("offload")
@@ -362,7 +352,7 @@ def _n(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def _summary(r: dict) -> str:
+def summary(r: dict) -> str:
     where = f"--mem {r['mem']}, policy {r['policy']}" if r["mem"] else (
         f"policy {r['policy']}" if r["offload"] else "all experts resident")
     share = f", int2-share {r['int2_share']:g}" if r["experts"] == "hybrid" else ""
@@ -372,7 +362,7 @@ def _summary(r: dict) -> str:
             f"{where}{share}; {r['seconds']:.2f} s, {r['tokens_per_s']:.1f} tokens/s{_moved(r)})")
 
 
-def _table(doc: dict) -> str:
+def table(doc: dict) -> str:
     ref = doc["reference"]
     lines = [f"{'experts':<8} {'perplexity':>14} {'+/-':>12} {('delta vs ' + str(ref)):>14} {'delta %':>9} "
              f"{'tokens':>8} {'tokens/s':>10}"]
@@ -383,81 +373,3 @@ def _table(doc: dict) -> str:
         lines.append(f"{r['experts']:<8} {r['perplexity']:>14.4f} {r['perplexity_stderr']:>12.4f} {delta:>14} "
                      f"{pct:>9} {r['tokens']:>8} {r['tokens_per_s']:>10.1f}")
     return "\n".join(lines)
-
-
-def _json_safe(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("bundle", type=click.Path(path_type=str))
-@click.option("-f", "--file", "text_file", type=click.Path(path_type=str), required=True,
-              help="UTF-8 text file to score.")
-@click.option("-c", "--ctx-size", "ctx", type=int, default=None,
-              help=f"Window size in tokens [default: min({DEFAULT_CTX}, model's context)].")
-@click.option("--stride", type=int, default=None,
-              help="Tokens between window starts [default: -c, non-overlapping]; with a smaller stride only "
-                   "each window's new tokens are scored.")
-@click.option("--experts", default=None,
-              help="Expert precision: f16, q4, q2, or hybrid (q4 + INT2 for the least popular prefill "
-                   "experts, offloaded under --mem) [default: q4].")
-@click.option("--compare", "do_compare", is_flag=True, help="Run every stored precision (+ hybrid when q2 is stored) and "
-                                                "print them side by side with the delta vs f16 (vs q4 without f16).")
-@click.option("--json", "json_file", type=click.Path(path_type=str), default=None,
-              help="Write the results as JSON to this file.")
-@click.option("--mem", default=None, help="Device memory budget (6GiB, 512MiB, P%), as fate-run's --mem "
-                                          f"[default: everything resident; {HYBRID_MEM} for hybrid].")
-@click.option("--policy", type=click.Choice(["fate", "ondemand", "lru", "resident"]), default=None,
-              help="Expert offloading policy, as fate-run's --policy [default: fate].")
-@click.option("--int2-share", type=float, default=HYBRID_INT2_SHARE, show_default=True,
-              help="hybrid: least popular prefill experts covering at most this share of assignments run as INT2.")
-@click.option("--chunks", type=int, default=None, help="Score only the first N windows.")
-@click.option("-t", "--threads", type=int, default=None, help="CPU threads.")
-@click.option("--device", default=None, help="cpu or cuda [default: cuda when available].")
-@click.option("--compute-dtype", default=None, help="fp32, fp16 or bf16 [default: fp32 on cpu, fp16 on cuda].")
-@click.option("--no-verify", is_flag=True, help="Skip crc32 checks of expert blobs.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-def main(bundle, text_file, ctx, stride, experts, do_compare, json_file, mem, policy, int2_share, chunks, threads,
-         device, compute_dtype, no_verify, quiet, debug):
-    """Perplexity of a fate BUNDLE on a text file (-f), in windows of -c tokens every --stride tokens.
-
-    \b
-    Examples:
-      fate-perplexity model.gguf -f wiki.test.raw -c 512
-      fate-perplexity model.gguf -f wiki.test.raw --experts hybrid --mem 40%
-      fate-perplexity model.gguf -f wiki.test.raw --compare --json ppl.json
-    """
-    with user_errors(debug):
-        if do_compare and experts is not None:
-            raise PerplexityError("give --experts or --compare, not both")
-        text = read_text(text_file)
-        options = dict(device=device, compute_dtype=compute_dtype, threads=threads, verify=not no_verify)
-        if do_compare:
-            notes: list[str] = []
-            doc = compare(bundle, text, ctx, stride, mem=mem, policy=policy, int2_share=int2_share,
-                           chunks=chunks, progress=not quiet, notes=notes,
-                           on_result=lambda r: click.echo(_summary(r), err=True), **options)
-            for note in notes:
-                click.echo(f"note: {note}", err=True)
-            click.echo(_table(doc))
-        else:
-            r = perplexity(bundle, text, ctx, stride, experts=experts or "q4", mem=mem, policy=policy,
-                           int2_share=int2_share, chunks=chunks, progress=not quiet, **options)
-            click.echo(_summary(r))
-            doc = {"bundle": bundle, "text_tokens": r["text_tokens"], "ctx": r["ctx"], "stride": r["stride"],
-                   "reference": None, "results": [r]}
-        if json_file:
-            doc = {"bundle": doc["bundle"], "file": text_file, **{k: v for k, v in doc.items() if k != "bundle"}}
-            Path(json_file).write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
-    sys.exit(0)
-
-
-if __name__ == "__main__":
-    main()

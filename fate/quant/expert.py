@@ -1,0 +1,250 @@
+"""One routed expert, computed: the primitive every executor uses.
+
+An expert is ``down(silu(gate(x)) * up(x))``.  Where its weights come from differs — a view of the memory
+map, a device cache slot, a copy in memory, one blob the timing profile holds — but how it is computed
+is decided here, once:
+
+* :func:`native_q4` is the one test of whether the native INT4 kernel (:mod:`fate.quant.kernels`) serves
+  a layout on a device in a compute dtype;
+* :class:`ExpertView` reads one blob through its layout (the views of its parts are made once);
+  :class:`WidenedExpert` is the same expert with its codes widened to one byte each (what the resident
+  CPU executor keeps for q2 and torch-only q4, where unpacking per call would cost ~1.5x);
+* :class:`ExpertCompute` holds the scratch one expert is dequantized into and computes an expert on
+  tokens: one-token q4 products straight from the packed codes where the kernel runs; otherwise the
+  weights dequantized into the scratch (fate.quant's ``(q - zero) * scale`` in float32, bit for bit) and
+  multiplied, in row blocks for one token when the expert is larger than ``chunk_bytes`` (each output is
+  one row's dot product, so blocks change no bit).
+
+Gate and up are multiplied as one ``[2F, H]`` matrix (gate's rows, then up's, as the blob stores them).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fate.quant import kernels as K
+from fate.quant.layout import BlobLayout, QuantSpec, _dequantize, unpack_codes
+
+Tensor = torch.Tensor
+
+__all__ = ["swiglu", "native_q4", "ExpertView", "WidenedExpert", "ExpertCompute", "DEFAULT_CHUNK_BYTES",
+           "row_blocks"]
+
+DEFAULT_CHUNK_BYTES = 4 << 20
+"""Row-block size (float32 bytes) for one-token calls: a [512, 512]-expert (3 MiB) widens in one piece."""
+
+
+def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
+    """``down @ (silu(gate @ x) * (up @ x))`` — the MLP of every supported architecture."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def native_q4(spec: QuantSpec, device: str | torch.device, dtype: torch.dtype) -> bool:
+    """Whether the native INT4 kernel computes experts of ``spec`` on ``device`` in ``dtype``: a CPU, float32
+    compute, 4-bit codes in groups of the kernel's size, and a kernel that built on this machine."""
+    return (torch.device(device).type == "cpu" and dtype == torch.float32 and spec.bits == 4
+            and spec.group_size == K.GROUP and K.available())
+
+
+def row_blocks(rows: int, cols: int, budget: int) -> list[tuple[int, int]]:
+    """[(r0, r1)] covering ``rows`` in blocks of at most ``budget`` float32 bytes, a multiple of 16 rows
+    (at least 16, or all rows when fewer)."""
+    step = min(rows, budget // (4 * cols)) // 16 * 16
+    step = rows if step <= 0 and rows <= 16 else max(16, step)
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+class ExpertView:
+    """One expert blob read through its layout: ``parts`` holds, per matrix (gate, up, down), the
+    ``(packed, scale, zero)`` views of a quantized blob or the ``(weight,)`` view of an f16 one.  The blob
+    (uint8, at least ``layout.size`` bytes; a view of the map, a slot or a copy) is only read."""
+
+    __slots__ = ("blob", "layout", "parts", "flat16")
+
+    def __init__(self, blob: Tensor, layout: BlobLayout):
+        self.blob, self.layout = blob, layout
+        self.flat16 = None
+        if layout.spec.is_quantized:
+            self.parts = tuple((m.packed.view(blob), m.scale.view(blob), m.zero.view(blob)) for m in layout.matrices)
+        else:
+            self.parts = tuple((m.packed.view(blob),) for m in layout.matrices)
+            if layout.size == 6 * layout.hidden * layout.ffn:  # gate, up, down back to back: one flat view
+                self.flat16 = blob[:layout.size].view(torch.float16)
+
+    @property
+    def is_view(self) -> bool:
+        """Whether every part is a view of the blob (else one was copied: a misaligned float16 part)."""
+        base = self.blob.untyped_storage().data_ptr()
+        return all(t.untyped_storage().data_ptr() == base for p in self.parts for t in p)
+
+    def dequantize_into(self, out: Tensor, tmp32: Tensor, native: bool, start: int = 0, end: int | None = None) -> Tensor:
+        """Weights ``start:end`` of the flat expert (gate, up, down back to back) into ``out`` (compute dtype,
+        ``end - start`` elements); ``tmp32`` is the float32 intermediate (``out`` itself when none is needed).
+        Partial ranges (``start``/``end`` multiples of the group size) only for f16 blobs."""
+        spec, n = self.layout.spec, 3 * self.layout.hidden * self.layout.ffn
+        end = n if end is None else end
+        if spec.is_quantized:
+            if (start, end) != (0, n):
+                raise ValueError("a quantized blob dequantizes whole (widen it for row blocks)")
+            fh = self.layout.hidden * self.layout.ffn
+            for j, (m, part) in enumerate(zip(self.layout.matrices, self.parts)):
+                dst = tmp32[j * fh:(j + 1) * fh]
+                if native:
+                    K.q4_dequant(*part, out=dst.view(m.shape))
+                else:
+                    packed, scale, zero = part
+                    _dequantize(packed, scale, zero, m.shape[0], m.shape[1], spec, torch.float32, dst.view(m.shape))
+        elif self.flat16 is not None:
+            tmp32.copy_(self.flat16[start:end] if (start, end) != (0, n) else self.flat16)
+        else:  # parts with gaps between them: whole matrices only
+            if (start, end) != (0, n):
+                raise ValueError("this f16 blob has gaps between its matrices: it dequantizes whole")
+            fh = self.layout.hidden * self.layout.ffn
+            for j, (w,) in enumerate(self.parts):
+                tmp32[j * fh:(j + 1) * fh].copy_(w.reshape(-1))
+        if tmp32 is not out:
+            out.copy_(tmp32)
+        return out
+
+    def widen(self) -> "WidenedExpert":
+        """The codes widened to one byte each, scales and zeros as float32 (quantized blobs only)."""
+        spec, layout = self.layout.spec, self.layout
+        fh, g = layout.hidden * layout.ffn, spec.group_size
+        n = 3 * fh
+        codes = torch.empty(n, dtype=torch.uint8, device=self.blob.device)
+        scale = torch.empty(n // g, dtype=torch.float32, device=self.blob.device)
+        zero = torch.empty(n // g, dtype=torch.float32, device=self.blob.device)
+        for j, (m, (packed, sc, ze)) in enumerate(zip(layout.matrices, self.parts)):
+            unpack_codes(packed, spec.bits, out=codes[j * fh:(j + 1) * fh].view(m.shape))
+            gs = slice(j * fh // g, (j + 1) * fh // g)
+            scale[gs].copy_(sc.reshape(-1))
+            zero[gs].copy_(ze.reshape(-1))
+        return WidenedExpert(codes.view(n // g, g), zero.view(n // g, 1), scale.view(n // g, 1))
+
+
+class WidenedExpert:
+    """A quantized expert with one byte per code: ``codes`` [n/g, g] uint8, ``zero`` and ``scale`` [n/g, 1]
+    float32 (gate, up, down back to back).  Dequantizes by ``copy_``, ``sub_``, ``mul_``: fate.quant's
+    ``(q - zero) * scale`` in float32, the same bits, for any group-aligned range."""
+
+    __slots__ = ("codes", "zero", "scale")
+
+    def __init__(self, codes: Tensor, zero: Tensor, scale: Tensor):
+        self.codes, self.zero, self.scale = codes, zero, scale
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.zero, self.scale))
+
+    def dequantize_into(self, out: Tensor, tmp32: Tensor, native: bool = False, start: int = 0,
+                        end: int | None = None) -> Tensor:
+        codes, zero, scale = self.codes, self.zero, self.scale
+        g = codes.shape[1]
+        n = codes.numel()
+        end = n if end is None else end
+        if (start, end) != (0, n):
+            a, b = start // g, end // g
+            codes, zero, scale = codes[a:b], zero[a:b], scale[a:b]
+        w = tmp32.view(codes.shape)
+        w.copy_(codes)
+        w.sub_(zero)
+        w.mul_(scale)
+        if tmp32 is not out:
+            out.copy_(tmp32)
+        return out
+
+
+class ExpertCompute:
+    """Computes experts of one layout on one device in one compute dtype, through one reused scratch.
+
+    ``native``: use the INT4 kernel where :func:`native_q4` allows (one-token products from the packed
+    codes, batched calls dequantized by it in one pass).  ``chunk_bytes``: one-token calls of experts
+    larger than this (as float32) widen and multiply in row blocks (CPU only; ``None``: never).  One
+    instance per thread: the scratch is shared by its calls."""
+
+    def __init__(self, layout: BlobLayout, dtype: torch.dtype, device: str | torch.device, *, native: bool = True,
+                 chunk_bytes: int | None = None):
+        self.layout, self.dtype, self.device = layout, dtype, torch.device(device)
+        self.spec = layout.spec
+        self.native = bool(native) and native_q4(layout.spec, self.device, dtype)
+        H, Fd = layout.hidden, layout.ffn
+        self.H, self.F = H, Fd
+        self.n = 3 * H * Fd
+        # the float32 intermediate: dequantization (and f16 -> bfloat16, which torch does faster via
+        # float32, as fate.quant does) computes in float32; f16 -> float16 and -> float32 write directly
+        self.via32 = dtype != torch.float32 and not (not self.spec.is_quantized and dtype == torch.float16)
+        self.one = torch.empty(self.n, dtype=dtype, device=self.device)
+        self.one32 = torch.empty(self.n, dtype=torch.float32, device=self.device) if self.via32 else self.one
+        self.gate_up, self.down = self.split(self.one)
+        blocked = chunk_bytes is not None and self.device.type == "cpu" and 4 * self.n > chunk_bytes
+        self.gu_blocks = row_blocks(2 * Fd, H, chunk_bytes) if blocked else None
+        self.down_blocks = row_blocks(H, Fd, chunk_bytes) if blocked else None
+
+    def split(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """(gate_up [2F, H], down [H, F]) views of a flat expert."""
+        fh = self.H * self.F
+        return flat[:2 * fh].view(2 * self.F, self.H), flat[2 * fh:].view(self.H, self.F)
+
+    def view(self, blob: Tensor) -> ExpertView:
+        return ExpertView(blob, self.layout)
+
+    def weights(self, src: ExpertView | WidenedExpert, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The expert's (gate_up, down) in the compute dtype: in the scratch (valid until the next call), or
+        in ``out`` (a flat tensor of ``n`` elements) when given."""
+        if out is None:
+            src.dequantize_into(self.one, self.one32, self.native)
+            return self.gate_up, self.down
+        tmp = torch.empty(self.n, dtype=torch.float32, device=self.device) if self.via32 else out
+        return self.split(src.dequantize_into(out, tmp, self.native))
+
+    def dense(self, src: ExpertView | WidenedExpert) -> tuple[Tensor, Tensor, Tensor]:
+        """Fresh (gate [F, H], up [F, H], down [H, F]) tensors of the expert in the compute dtype."""
+        gu, down = self.weights(src, torch.empty(self.n, dtype=self.dtype, device=self.device))
+        return gu[:self.F], gu[self.F:], down
+
+    def swiglu(self, src: ExpertView | WidenedExpert, x: Tensor, out: Tensor | None = None, *,
+               one_token: bool | None = None) -> Tensor:
+        """The expert on tokens ``x`` [T, H]: [T, H] in ``x``'s dtype (into ``out`` [T, H] when given).
+
+        ``one_token``: whether this is a one-token (decode) step — the one-token paths (native products, row
+        blocks) serve only those, so an expert that got one token of a prefill is computed exactly as its
+        other experts are (default: ``T == 1``)."""
+        if x.shape[0] == 1 if one_token is None else one_token:
+            if self.native and isinstance(src, ExpertView):
+                y = K.q4_swiglu(x, *src.parts)
+                if out is None:
+                    return y
+                out.copy_(y)
+                return out
+            if self.gu_blocks is not None and not (isinstance(src, ExpertView) and self.spec.is_quantized):
+                return self._in_blocks(src, x, out)
+        gu, down = self.weights(src)
+        return self.apply(x, gu, down, out)
+
+    def apply(self, x: Tensor, gu: Tensor, down: Tensor, out: Tensor | None = None) -> Tensor:
+        """SwiGLU with weights already in the compute dtype (gate_up [2F, H], down [H, F])."""
+        a = F.linear(x, gu)
+        h = F.silu(a[:, :self.F]) * a[:, self.F:]
+        if out is None:
+            return F.linear(h, down)
+        return torch.mm(h, down.t(), out=out)
+
+    def _in_blocks(self, src, x: Tensor, out: Tensor | None) -> Tensor:
+        """One expert on one token with gate_up and down widened and multiplied in row blocks."""
+        H, Fd = self.H, self.F
+        fh = H * Fd
+        a = torch.empty((1, 2 * Fd), dtype=x.dtype, device=x.device)
+        for r0, r1 in self.gu_blocks:
+            n = (r1 - r0) * H
+            buf = src.dequantize_into(self.one[:n], self.one32[:n], False, r0 * H, r1 * H).view(r1 - r0, H)
+            torch.mm(x, buf.t(), out=a[:, r0:r1])
+        h = F.silu(a[:, :Fd]) * a[:, Fd:]
+        if out is None:
+            out = torch.empty((1, H), dtype=x.dtype, device=x.device)
+        for r0, r1 in self.down_blocks:
+            n = (r1 - r0) * Fd
+            buf = src.dequantize_into(self.one[:n], self.one32[:n], False, 2 * fh + r0 * Fd,
+                                      2 * fh + r1 * Fd).view(r1 - r0, Fd)
+            torch.mm(h, buf.t(), out=out[:, r0:r1])
+        return out

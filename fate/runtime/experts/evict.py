@@ -1,0 +1,323 @@
+"""Eviction policies for one layer's expert cache: LRU, LFU and ARC behind one interface.
+
+A policy only tracks *which* expert ids are resident in a layer's ``capacity`` slots and which one to
+give up next; it owns no memory and does no copying (``fate.runtime.experts.residency`` maps keys to slots).
+
+The caller drives a policy like a page cache, one request at a time:
+
+* the key is resident and gets used          → ``hit(key)``
+* the key is not resident and a slot is free → ``admit(key)``
+* the key is not resident and every slot is taken → ``victim = evict(key, evictable)``; if it is not
+  ``None`` the victim's slot is reused and the caller then calls ``admit(key)``; if it is ``None``
+  (every resident key is pinned, or ``capacity == 0``) the request is served without caching and the
+  policy's state is left exactly as it was.
+* a key leaves for another reason (a failed load, an explicit drop) → ``discard(key)``.
+
+``evictable(key)`` returning False pins a key: the current or the next layer needs it, or its bytes are
+still in flight.  Policies skip pinned keys and take the next candidate in their own preference order.
+
+ARC (Megiddo & Modha, "ARC: A Self-Tuning, Low Overhead Replacement Cache", FAST 2003) splits the
+paper's single "request x" step over ``evict`` and ``admit``; see :class:`ARCPolicy` for how.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Iterable, Protocol, runtime_checkable
+
+Evictable = Callable[[int], bool]
+
+
+def _always(_key: int) -> bool:
+    return True
+
+
+def _check_capacity(capacity: int) -> int:
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+        raise ValueError(f"cache capacity must be a non-negative integer, got {capacity!r}")
+    return capacity
+
+
+def _first_evictable(keys: Iterable[int], evictable: Evictable) -> int | None:
+    for k in keys:
+        if evictable(k):
+            return k
+    return None
+
+
+@runtime_checkable
+class EvictionPolicy(Protocol):
+    name: str  # "arc" | "lru" | "lfu"
+    capacity: int
+
+    def hit(self, key: int) -> None: ...
+    def admit(self, key: int) -> None: ...
+    def evict(self, incoming: int, evictable: Evictable | None = None) -> int | None: ...
+    def discard(self, key: int) -> None: ...
+    def __contains__(self, key: object) -> bool: ...
+    def __len__(self) -> int: ...
+    def resident(self) -> list[int]: ...
+
+
+class _Base:
+    name = ""
+
+    def __init__(self, capacity: int):
+        self.capacity = _check_capacity(capacity)
+
+    def _check_admit(self, key: int) -> None:
+        if key in self:  # type: ignore[operator]
+            raise ValueError(f"{self.name}: expert {key} is already resident; call hit() for a use")
+        if len(self) >= self.capacity:  # type: ignore[arg-type]
+            raise ValueError(f"{self.name}: admit({key}) into a full cache of {self.capacity} slots; "
+                             f"call evict() first and admit only if it returned a victim")
+
+    def _check_incoming(self, key: int) -> None:
+        if key in self:  # type: ignore[operator]
+            raise ValueError(f"{self.name}: evict() for expert {key}, which is resident; call hit()")
+
+    def _missing(self, key: int) -> KeyError:
+        return KeyError(f"{self.name}: expert {key} is not resident")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(capacity={self.capacity}, resident={self.resident()})"  # type: ignore[attr-defined]
+
+
+class LRUPolicy(_Base):
+    """Least recently used: the victim is the resident key whose last use (or admission) is oldest."""
+
+    name = "lru"
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self._keys: OrderedDict[int, None] = OrderedDict()  # least recent first
+
+    def hit(self, key: int) -> None:
+        if key not in self._keys:
+            raise self._missing(key)
+        self._keys.move_to_end(key)
+
+    def admit(self, key: int) -> None:
+        self._check_admit(key)
+        self._keys[key] = None
+
+    def evict(self, incoming: int, evictable: Evictable | None = None) -> int | None:
+        self._check_incoming(incoming)
+        victim = _first_evictable(self._keys, evictable or _always)
+        if victim is not None:
+            del self._keys[victim]
+        return victim
+
+    def discard(self, key: int) -> None:
+        self._keys.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def resident(self) -> list[int]:
+        return list(self._keys)
+
+
+class LFUPolicy(_Base):
+    """Least frequently used, ties broken by least recent use.
+
+    Counts are kept for resident keys only (in-cache LFU): a key that is evicted or discarded starts
+    again from one when it comes back, so an expert that was hot long ago cannot squat a slot forever.
+    """
+
+    name = "lfu"
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self._count: OrderedDict[int, int] = OrderedDict()  # least recent first, value = uses
+
+    def hit(self, key: int) -> None:
+        if key not in self._count:
+            raise self._missing(key)
+        self._count[key] += 1
+        self._count.move_to_end(key)
+
+    def admit(self, key: int) -> None:
+        self._check_admit(key)
+        self._count[key] = 1
+
+    def count(self, key: int) -> int:
+        """Uses of a resident key since it was admitted (admission counts as one); 0 if not resident."""
+        return self._count.get(key, 0)
+
+    def evict(self, incoming: int, evictable: Evictable | None = None) -> int | None:
+        self._check_incoming(incoming)
+        victim = _first_evictable(self.resident(), evictable or _always)
+        if victim is not None:
+            del self._count[victim]
+        return victim
+
+    def discard(self, key: int) -> None:
+        self._count.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._count
+
+    def __len__(self) -> int:
+        return len(self._count)
+
+    def resident(self) -> list[int]:
+        # sorted() is stable, so equal counts stay in recency order (least recent first).
+        return sorted(self._count, key=self._count.__getitem__)
+
+
+class ARCPolicy(_Base):
+    """Adaptive Replacement Cache (Megiddo & Modha 2003).
+
+    State: T1 (resident, seen once recently), T2 (resident, seen at least twice), ghost lists B1 and B2
+    (ids recently evicted from T1 and T2, no slot), and the target size ``p`` of T1.  Every list is kept
+    least recent first.
+
+    How the paper's step "request x" maps onto the interface:
+
+    * Case I (x in T1 ∪ T2) is :meth:`hit`: x moves to the MRU end of T2.
+    * Cases II/III (x in B1 / B2): when the cache is full the caller calls ``evict(x)`` first.  That
+      call adapts ``p`` (B1 hit: ``p = min(c, p + max(|B2|/|B1|, 1))``; B2 hit:
+      ``p = max(0, p - max(|B1|/|B2|, 1))``) *before* REPLACE picks the victim, exactly as in the
+      paper, and remembers that x's adaptation is done; the following ``admit(x)`` then only moves x
+      to the MRU end of T2.  When a slot is free (the cache is warming up, or something was discarded)
+      the caller goes straight to ``admit(x)``, which adapts ``p`` itself.  An ``evict`` that returns
+      ``None`` undoes its adaptation, so a refused request leaves no trace.
+    * Case IV (x in no list): ``evict(x)`` runs REPLACE; ``admit(x)`` then trims the ghost lists
+      (IV.A: ``|T1|+|B1| = c`` → drop the LRU of B1; IV.B: total ``= 2c`` → drop the LRU of B2) and
+      puts x at the MRU end of T1.  Trimming after REPLACE instead of before it drops the same ghost:
+      REPLACE only adds at the MRU ends, and in those cases the list being trimmed was not empty.  In
+      IV.A with ``|T1| = c`` the paper deletes T1's LRU outright; here it passes through B1 and is the
+      ghost that admit drops, which ends in the same state.
+
+    REPLACE(x, p): evict from T1 if ``|T1| ≥ 1`` and (``|T1| > p`` or (x in B2 and ``|T1| = p``)),
+    else from T2.  Pinned keys are skipped (the least recent evictable key of the chosen list goes);
+    if the chosen list holds only pinned keys the other list gives the victim.  The victim moves to the
+    MRU end of the matching ghost list (T1 → B1, T2 → B2).
+    """
+
+    name = "arc"
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self._t1: OrderedDict[int, None] = OrderedDict()
+        self._t2: OrderedDict[int, None] = OrderedDict()
+        self._b1: OrderedDict[int, None] = OrderedDict()
+        self._b2: OrderedDict[int, None] = OrderedDict()
+        self._p = 0.0
+        self._adapted: int | None = None  # ghost key whose p adaptation evict() already applied
+
+    # Read-only views, least recent first (for tests, stats and debugging).
+    @property
+    def p(self) -> float:
+        """Target size of T1, 0 ≤ p ≤ capacity."""
+        return self._p
+
+    @property
+    def t1(self) -> tuple[int, ...]:
+        return tuple(self._t1)
+
+    @property
+    def t2(self) -> tuple[int, ...]:
+        return tuple(self._t2)
+
+    @property
+    def b1(self) -> tuple[int, ...]:
+        return tuple(self._b1)
+
+    @property
+    def b2(self) -> tuple[int, ...]:
+        return tuple(self._b2)
+
+    def hit(self, key: int) -> None:
+        if key in self._t1:
+            del self._t1[key]
+        elif key in self._t2:
+            del self._t2[key]
+        else:
+            raise self._missing(key)
+        self._t2[key] = None
+
+    def _adapt(self, key: int) -> None:
+        c = self.capacity
+        if key in self._b1:
+            self._p = min(float(c), self._p + max(len(self._b2) / len(self._b1), 1.0))
+        elif key in self._b2:
+            self._p = max(0.0, self._p - max(len(self._b1) / len(self._b2), 1.0))
+
+    def _replace_from_t1(self, incoming_in_b2: bool) -> bool:
+        n1 = len(self._t1)
+        return n1 >= 1 and (n1 > self._p or (incoming_in_b2 and n1 == self._p))
+
+    def evict(self, incoming: int, evictable: Evictable | None = None) -> int | None:
+        self._check_incoming(incoming)
+        ok = evictable or _always
+        p_before = self._p
+        ghost = incoming in self._b1 or incoming in self._b2
+        if ghost and self._adapted != incoming:
+            self._adapt(incoming)
+        lists = [(self._t1, self._b1), (self._t2, self._b2)]
+        if not self._replace_from_t1(incoming in self._b2):
+            lists.reverse()
+        for live, ghosts in lists:
+            victim = _first_evictable(live, ok)
+            if victim is not None:
+                del live[victim]
+                ghosts[victim] = None
+                self._adapted = incoming if ghost else None
+                return victim
+        self._p = p_before  # nothing could go: leave no trace of this request
+        return None
+
+    def admit(self, key: int) -> None:
+        self._check_admit(key)
+        adapted, self._adapted = self._adapted == key, None
+        if key in self._b1 or key in self._b2:
+            if not adapted:
+                self._adapt(key)
+            self._b1.pop(key, None)
+            self._b2.pop(key, None)
+            self._t2[key] = None
+            return
+        c = self.capacity
+        if len(self._t1) + len(self._b1) >= c:
+            # IV.A.  |T1| < c (the cache is not full), so B1 is not empty.
+            self._b1.popitem(last=False)
+        elif len(self._t1) + len(self._t2) + len(self._b1) + len(self._b2) >= 2 * c:
+            # IV.B.  |T1|+|B1| < c here forces |T2|+|B2| > c ≥ |T2|, so B2 is not empty.
+            self._b2.popitem(last=False)
+        self._t1[key] = None
+
+    def discard(self, key: int) -> None:
+        for lst in (self._t1, self._t2, self._b1, self._b2):
+            lst.pop(key, None)
+        if self._adapted == key:
+            self._adapted = None
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._t1 or key in self._t2
+
+    def __len__(self) -> int:
+        return len(self._t1) + len(self._t2)
+
+    def resident(self) -> list[int]:
+        """T1 then T2 (each least recent first) when REPLACE would take from T1 for a new key, else
+        T2 then T1: the order in which keys would go if nothing else changed ``p`` meanwhile."""
+        if self._replace_from_t1(False) or not self._t2:
+            return list(self._t1) + list(self._t2)
+        return list(self._t2) + list(self._t1)
+
+
+POLICIES: dict[str, type] = {"arc": ARCPolicy, "lru": LRUPolicy, "lfu": LFUPolicy}
+
+
+def make_policy(name: str, capacity: int) -> EvictionPolicy:
+    """``"arc"`` | ``"lru"`` | ``"lfu"`` (case-insensitive) for one layer of ``capacity`` slots."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    cls = POLICIES.get(key)
+    if cls is None:
+        raise ValueError(f"unknown eviction policy {name!r}; use one of {', '.join(POLICIES)}")
+    return cls(capacity)

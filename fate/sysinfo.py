@@ -1,0 +1,38 @@
+"""Facts about this process and this machine that several layers read."""
+
+from __future__ import annotations
+
+import os
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size. Linux's VmHWM starts afresh at exec, unlike ru_maxrss,
+    which would count the pages of the parent that forked us."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # not on every platform
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (``avx2``, ``avx512f``, ``avx512_vnni``, ...); empty
+    where /proc/cpuinfo is not readable (other systems: the native kernels then stay off)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
