@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 
+import gguf
 import numpy as np
 import torch
 
@@ -63,8 +64,6 @@ class BundleWriter:
 
     # --- headers ----------------------------------------------------------------------------------
     def _gguf_header(self, metadata: dict, tensors: list[TensorPlan]) -> tuple[dict[str, int], int]:
-        import gguf
-
         arch = metadata["general.architecture"]
         w = gguf.GGUFWriter(self.path, arch)
         w.add_custom_alignment(self.alignment)
@@ -137,8 +136,6 @@ class BundleWriter:
 
 
 def _gguf_add(w, key: str, value) -> None:
-    import gguf
-
     T = gguf.GGUFValueType
     if isinstance(value, bool):
         w.add_key_value(key, value, T.BOOL)

@@ -7,6 +7,8 @@ notes on hqq 0.2.x.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -18,11 +20,9 @@ __all__ = ["quantize_weight", "pack_expert", "hqq_reference_dequant"]
 def _hqq_quantizer():
     """hqq's ``Quantizer`` class, imported lazily (the runtime never needs hqq); importing hqq
     triggers an unrelated torch.jit DeprecationWarning, silenced here."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        from hqq.core.quantize import Quantizer
+        from hqq.core.quantize import Quantizer  # hqq is heavy and only the converter needs it
     return Quantizer
 
 

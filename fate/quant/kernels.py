@@ -189,7 +189,7 @@ def _load():
             _why = "no C++ compiler"
             return None
         try:
-            from torch.utils import cpp_extension as X
+            from torch.utils import cpp_extension as X  # pulls in setuptools: only when the kernel loads
 
             if not _built():
                 print("fate: building the native INT4 kernel (once per machine, ~30 s; FATE_NATIVE=0 skips it)",
@@ -206,7 +206,7 @@ def _load():
 def _built() -> bool:
     """Whether torch's extension cache already holds the built kernel (then loading takes a moment)."""
     try:
-        from torch.utils.cpp_extension import _get_build_directory
+        from torch.utils.cpp_extension import _get_build_directory  # as above: heavy, needed once
 
         d = _get_build_directory(_NAME, verbose=False)
         return any(f.startswith(_NAME) and f.endswith(".so") for f in os.listdir(d))

@@ -90,6 +90,7 @@ unpack path; others fall back to a portable (slower) one.
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
@@ -494,8 +495,6 @@ def _as_uint8_tensor(blob) -> torch.Tensor:
     if isinstance(blob, np.ndarray):
         if blob.dtype != np.uint8:
             raise ValueError(f"blob must be uint8, got {blob.dtype}")
-        import warnings
-
         with warnings.catch_warnings():  # read-only arrays warn: we never write to them
             warnings.simplefilter("ignore", UserWarning)
             blob = torch.from_numpy(blob.reshape(-1))

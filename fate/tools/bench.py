@@ -544,11 +544,11 @@ def _mem_x(mems: list[str]):
 def require_matplotlib():
     """matplotlib is an optional dependency (the ``plot`` extra): imported only to draw."""
     try:
-        import matplotlib
+        import matplotlib  # optional dependency: the plot extra
     except ImportError:
         raise UsageError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional dependency, as above
 
     return plt
 

@@ -433,7 +433,7 @@ def format_bad(bad: list[dict]) -> list[str]:
 def require_matplotlib():
     """matplotlib is an optional dependency (the ``plot`` extra): imported only to draw."""
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib  # noqa: F401  (optional dependency: the plot extra)
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
         from matplotlib.figure import Figure  # noqa: F401
     except ImportError:
