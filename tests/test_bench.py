@@ -290,3 +290,26 @@ def test_plot(converted, tmp_path):
                  "--plot", png])
     assert r.exit_code == 0, r.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulate_replays_every_configuration(converted, tmp_path):
+    """--simulate adds the trace replay of each offloaded configuration: simulated decode, the perfect bound,
+    measured / simulated; --simulate-only runs nothing but the replay."""
+    path = converted[ARCH][1]
+    js = tmp_path / "b.json"
+    r = _invoke([path, "--policies", "lru,fate,resident", "--mem", "50%", "--link", "ratio:1", *FAST, "--simulate",
+                 "--json", js])
+    assert r.exit_code == 0, r.output
+    assert "trace replay (simulated" in r.stdout and "measured / sim" in r.stdout
+    rows = json.loads(js.read_text())["rows"]
+    for row in rows:
+        if row["policy"] == "resident":
+            assert row["simulated"] is None
+            continue
+        sim = row["simulated"]
+        assert sim["decode"]["tokens_per_s"] > 0 and 0 < sim["efficiency"]
+        assert sim["perfect_tokens_per_s"] <= sim["resident_tokens_per_s"] * 1.001
+        assert sim["experts"]["decode"]["needed"] == row["experts"]["decode"]["needed"]  # the same tokens
+    r = _invoke([path, "--policies", "lru,fate", "--mem", "50%", "--link", "ratio:1", *FAST, "--simulate-only"])
+    assert r.exit_code == 0, r.output
+    assert "trace replay" in r.stdout and "| policy   |" not in r.stdout  # no measured table

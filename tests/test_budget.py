@@ -200,7 +200,7 @@ def test_recall_needs_stats_and_the_right_shape():
         _plan(_budget_for(30), alloc="recall")
     with pytest.raises(BudgetError, match=r"shape \(5, 4\), expected \(6, 4\)"):
         _plan(_budget_for(30), recall=torch.zeros(5, 4))
-    with pytest.raises(BudgetError, match="--alloc 'lru' is not one of auto, recall, shallow4, even"):
+    with pytest.raises(BudgetError, match="--cache-alloc .lru. is not one of auto, reuse, recall, shallow4, even"):
         _plan(_budget_for(30), alloc="lru")
 
 
@@ -304,3 +304,48 @@ def test_to_dict_and_describe():
     assert "62.5% of" in text
     assert "unlimited" in _plan(None).describe()
     assert _plan(None).to_dict()["budget_bytes"] is None
+
+
+def _curves(slopes, E=8, named_extra=0.0):
+    """reuse [2, L, E+1] from per-layer piecewise-linear curves: ``slopes[i]`` = (gain per slot for the first
+    four slots, gain per slot after them); row 1 adds ``named_extra`` (what the prediction names)."""
+    L = len(slopes)
+    t = torch.full((2, L, E + 1), float("nan"))
+    for i, (first, rest) in enumerate(slopes):
+        s = torch.arange(E + 1, dtype=torch.float64)
+        held = torch.clamp(torch.minimum(s, torch.tensor(4.0)) * first + torch.clamp(s - 4, min=0) * rest, max=1.0)
+        t[0, i] = held
+        t[1, i] = torch.clamp(held + named_extra, max=1.0)
+    return t
+
+
+def test_a_skewed_reuse_curve_gets_more_slots():
+    """With the reuse allocation the layers whose needed experts a few slots hold (skewed) get them first; the
+    flat layers (every slot worth about the same) get what is left."""
+    cfg = _cfg([True] * 6)
+    flat, skewed = (0.125, 0.125), (0.2, 0.05)
+    reuse = _curves([flat, skewed, flat, flat, skewed, flat])
+    p = _plan(_budget_for(6 * 2 + 8), cfg=cfg, reuse=reuse, alloc="reuse")
+    s = p.slots_per_layer
+    assert p.alloc == "reuse" and sum(s) == 6 * 2 + 8 and min(s) >= 2
+    assert s[1] == s[4] == 4  # the skewed ones fill their knee first ...
+    assert s[0] + s[2] + s[3] + s[5] == 4 * 2 + 4  # ... the flat ones share the rest (any split is as good)
+    # auto picks reuse when the curves are there, shallow4 without any statistics
+    assert _plan(_budget_for(20), cfg=cfg, reuse=reuse).alloc == "reuse"
+    assert _plan(_budget_for(20), cfg=cfg).alloc == "shallow4"
+
+
+def test_reuse_counts_the_links_capacity():
+    """Named experts only help as far as the link can move them in a layer's window: over a slow link layer 1's
+    prediction hides nothing and it gets the slots its curve earns; over a fast one it needs few."""
+    cfg = _cfg([True] * 3)
+    reuse = _curves([(0.11, 0.11), (0.125, 0.125), (0.12, 0.12)])
+    reuse[1, 1] = torch.clamp(reuse[0, 1] + 0.6, max=1.0)  # layer 1: the prediction names most of what it needs
+    slow = _plan(_budget_for(3 * 2 + 6), cfg=cfg, reuse=reuse, alloc="reuse", link_copies=0.001).slots_per_layer
+    fast = _plan(_budget_for(3 * 2 + 6), cfg=cfg, reuse=reuse, alloc="reuse", link_copies=4.0).slots_per_layer
+    assert slow == [2, 8, 2] and fast == [2, 3, 7]
+
+
+def test_reuse_needs_stats():
+    with pytest.raises(BudgetError, match="needs the bundle's reuse statistics"):
+        _plan(_budget_for(30), alloc="reuse")

@@ -1,213 +1,149 @@
-"""Expert cache bookkeeping: slots, victims, precision upgrades, drops, and two threads at once."""
+"""Residency bookkeeping (fate.runtime.experts.residency): slots, victims, pins, precision changes, drops,
+generations, and the eviction counts the stats see."""
 
 from __future__ import annotations
 
 import random
-import sys
-import threading
 
 import pytest
 
-from fate.runtime.experts.residency import Entry, ExpertCache, LayerCache
+from fate.runtime.experts.residency import ExpertCache
 
 
-def fill(lc: LayerCache, expert: int, precision: str = "q4", **kw):
-    """Reserve and pretend the copy finished."""
-    got = lc.reserve(expert, precision, prefetched=kw.pop("prefetched", False), **kw)
-    assert got is not None
-    got[0].ready.set()
-    return got
+def fill(c: ExpertCache, layer: int, expert: int, precision: str = "q4", **kw) -> int:
+    """Reserve and pretend the copy landed."""
+    s = c.reserve(layer, expert, precision, prefetched=kw.pop("prefetched", False), **kw)
+    assert s >= 0
+    c.landed(layer, s, c.gen[layer][s])
+    return s
 
 
 def test_reserve_uses_free_slots_then_evicts():
-    lc = LayerCache(3, 2, policy="lru")
-    e0, v0 = lc.reserve(10, "q4", prefetched=True)
-    assert (e0.expert, e0.precision, e0.slot, e0.prefetched, e0.used, v0) == (10, "q4", 0, True, False, None)
-    assert not e0.ready.is_set() and not e0.released
-    e0.ready.set()
-    e1, v1 = fill(lc, 11)
-    assert (e1.slot, v1) == (1, None) and lc.evictions == 0
-    assert lc.lookup(10) is e0 and lc.lookup(12) is None
-    assert lc.resident() == [10, 11]
-
-    e2, v2 = lc.reserve(12, "q2", prefetched=False)     # full: LRU's victim is 10, its slot is reused
-    assert (v2, e2.slot, e2.precision) == (10, 0, "q2")
-    assert e0.released and lc.lookup(10) is None and lc.evictions == 1
-    assert lc.resident() == [11, 12] and len(lc) == 2
+    c = ExpertCache([0, 2], 8, policy="lru")
+    s0 = c.reserve(1, 5, "q4", prefetched=True)
+    assert (s0, c.expert_at[1][s0], c.precision_at[1][s0], c.pending[1][s0], c.prefetched[1][s0]) == (0, 5, "q4", True, True)
+    c.landed(1, s0, c.gen[1][s0])
+    assert c.ready(1, s0) and c.lookup(1, 5) == 0 and c.lookup(1, 6) == -1
+    s1 = fill(c, 1, 6)
+    assert s1 == 1 and c.free_slots(1) == 0 and sum(c.evictions) == 0
+    s2 = c.reserve(1, 7, "q2", prefetched=False)  # full: LRU's victim is 5, its slot is reused
+    assert s2 == s0 and c.lookup(1, 5) == -1 and c.expert_at[1][s2] == 7 and c.precision_at[1][s2] == "q2"
+    assert c.evictions == [0, 1] and c.resident(1) == [6, 7]
 
 
-def test_touch_marks_use_and_feeds_the_policy_lookup_does_not():
-    lc = LayerCache(0, 2, policy="lru")
-    a, _ = fill(lc, 1)
-    fill(lc, 2)
-    lc.lookup(1)                                          # no side effect: 1 stays least recent
-    assert lc.resident() == [1, 2]
-    lc.touch(1)
-    assert a.used and lc.resident() == [2, 1]
-    _, victim = fill(lc, 3)
-    assert victim == 2
-    with pytest.raises(KeyError, match="expert 9 is not in the cache"):
-        lc.touch(9)
+def test_touch_feeds_the_policy_lookup_does_not():
+    c = ExpertCache([2], 4, policy="lru")
+    fill(c, 0, 1)
+    fill(c, 0, 2)
+    c.lookup(0, 1)  # no side effect: 1 stays least recent
+    assert c.resident(0) == [1, 2]
+    c.touch(0, 1)
+    assert c.resident(0) == [2, 1]
+    assert c.reserve(0, 3, "q4", prefetched=False) == c.lookup(0, 3) and c.lookup(0, 2) == -1
 
 
-def test_pinned_and_loading_entries_are_not_victims():
-    lc = LayerCache(1, 2, policy="arc")
-    fill(lc, 1)
-    loading, _ = lc.reserve(2, "q4", prefetched=True)    # copy still in flight: not evictable
-    assert lc.reserve(3, "q4", prefetched=False, pinned={1}) is None
-    assert lc.resident() and sorted(lc.resident()) == [1, 2] and lc.evictions == 0
-    loading.ready.set()
-    e, victim = lc.reserve(3, "q4", prefetched=False, pinned={1})
-    assert victim == 2 and e.slot == loading.slot and loading.released
-    e.ready.set()
-    assert lc.reserve(4, "q4", prefetched=False, pinned=[1, 3]) is None
+def test_pinned_and_in_flight_experts_are_not_victims():
+    c = ExpertCache([2], 8, policy="arc")
+    fill(c, 0, 1)
+    loading = c.reserve(0, 2, "q4", prefetched=True)  # copy still in flight: not evictable
+    assert c.reserve(0, 3, "q4", prefetched=False, pinned={1}) == -1
+    assert sorted(c.resident(0)) == [1, 2] and c.evictions == [0]
+    c.landed(0, loading, c.gen[0][loading])
+    assert c.evictable(0, pinned={1}) == [2]
+    s = c.reserve(0, 3, "q4", prefetched=False, pinned={1})
+    assert s == loading and c.lookup(0, 2) == -1
+    c.landed(0, s, c.gen[0][s])
+    assert c.reserve(0, 4, "q4", prefetched=False, pinned=[1, 3]) == -1
 
 
-def test_zero_slots():
-    lc = LayerCache(0, 0)
-    assert lc.reserve(5, "q4", prefetched=False) is None
-    assert lc.lookup_or_reserve(5, "q4", prefetched=True) is None
-    assert lc.lookup(5) is None and lc.resident() == [] and len(lc) == 0
-    lc.drop(5)
+def test_an_explicit_victim():
+    c = ExpertCache([3], 8, policy="arc")
+    for e in (1, 2, 3):
+        fill(c, 0, e)
+    s3 = c.lookup(0, 3)
+    s = c.reserve(0, 7, "q4", prefetched=True, victim=3)  # the prediction says 3 is the least likely
+    assert s == s3 and c.lookup(0, 3) == -1 and sorted(c.resident(0)) == [1, 2, 7] and c.evictions == [1]
 
 
-def test_reserve_of_a_resident_expert():
-    lc = LayerCache(2, 3)
-    e, _ = fill(lc, 7, "q2")
+def test_zero_slots_and_a_resident_expert():
+    c = ExpertCache([0, 3], 8)
+    assert c.reserve(0, 5, "q4", prefetched=False) == -1
+    assert c.lookup(0, 5) == -1 and c.resident(0) == []
+    c.drop(0, 5)  # dropping an absent expert is harmless
+    fill(c, 1, 7, "q2")
     with pytest.raises(ValueError, match="expert 7 is already cached"):
-        lc.reserve(7, "q4", prefetched=False)
-    got, victim, fresh = lc.lookup_or_reserve(7, "q4", prefetched=False)
-    assert got is e and victim is None and not fresh and got.precision == "q2"
-    new, victim, fresh = lc.lookup_or_reserve(8, "q4", prefetched=True)
-    assert fresh and victim is None and new.slot == 1 and not new.ready.is_set()
+        c.reserve(1, 7, "q4", prefetched=False)
 
 
-def test_replace_precision_keeps_the_slot():
-    lc = LayerCache(0, 2)
-    old, _ = fill(lc, 4, "q2", prefetched=True)
-    lc.touch(4)
-    new = lc.replace_precision(4, "q4")
-    assert (new.expert, new.slot, new.precision, new.prefetched, new.used) == (4, old.slot, "q4", True, False)
-    assert not new.ready.is_set()
-    assert old.released and old.ready.is_set()           # nobody stays blocked on the superseded entry
-    assert lc.lookup(4) is new and lc.resident() == [4]
-    assert lc.replace_precision(4, "q4", prefetched=False).prefetched is False
+def test_change_precision_keeps_the_slot_under_a_new_generation():
+    c = ExpertCache([2], 8)
+    s = fill(c, 0, 4, "q2", prefetched=True)
+    gen = c.gen[0][s]
+    assert c.change_precision(0, 4, "q4") == s
+    assert c.precision_at[0][s] == "q4" and c.pending[0][s] and c.gen[0][s] == gen + 1
+    c.landed(0, s, gen)  # a copy of the old generation landing late changes nothing
+    assert c.pending[0][s]
+    c.landed(0, s, gen + 1)
+    assert c.ready(0, s)
     with pytest.raises(KeyError):
-        lc.replace_precision(5, "q4")
+        c.change_precision(0, 5, "q4")
 
 
 def test_drop_frees_the_slot_and_the_policy_forgets():
-    lc = LayerCache(0, 2, policy="lru")
-    a, _ = fill(lc, 1)
-    waiting, _ = lc.reserve(2, "q4", prefetched=True)   # a copy that will fail
-    lc.drop(2)
-    assert waiting.released and waiting.ready.is_set()   # a waiter wakes up and sees it is gone
-    assert lc.lookup(2) is None and 2 not in lc.policy and lc.resident() == [1]
-    e, victim = lc.reserve(3, "q4", prefetched=False)
-    assert victim is None and e.slot == waiting.slot     # the freed slot, no eviction
-    lc.drop(2)                                           # dropping an absent expert is harmless
-    lc.drop(1)
-    assert a.released and lc.resident() == [3]
-    assert lc.evictions == 0
+    c = ExpertCache([2], 8, policy="lru")
+    fill(c, 0, 1)
+    s = fill(c, 0, 2)
+    c.drop(0, 2)
+    assert c.lookup(0, 2) == -1 and 2 not in c.policies[0] and c.resident(0) == [1] and c.free_slots(0) == 1
+    assert c.reserve(0, 3, "q4", prefetched=False) == s and c.evictions == [0]  # the freed slot, no eviction
 
 
-def test_reserve_flow_with_arc_and_upgrade():
-    """Prefill loads a cold expert as INT2, decode upgrades it in place; ARC keeps the hot one."""
-    lc = LayerCache(5, 2, policy="arc")
-    fill(lc, 1, "q4")
-    lc.touch(1)                                          # 1 in T2
-    fill(lc, 2, "q2", prefetched=True)                   # 2 in T1
-    e3, victim = fill(lc, 3, "q4")                       # |T1| = 1 > p = 0: 2 goes, 1 stays
-    assert victim == 2 and lc.lookup(1) is not None
-    up = lc.replace_precision(1, "q4")
-    up.ready.set()
-    assert sorted(lc.resident()) == [1, 3]
-    assert {e.slot for e in lc.entries()} == {0, 1}
+def test_evictions_reach_the_stats_in_their_layer():
+    seen = []
+    c = ExpertCache([0, 2, 1], 8, on_evict=seen.append)
+    for e in (1, 2, 3):
+        fill(c, 1, e)
+    fill(c, 2, 5)
+    fill(c, 2, 6)
+    assert seen == [1, 2] and c.evictions == [0, 1, 1]
 
 
-def test_concurrent_reserve_never_shares_a_slot():
-    """A prefetcher thread and a forward-pass thread reserve, touch and drop at once.  Each thread uses
-    its own expert ids (as the two roles do for a given expert at a given moment), so the test can
-    check, race-free, that a slot handed out was not still owned: a fresh entry's slot may only have
-    been held by an entry that is now released, because nothing can take a slot whose copy has not
-    finished (ready is set only after the check)."""
-    n_slots = 6
-    lc = LayerCache(0, n_slots, policy="arc")
-    owner: list[Entry | None] = [None] * n_slots
-    errors: list[str] = []
-    start = threading.Barrier(2)
-
-    def worker(base: int, seed: int):
-        try:
-            work(base, seed)
-        except Exception as e:  # an exception in a thread would otherwise pass unnoticed
-            errors.append(f"{type(e).__name__}: {e}")
-
-    def work(base: int, seed: int):
-        rng = random.Random(seed)
-        mine = list(range(base, base + 10))
-        start.wait()
-        for _ in range(3000):
-            x = rng.choice(mine)
-            pinned = set(rng.sample(mine, 2))
-            if rng.random() < 0.5:
-                got = lc.lookup_or_reserve(x, "q4", prefetched=True, pinned=pinned)
-                if got is None:
-                    continue
-                entry, _, fresh = got
-            else:
-                if lc.lookup(x) is not None:
-                    try:
-                        lc.touch(x)
-                    except KeyError:                     # the other thread evicted it meanwhile
-                        pass
-                    continue
-                got = lc.reserve(x, "q4", prefetched=False, pinned=pinned)
-                if got is None:
-                    continue
-                entry, fresh = got[0], True
-            if not fresh:
-                continue
-            prev = owner[entry.slot]
-            if prev is not None and not prev.released:
-                errors.append(f"slot {entry.slot} given to {entry.expert} while {prev.expert} holds it")
-            owner[entry.slot] = entry
-            entry.ready.set()
-            if rng.random() < 0.05:
-                lc.drop(x)
-
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)                          # interleave the two threads as much as possible
-    try:
-        threads = [threading.Thread(target=worker, args=(0, 1)), threading.Thread(target=worker, args=(100, 2))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(old)
-
-    assert not errors, errors[:5]
-    entries = lc.entries()
-    slots = [e.slot for e in entries]
-    assert len(slots) == len(set(slots)) and len(entries) <= n_slots
-    assert sorted(lc.resident()) == sorted(e.expert for e in entries)
-    assert sorted(slots + lc._free) == list(range(n_slots))
-    assert all(not e.released for e in entries)
-    assert lc.evictions > 0
+def test_random_operations_keep_slots_consistent():
+    """Thousands of reserves, landings, touches, drops and precision changes: every expert's slot holds
+    that expert, no slot holds two, free + held = all, and an in-flight slot is never handed out again."""
+    rng = random.Random(3)
+    E = 12
+    c = ExpertCache([0, 5, 3], E, policy="arc")
+    for _ in range(5000):
+        layer = rng.choice([1, 2])
+        e = rng.randrange(E)
+        s = c.lookup(layer, e)
+        op = rng.random()
+        if s < 0:
+            pinned = set(rng.sample(range(E), 2))
+            in_flight = {x for x in range(c.n_slots[layer]) if c.pending[layer][x]}
+            s = c.reserve(layer, e, rng.choice(["q4", "q2"]), prefetched=op < 0.5, pinned=pinned)
+            assert s < 0 or s not in in_flight
+        elif c.pending[layer][s]:
+            if op < 0.7:
+                c.landed(layer, s, c.gen[layer][s])
+        elif op < 0.6:
+            c.touch(layer, e)
+        elif op < 0.8:
+            c.drop(layer, e)
+        else:
+            c.change_precision(layer, e, "q4")
+        for lay in (1, 2):
+            held = [x for x in range(E) if c.slot_of[lay][x] >= 0]
+            slots = [c.slot_of[lay][x] for x in held]
+            assert len(slots) == len(set(slots)) and all(c.expert_at[lay][c.slot_of[lay][x]] == x for x in held)
+            assert sorted(slots + c._free[lay]) == list(range(c.n_slots[lay]))
+            assert sorted(c.resident(lay)) == held
+    assert sum(c.evictions) > 0
 
 
-def test_expert_cache_layers():
-    ec = ExpertCache([0, 4, 2], policy="lfu")
-    assert len(ec) == 3 and ec.slots_per_layer == [0, 4, 2] and ec.total_slots == 6
-    assert ec.layer(0).reserve(1, "q4", prefetched=False) is None   # a dense layer caches nothing
-    assert ec.layer(1).policy.name == "lfu" and ec.layer(1).layer == 1
-    for x in (1, 2, 3):
-        fill(ec.layer(2), x)
-    assert ec.evictions == 1
-    with pytest.raises(IndexError, match="layer 3 is outside the cache's 3 layers"):
-        ec.layer(3)
+def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown eviction policy 'mru'"):
-        ExpertCache([1], policy="mru")
+        ExpertCache([1], 4, policy="mru")
     with pytest.raises(ValueError, match="non-negative"):
-        LayerCache(0, -1)
+        ExpertCache([-1], 4)

@@ -41,8 +41,8 @@ def test_offloading_never_changes_greedy_tokens(converted, arch, device):
         e = stats.experts["total"]
         assert e["needed"] > 0 and e["hits"] + e["misses"] + e["late_prefetches"] == e["needed"]
         assert stats.budget["slots_per_layer"] and not stats.budget["fully_resident"]
-    for policy in ("ondemand", "lru"):
-        got, _ = _tokens(path, mem="25%", policy=policy, device=device)
+    for policy in ("ondemand", "lru", "paper"):
+        got, _ = _tokens(path, mem="25%", policy=policy, device=device, int2_share=0.0)
         assert got == want, (arch, policy)
 
 
@@ -223,29 +223,33 @@ def test_weights_outlive_close(converted):
 
 
 class _RecordingTransfer:
-    """The transfer queue's interface, recording the order of submissions and landing every copy at once."""
+    """The transfer queue's interface, recording the order of submissions (copies done by the real one)."""
 
-    DEMAND = 0.0
-
-    def __init__(self, store, slots_per_layer):
+    def __init__(self, store, cache):
         from fate.runtime.experts.transfer import TransferEngine
 
-        self.real = TransferEngine(store, slots_per_layer, store.blob_bytes("q4"), torch.device("cpu"))
+        self.real = TransferEngine(store, cache, store.blob_bytes("q4"), torch.device("cpu"))
+        self.cache = cache
         self.jobs = []
 
-    def submit(self, layer, expert, precision, slot, entry, priority):
-        self.jobs.append((layer, expert, priority))
-        self.real.submit(layer, expert, precision, slot, entry, priority)
+    def demand(self, layer, slot, *, inline):
+        self.jobs.append((layer, self.cache.expert_at[layer][slot], "demand"))
+        self.real.demand(layer, slot, inline=inline)
+
+    def prefetch(self, layer, slot, priority):
+        self.jobs.append((layer, self.cache.expert_at[layer][slot], priority))
+        self.real.prefetch(layer, slot, priority)
 
     def __getattr__(self, name):
         return getattr(self.real, name)
 
 
-def test_prefetches_queue_after_the_layers_own_loads(converted):
-    """A MoE layer predicts the next one only once its own demand loads are queued (a copy on the link
+@pytest.mark.parametrize("policy", ["fate", "paper"])
+def test_prefetches_queue_after_the_layers_own_loads(converted, policy):
+    """A MoE layer predicts the next ones only once its own demand loads are queued (a copy on the link
     cannot be interrupted); after a dense layer, which queues none, at once."""
-    from fate.runtime.experts.offload import OffloadedExperts
-    from fate.runtime.experts.prefetch import Predictor
+    from fate.runtime.experts.offload import OffloadedExperts, Offloader
+    from fate.runtime.experts.prefetch import Predictor, rank_chances
     from fate.runtime.experts.residency import ExpertCache
     from fate.runtime.experts.stats import ExpertStats
 
@@ -253,21 +257,22 @@ def test_prefetches_queue_after_the_layers_own_loads(converted):
     cfg = m.config
     assert not cfg.moe_layers[0] and cfg.moe_layers[1] and cfg.moe_layers[2]
     routers = {i: m.weights.get(C.T_FFN_GATE_INP.format(i=i)) for i in cfg.moe_layer_ids}
-    slots = [0] + [cfg.top_k + 2] * (cfg.n_layers - 1)
-    rec = _RecordingTransfer(m.store, slots)
-    predictor = Predictor(cfg, routers, extra=2, decode_precision="q4", low_precision=None, int2_share=0.0)
-    ex = OffloadedExperts(cfg, m.store, ExpertCache(slots), rec, ExpertStats(cfg.n_layers), dtype=m.dtype,
-                          device="cpu", predictor=predictor)
+    cache = ExpertCache([0] + [cfg.top_k + 2] * (cfg.n_layers - 1), cfg.n_experts)
+    rec = _RecordingTransfer(m.store, cache)
+    predictor = Predictor(cfg, routers, rank_chances(m.bundle, cfg), decode_precision="q4", low_precision=None,
+                          int2_share=0.0, ahead=(1,))
+    off = Offloader(cfg, cache, rec, ExpertStats(cfg.n_layers), predictor=predictor, extra=2,
+                    rule="value" if policy == "fate" else "window", layer_seconds=1.0)
+    ex = OffloadedExperts(off, m.store, rec, dtype=m.dtype, device="cpu")
     g = torch.randn(1, cfg.hidden_size)
     ex.on_gate_input(1, g)  # a MoE layer's gate input: nothing yet, moe() predicts after its own loads
     assert rec.jobs == []
     _, ids, w = m.model.route(1, g)
     ex.moe(1, g, ids, w)
-    layers = [j[0] for j in rec.jobs]
-    assert layers[:cfg.top_k] == [1] * cfg.top_k and set(layers[cfg.top_k:]) == {2}  # demand, then prefetch
-    assert all(j[2] == rec.DEMAND for j in rec.jobs[:cfg.top_k])
-    prefetch = [j[2] for j in rec.jobs[cfg.top_k:]]
-    assert prefetch == sorted(prefetch) and prefetch[0] > rec.DEMAND  # in rank order, behind any demand
+    kinds = [(j[0], j[2] == "demand") for j in rec.jobs]
+    assert kinds[:cfg.top_k] == [(1, True)] * cfg.top_k  # this layer's demand loads first
+    assert kinds[cfg.top_k:] and all(layer == 2 and not d for layer, d in kinds[cfg.top_k:])  # then prefetches
+    assert set(j[1] for j in rec.jobs[:cfg.top_k]) == set(ids[0].tolist())
     rec.jobs.clear()
     ex.on_gate_input(0, g)  # dense layer 0 names layer 1's: queued at once
     assert rec.jobs and {j[0] for j in rec.jobs} == {1}

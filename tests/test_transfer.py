@@ -1,22 +1,18 @@
-"""TransferEngine on a throttled link: a prefetch a layer needs now is promoted ahead of the other
-prefetches, a cancelled one is never copied, and every copy lands byte for byte."""
+"""TransferEngine on a throttled link: demand loads go before queued prefetches, a promoted prefetch goes
+before the other prefetches, a cancelled one is never copied, inline copies land at once, and every copy
+lands byte for byte in the slot the cache gave it."""
 
 from __future__ import annotations
 
-import threading
+import time
 
 import pytest
 import torch
 
 import fate
 from fate.runtime.experts.link import LinkSpec, Throttle
+from fate.runtime.experts.residency import ExpertCache
 from fate.runtime.experts.transfer import TransferEngine
-
-
-class _Entry:
-    def __init__(self):
-        self.ready = threading.Event()
-        self.released = False
 
 
 @pytest.fixture()
@@ -25,10 +21,10 @@ def setup(converted):
     layer = m.config.moe_layer_ids[0]
     n = m.store.blob_bytes("q4")
 
-    def engine(seconds_per_blob: float) -> TransferEngine:
+    def engine(seconds_per_blob: float, slots: int = 4):
+        cache = ExpertCache([slots if i == layer else 0 for i in range(m.config.n_layers)], m.config.n_experts)
         link = LinkSpec("bandwidth", bytes_per_s=n / seconds_per_blob, label="test", emulated=True)
-        return TransferEngine(m.store, [4 if i == layer else 0 for i in range(m.config.n_layers)], n,
-                              torch.device("cpu"), Throttle(link))
+        return TransferEngine(m.store, cache, n, torch.device("cpu"), Throttle(link)), cache
 
     yield m, layer, n, engine
     m.close()
@@ -38,31 +34,81 @@ def _landed(t: TransferEngine, m, layer: int, slot: int, expert: int, n: int) ->
     return torch.equal(t.slot(layer, slot, n), m.store.blob(layer, expert, "q4"))
 
 
+def _reserve(cache, layer, expert, prefetched=True):
+    s = cache.reserve(layer, expert, "q4", prefetched=prefetched)
+    assert s >= 0
+    return s
+
+
 def test_promoted_prefetch_goes_before_the_other_prefetches(setup):
     m, layer, n, engine = setup
-    t = engine(0.3)
-    a, b, c = _Entry(), _Entry(), _Entry()
-    t.submit(layer, 0, "q4", 0, a, priority=1.0)
-    t.submit(layer, 1, "q4", 1, b, priority=2.0)
-    t.submit(layer, 2, "q4", 2, c, priority=3.0)
-    t.promote(c)  # a layer waits for it now
-    t.wait(c)
-    assert not b.ready.is_set()
-    t.wait(a)
-    t.wait(b)
-    assert all(_landed(t, m, layer, s, s, n) for s in range(3))
+    t, cache = engine(0.2)
+    a, b, c = (_reserve(cache, layer, e) for e in (0, 1, 2))
+    t.prefetch(layer, a, 1.0)
+    t.prefetch(layer, b, 2.0)
+    t.prefetch(layer, c, 3.0)
+    t.promote(layer, c, inline=False)  # a layer waits for it now (queued: ahead of b)
+    t.wait(layer, c)
+    assert cache.pending[layer][b]
+    t.wait(layer, a)
+    t.wait(layer, b)
+    assert all(_landed(t, m, layer, s, e, n) for s, e in ((a, 0), (b, 1), (c, 2)))
     t.close()
 
 
-def test_released_prefetch_is_not_copied(setup):
+def test_a_queued_prefetch_a_layer_needs_is_copied_inline_at_once(setup):
     m, layer, n, engine = setup
-    t = engine(0.2)
-    a, b, c = _Entry(), _Entry(), _Entry()
-    t.submit(layer, 0, "q4", 0, a, priority=1.0)
-    t.submit(layer, 1, "q4", 1, b, priority=2.0)
-    b.released = True  # dropped before its turn (cancelled): its slot may belong to another expert
-    t.submit(layer, 2, "q4", 1, c, priority=3.0)
-    t.wait(a)
-    t.wait(c)
-    assert not b.ready.is_set() and _landed(t, m, layer, 1, 2, n)
+    t, cache = engine(0.15)
+    a, b = _reserve(cache, layer, 0), _reserve(cache, layer, 1)
+    t.prefetch(layer, a, 1.0)  # on the link at once
+    t.prefetch(layer, b, 2.0)  # queued behind it
+    time.sleep(0.02)
+    t.promote(layer, b, inline=True)  # taken off the queue and copied on this thread, after the copy on the link
+    assert not cache.pending[layer][b] and _landed(t, m, layer, b, 1, n)
+    t.wait(layer, a)
+    assert _landed(t, m, layer, a, 0, n)
+    t.close()
+
+
+def test_a_demand_load_goes_before_queued_prefetches(setup):
+    m, layer, n, engine = setup
+    t, cache = engine(0.1)
+    p1, p2, d = _reserve(cache, layer, 0), _reserve(cache, layer, 1), _reserve(cache, layer, 2, prefetched=False)
+    t.prefetch(layer, p1, 1.0)
+    t.prefetch(layer, p2, 2.0)
+    t.demand(layer, d, inline=False)
+    t.wait(layer, d)
+    assert cache.pending[layer][p2]  # the demand load went before the prefetch still queued
+    t.wait(layer, p1)
+    t.wait(layer, p2)
+    t.close()
+
+
+def test_a_cancelled_prefetch_is_not_copied(setup):
+    m, layer, n, engine = setup
+    t, cache = engine(0.15)
+    a, b = _reserve(cache, layer, 0), _reserve(cache, layer, 1)
+    t.prefetch(layer, a, 1.0)
+    t.prefetch(layer, b, 2.0)
+    assert t.cancel(layer, b)  # still queued: cancelled
+    cache.drop(layer, 1)
+    c = _reserve(cache, layer, 2)  # its slot goes to another expert
+    assert c == b
+    t.prefetch(layer, c, 3.0)
+    t.wait(layer, a)
+    t.wait(layer, c)
+    assert _landed(t, m, layer, c, 2, n)
+    assert not t.cancel(layer, a)  # landed: nothing to cancel
+    t.close()
+
+
+def test_free_at_counts_what_is_queued(setup):
+    m, layer, n, engine = setup
+    t, cache = engine(0.1)
+    assert t.free_at() == pytest.approx(t.now(), abs=0.01) and t.copy_seconds("q4") == pytest.approx(0.1)
+    for e in range(3):
+        t.prefetch(layer, _reserve(cache, layer, e), 1.0 + e)
+    assert t.free_at() - t.now() == pytest.approx(0.3, abs=0.05)  # one on the link, two queued
+    for s in range(3):
+        t.wait(layer, s)
     t.close()

@@ -10,13 +10,13 @@ import click
 
 from fate.cli.common import CONTEXT, engine_options, user_errors, write_json
 from fate.errors import UsageError
-from fate.tools.bench import (ALL_POLICIES, DEFAULT_LINKS, DEFAULT_MEMS, DEFAULT_PROMPT_TOKENS, BenchSession,
+from fate.tools.bench import (DEFAULT_POLICIES, DEFAULT_LINKS, DEFAULT_MEMS, DEFAULT_PROMPT_TOKENS, BenchSession,
                               footer_text, header_text, parse_links, parse_mems, parse_policies, per_layer_text,
-                              require_matplotlib, table_text, write_csv, write_plot)
+                              require_matplotlib, simulated_text, table_text, write_csv, write_plot)
 
 @click.command(context_settings=CONTEXT)
 @click.argument("bundle", required=False, type=click.Path(path_type=str))
-@click.option("--policies", default=",".join(ALL_POLICIES), show_default=True,
+@click.option("--policies", default=",".join(DEFAULT_POLICIES), show_default=True,
               help="Comma-separated policies: ondemand, lru, fate, resident.")
 @click.option("--mem", "mems", default=",".join(DEFAULT_MEMS), show_default=True,
               help="Comma-separated memory budgets (P% of experts, or sizes like 512MiB).")
@@ -37,13 +37,18 @@ from fate.tools.bench import (ALL_POLICIES, DEFAULT_LINKS, DEFAULT_MEMS, DEFAULT
 @click.option("--csv", "csv_path", type=click.Path(path_type=str), default=None, help="Write the rows as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=str), default=None,
               help="Draw speedup and hit rate against the budget (PNG; needs matplotlib).")
+@click.option("--simulate", is_flag=True,
+              help="Also replay each configuration's routing trace through the same policy objects with a timing "
+                   "model (zero host cost): simulated decode, the perfect-prediction bound, measured/simulated.")
+@click.option("--simulate-only", is_flag=True,
+              help="Only the replay (seconds): choose --mem for a link before a long run.")
 @click.option("--per-layer", is_flag=True,
               help="Also print per-layer hit rate, recall and stalls of each configuration.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, reps, experts, prefetch_extra,
-         int2_share, threads, verify, cached_profile, json_path, csv_path, plot_path, per_layer, no_progress,
-         debug):
+         int2_share, threads, verify, cached_profile, json_path, csv_path, plot_path, simulate, simulate_only,
+         per_layer, no_progress, debug):
     """Benchmark expert offloading policies on a fate BUNDLE, side by side in one process.
 
     \b
@@ -55,12 +60,13 @@ def main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, r
     with user_errors(debug):
         _main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, reps, experts,
               prefetch_extra, int2_share, threads, verify, cached_profile, json_path, csv_path, plot_path,
-              per_layer, no_progress)
+              per_layer, no_progress, simulate, simulate_only)
     sys.exit(0)
 
 
 def _main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, reps, experts, prefetch_extra,
-          int2_share, threads, verify, cached_profile, json_path, csv_path, plot_path, per_layer, no_progress):
+          int2_share, threads, verify, cached_profile, json_path, csv_path, plot_path, per_layer, no_progress,
+          simulate=False, simulate_only=False):
     if not bundle:
         raise UsageError("no bundle given: fate-bench BUNDLE (see fate-bench --help)")
     # everything that can be checked without measuring is checked first
@@ -80,14 +86,22 @@ def _main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, 
         raise UsageError("give -p/-f or --prompt-tokens, not both")
     s = BenchSession(bundle, policies=policies, mems=mems, links=links, prompt=prompt, prompt_tokens=prompt_tokens,
                      n=n, reps=reps, experts=experts, prefetch_extra=prefetch_extra, int2_share=int2_share,
-                     threads=threads, verify=verify, reprofile=not cached_profile)
+                     threads=threads, verify=verify, reprofile=not cached_profile,
+                     simulate=simulate or simulate_only, measure=not simulate_only)
     rows = s.run(progress=not no_progress)
     meta = s.meta()
     click.echo(header_text(meta))
-    click.echo()
-    click.echo(table_text(rows))
-    click.echo()
-    click.echo(footer_text(rows))
+    if not simulate_only:
+        click.echo()
+        click.echo(table_text(rows))
+        click.echo()
+        click.echo(footer_text(rows))
+    sim = simulated_text(rows)
+    if sim:
+        click.echo()
+        click.echo("trace replay (simulated; zero host cost" + (", emulated link" if any(r["emulated"] for r in rows)
+                                                               or any(ln != "none" for ln in s.links) else "") + "):")
+        click.echo(sim)
     if per_layer:
         text = per_layer_text(rows)
         if text:

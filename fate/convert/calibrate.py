@@ -32,6 +32,44 @@ class CalibStats:
     cosine: torch.Tensor  # float32 [L], NaN where undefined
     recall: torch.Tensor  # float32 [L, len(RECALL_EXTRA)], NaN where undefined
     tokens: int
+    rank_hit: torch.Tensor | None = None  # float32 [2, L, E] (fate.calib.rank_hit), NaN where undefined
+    reuse: torch.Tensor | None = None  # float32 [2, L, E + 1] (fate.calib.reuse), NaN for dense layers
+
+
+def rank_hits(order: torch.Tensor, topk: torch.Tensor) -> torch.Tensor:
+    """``[E]``: for each rank r, the share of tokens whose expert ranked r by ``order`` [T, E] is among their
+    ``topk`` [T, k]."""
+    return (order.unsqueeze(-1) == topk.unsqueeze(1)).any(-1).double().mean(0)
+
+
+def reuse_curves(topk: torch.Tensor, predicted: torch.Tensor | None, n_experts: int,
+                 lengths: list[int]) -> torch.Tensor:
+    """``[2, E + 1]``: [0, s] the share of needed experts an LRU cache of s slots holds when a token comes (its
+    stack distance over the sequence's earlier tokens is below s); [1, s] the share held or among
+    ``predicted`` [T, k'] (the cross-layer prediction's top k).  Sequences restart with an empty cache."""
+    E = n_experts
+    held = torch.zeros(E + 2, dtype=torch.float64)  # held[d]: needed experts at stack distance d (E+1: never seen)
+    unnamed = torch.zeros(E + 2, dtype=torch.float64)  # the same, of those the prediction did not name
+    rows = topk.tolist()
+    named = predicted.tolist() if predicted is not None else None
+    t = 0
+    for n in lengths:
+        stack: list[int] = []  # most recent first
+        for _ in range(n):
+            need = rows[t]
+            for e in need:
+                d = stack.index(e) if e in stack else E + 1
+                held[d] += 1
+                if named is None or e not in named[t]:
+                    unnamed[d] += 1
+            stack = list(dict.fromkeys(need)) + [e for e in stack if e not in need]
+            t += 1
+    total = max(1.0, float(held.sum()))
+    below = lambda c: torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(c, 0)[:E]])  # noqa: E731
+    out = torch.empty(2, E + 1, dtype=torch.float64)
+    out[0] = below(held) / total  # a cache of s slots holds what sits at distance < s
+    out[1] = (total - unnamed.sum() + below(unnamed)) / total
+    return out
 
 
 class _LayerWeights:
@@ -67,6 +105,8 @@ def calibrate(ckpt: HFCheckpoint, spec: A.ArchSpec, cfg: ModelConfig, token_ids:
     popularity = torch.zeros(L, E, dtype=torch.int64)
     cosine = torch.full((L,), float("nan"))
     recall = torch.full((L, len(extras)), float("nan"))
+    rank_hit = torch.full((2, L, E), float("nan"))
+    reuse = torch.full((2, L, E + 1), float("nan"))
 
     seqs = [torch.tensor(token_ids[s:s + seq_len], dtype=torch.long) for s in range(0, len(token_ids), seq_len)]
     lengths = [len(ids) for ids in seqs]
@@ -78,6 +118,7 @@ def calibrate(ckpt: HFCheckpoint, spec: A.ArchSpec, cfg: ModelConfig, token_ids:
         h = table[torch.tensor(token_ids, dtype=torch.long)].to(torch.float32)
         del table
         prev_g = model.predictor_input(h)  # layer 0 is predicted from the token embedding
+        prev2_g = None  # the gate input two layers back (layer 1: the embedding's)
         for i in range(L):
             # attention runs per sequence (causal within it); everything after it is per token, so the
             # FFN runs once over all tokens and each expert is read from the checkpoint once per layer
@@ -95,9 +136,14 @@ def calibrate(ckpt: HFCheckpoint, spec: A.ArchSpec, cfg: ModelConfig, token_ids:
                         hit = (topk.unsqueeze(-1) == cand.unsqueeze(1)).any(-1).sum(-1)
                         recall[i, j] = hit.double().mean().item() / k
                     cosine[i] = F.cosine_similarity(prev_g.double(), g.double(), dim=-1).mean().item()
+                    rank_hit[0, i] = rank_hits(order, topk)
+                    if prev2_g is not None:
+                        order2 = F.linear(prev2_g, router).argsort(dim=-1, descending=True, stable=True)
+                        rank_hit[1, i] = rank_hits(order2, topk)
+                    reuse[:, i] = reuse_curves(topk, order[:, :k], E, lengths)
             h = h + model.ffn(i, g)
-            prev_g = g
+            prev2_g, prev_g = prev_g, g
             weights.drop()
             if progress is not None:
                 progress.update(1)
-    return CalibStats(popularity, cosine, recall, len(token_ids))
+    return CalibStats(popularity, cosine, recall, len(token_ids), rank_hit, reuse)

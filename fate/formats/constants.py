@@ -127,6 +127,12 @@ T_NON_EXPERT_CRC = "fate.crc32.non_expert"  # int64 [N]: zlib crc32 of each name
 T_CALIB_POPULARITY = "fate.calib.popularity"  # int64 [L, E]: tokens routed to each expert (0 rows: dense)
 T_CALIB_COSINE = "fate.calib.cosine"  # f32 [L]: mean cos(gate input i-1, gate input i); NaN at i=0
 T_CALIB_RECALL = "fate.calib.recall"  # f32 [L, 4]: recall of predicting layer i from layer i-1, k+m
+# f32 [2, L, E]: [a-1, i, r] = share of tokens for which the expert ranked r by layer i's router applied to
+# the gate input a layers earlier (a = 1, 2; for i < a the token embedding's) was among layer i's top k
+T_CALIB_RANK_HIT = "fate.calib.rank_hit"
+# f32 [2, L, E + 1]: [0, i, s] = share of layer i's needed experts an LRU cache of s slots holds (stack
+# distance < s); [1, i, s] = share held or named among the top k by the prediction from layer i-1
+T_CALIB_REUSE = "fate.calib.reuse"
 
 
 def key(template: str, arch: str) -> str:

@@ -111,8 +111,13 @@ class FateModel:
         self.timing: TimingProfile | None = None
         self.offloading: offloading.Offloading | None = None
         if opts.offloads and cfg.moe_layer_ids:
+            def timing():
+                return offloading.timing_profile(self.bundle, cfg, self.weights, self.store, self.device, self.dtype,
+                                                 self.precision, force=opts.profile)
+
+            copies = offloading.copies_per_layer(self.link, timing, self.store.blob_bytes(self.precision))
             self.plan = offloading.plan(cfg, self.store, self.bundle, opts, self.precision, self.weights.nbytes,
-                                        self.kv.nbytes, self.dtype, self.context)
+                                        self.kv.nbytes, self.dtype, self.context, copies)
             if not self.plan.fully_resident:  # a budget that holds everything keeps it resident
                 self.offloading = offloading.build(cfg, self.bundle, self.store, self.weights, opts, self.plan,
                                                    self.precision, self.device, self.dtype)

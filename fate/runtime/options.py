@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 from fate.errors import RequestError, UsageError
 
-POLICIES = ("fate", "ondemand", "lru", "resident")
+POLICIES = ("fate", "paper", "ondemand", "lru", "resident")
 EVICTIONS = ("arc", "lru", "lfu")
-ALLOCS = ("auto", "recall", "shallow4", "even")
+ALLOCS = ("auto", "reuse", "recall", "shallow4", "even")
 COMPUTE_DTYPES = ("fp32", "fp16", "bf16")
 
 

@@ -35,6 +35,7 @@ EXPERT_FIELDS = {
     "named": "experts the prediction named",
     "named_needed": "named experts that were needed",
     "stall_seconds": "time computation waited for expert copies",
+    "host_seconds": "the offloading policy's own work on the model's thread (neither computing nor waiting)",
     "hit_rate": "hits / needed",
     "prefetch_recall": "named_needed / predicted_needed",
     "prefetch_precision": "named_needed / named",

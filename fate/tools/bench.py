@@ -58,7 +58,8 @@ from fate.runtime.experts import profile as P
 from fate.runtime.experts.budget import parse_mem
 from fate.runtime.experts.link import parse_link
 
-ALL_POLICIES = ("ondemand", "lru", "fate", "resident")
+ALL_POLICIES = ("ondemand", "lru", "paper", "fate", "resident")
+DEFAULT_POLICIES = ("ondemand", "lru", "fate", "resident")
 DEFAULT_MEMS = ("25%", "50%", "75%")
 DEFAULT_LINKS = ("ratio:1",)
 DEFAULT_PROMPT_TOKENS = 128
@@ -66,7 +67,7 @@ PRECISION_ORDER = ("f16", "q4", "q2")
 PHASES = ("prefill", "decode")
 
 ROW_KEYS = ("policy", "mem", "link", "link_label", "emulated", "link_bytes_per_s", "copy_ms", "effective_ratio",
-            "reps", "failed_runs", "error", "prefill", "decode", "experts", "budget", "runs")
+            "reps", "failed_runs", "error", "prefill", "decode", "experts", "budget", "simulated", "runs")
 BUDGET_KEYS = ("slots", "slots_per_layer", "slot_fraction", "budget_bytes", "fully_resident")
 
 
@@ -219,11 +220,12 @@ def _config_row(policy, mem, link, all_runs: list[dict]) -> dict:
 class BenchSession:
     """One benchmark: validated inputs, the prompt, the warm-up, then the runs."""
 
-    def __init__(self, bundle, *, policies=ALL_POLICIES, mems=DEFAULT_MEMS, links=DEFAULT_LINKS,
+    def __init__(self, bundle, *, policies=DEFAULT_POLICIES, mems=DEFAULT_MEMS, links=DEFAULT_LINKS,
                  prompt_ids: Sequence[int] | None = None, prompt: str | None = None,
                  prompt_tokens: int | None = None, n: int = 32, reps: int = 3, experts: str = "q4",
                  prefetch_extra: int | None = None, int2_share: float = 0.3, threads: int | None = None,
-                 verify: bool = False, warmup: bool = True, reprofile: bool = True):
+                 verify: bool = False, warmup: bool = True, reprofile: bool = True, simulate: bool = False,
+                 measure: bool = True):
         self.policies = parse_policies(policies)
         offloaded = [p for p in self.policies if p != "resident"]
         self.mems = parse_mems(mems) if offloaded else []
@@ -243,7 +245,7 @@ class BenchSession:
             if threads < 1:
                 raise UsageError(f"-t {threads}: give at least 1 thread")
             torch.set_num_threads(threads)
-        self.bundle, self.n, self.reps = path, n, reps
+        self.bundle, self.n, self.reps, self.measure = path, n, reps, measure
         self.opts = {"experts": experts, "prefetch_extra": prefetch_extra, "int2_share": int2_share}
         self.threads = torch.get_num_threads()
 
@@ -280,6 +282,7 @@ class BenchSession:
             if warmup:  # torch's first calls (allocator, kernels) stay out of the first configuration
                 ref.generate(ids[: min(len(ids), 16)], 2, temperature=0.0, stop_at_eos=False)
             self.profile = self._profile(ref, reprofile) if offloaded else None
+            self.simulated = self._simulate(ref) if simulate and offloaded else {}
         finally:
             ref.close()
         del ref
@@ -294,8 +297,7 @@ class BenchSession:
             finally:
                 probe.close()
 
-    @staticmethod
-    def _profile(ref, reprofile: bool) -> dict:
+    def _profile(self, ref, reprofile: bool) -> dict:
         """The timing profile with which every configuration of this session resolves ``ratio:R`` links
         and fate's prefetch width: measured afresh and cached under the bundle's key, where the loads
         below find it; or, with ``reprofile=False``, the cached one (measured if there is none).
@@ -310,8 +312,59 @@ class BenchSession:
             prof = min((P.measure(ref.config, ref.weights, ref.store, ref.device, ref.dtype, ref.precision, steps=8)
                         for _ in range(5)), key=lambda p: p.layer_decode_seconds)
             P.save_cached(key, prof)
+        self._profile_obj = prof
         return {"layer_decode_seconds": prof.layer_decode_seconds, "expert_copy_seconds": prof.expert_copy_seconds,
                 "expert_bytes": prof.expert_bytes, "measured_at": prof.measured_at, "fresh": fresh}
+
+    def _simulate(self, ref) -> dict:
+        """Every configuration replayed by the trace simulator: the routing of this prompt and its greedy
+        continuation (``n`` tokens) through the engine's own policy objects, with this session's profile."""
+        from fate.runtime.experts import offloading as OFF
+        from fate.runtime.experts import simulate as S
+        from fate.runtime.experts.link import resolve_ratio
+        from fate.runtime.experts.prefetch import rank_chances
+        from fate.runtime.experts.trace import record_trace
+        from fate.formats import constants as C
+        from fate.runtime.options import EngineOptions
+
+        ids = self.prompt_ids
+        out = ref.generate(ids, self.n, temperature=0.0, stop_at_eos=False)
+        trace = record_trace(ref.model, ids + out.token_ids[:-1])
+        prof = self._profile_obj
+        cfg, store = ref.config, ref.store
+        routers = {i: ref.weights.get(C.T_FFN_GATE_INP.format(i=i)) for i in cfg.moe_layer_ids}
+        chances = rank_chances(ref.bundle, cfg)
+        slot_bytes = store.blob_bytes(ref.precision)
+        res: dict = {}
+        for policy, mem, ln in self.configs():
+            if policy == "resident":
+                continue
+            link = parse_link(ln)
+            if link.kind == "ratio":
+                link = resolve_ratio(link, prof.layer_decode_seconds, slot_bytes)
+            opts = EngineOptions(experts=ref.precision, policy=policy, mem=mem, link=ln)
+            copies = OFF.copies_per_layer(parse_link(ln), lambda: prof, slot_bytes)
+            plan = OFF.plan(cfg, store, ref.bundle, opts, ref.precision, ref.weights.nbytes, ref.kv.nbytes,
+                            ref.dtype, ref.context, copies)
+            if plan.fully_resident:
+                continue
+            timing = S.timing_for(prof, link, store, ref.precision)
+            rate = link.bytes_per_s if link.kind == "bandwidth" else None
+            extra = prof.extra_candidates(cfg.top_k, cfg.n_experts, ref.precision, rate)
+            max_new = prof.copies_in_window(ref.precision, rate)
+            if self.opts["prefetch_extra"] is not None:
+                extra, max_new = self.opts["prefetch_extra"], None
+            elif policy == "fate":
+                extra = max(extra, cfg.top_k)
+            kw = dict(chances=chances, routers=routers, evict="lru" if policy == "lru" else "arc", extra=extra,
+                      max_new=max_new, decode_precision=ref.precision, warmup=len(ids))
+            r = S.simulate_policy(trace, timing, cfg, plan.slots_per_layer, policy, **kw)
+            perfect = S.simulate_policy(trace, timing, cfg, plan.slots_per_layer, "perfect", **kw)
+            resident = 1.0 / (cfg.n_layers * timing.layer_seconds)
+            res[(policy, mem, ln)] = {"decode": {"tokens_per_s": r.tokens_per_s}, "experts": r.experts,
+                                      "link_busy": r.link_busy, "perfect_tokens_per_s": perfect.tokens_per_s,
+                                      "resident_tokens_per_s": resident}
+        return res
 
     def configs(self) -> list[tuple[str, str, str]]:
         out = []
@@ -328,7 +381,7 @@ class BenchSession:
         bar = tqdm(total=len(configs) * self.reps, desc="fate-bench", unit="run", file=sys.stderr,
                    disable=not progress, dynamic_ncols=True)
         try:
-            for r in range(self.reps):
+            for r in range(self.reps if self.measure else 0):
                 order = configs if r % 2 == 0 else list(reversed(configs))
                 for c in order:
                     policy, mem, link = c
@@ -342,6 +395,11 @@ class BenchSession:
         finally:
             bar.close()
         rows = [_config_row(p, m, ln, runs[(p, m, ln)]) for p, m, ln in configs]
+        for row in rows:
+            sim = self.simulated.get((row["policy"], row["mem"], row["link"]))
+            if sim is not None:
+                measured = _get(row, "decode", "tokens_per_s")
+                row["simulated"] = {**sim, "efficiency": _ratio(measured, sim["decode"]["tokens_per_s"])}
         res = next((r for r in rows if r["policy"] == "resident" and r["reps"]), None)
         base = {(r["mem"], r["link"]): r for r in rows if r["policy"] == "ondemand" and r["reps"]}
         blob = self.model_info["expert_blob_bytes"]
@@ -369,18 +427,20 @@ class BenchSession:
                 "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def run_bench(bundle, policies: Sequence[str] | str = ALL_POLICIES, mems: Sequence[str] | str = DEFAULT_MEMS,
+def run_bench(bundle, policies: Sequence[str] | str = DEFAULT_POLICIES, mems: Sequence[str] | str = DEFAULT_MEMS,
               links: Sequence[str] | str = DEFAULT_LINKS, prompt_ids: Sequence[int] | None = None, n: int = 32,
               reps: int = 3, *, prompt_tokens: int | None = None, experts: str = "q4",
               prefetch_extra: int | None = None, int2_share: float = 0.3, threads: int | None = None,
               verify: bool = False, warmup: bool = True, reprofile: bool = True,
-              progress: bool = False) -> list[dict]:
+              progress: bool = False, simulate: bool = False, measure: bool = True) -> list[dict]:
     """Benchmark ``policies`` x ``mems`` x ``links`` on ``bundle``; one dict per configuration (keys:
     see the module docstring).  Without ``prompt_ids``, ``prompt_tokens`` (default 128) tokens of the
-    calibration text are the prompt."""
+    calibration text are the prompt.  ``simulate`` adds each configuration's trace replay (``simulated``);
+    ``measure=False`` runs nothing but the replay."""
     s = BenchSession(bundle, policies=policies, mems=mems, links=links, prompt_ids=prompt_ids,
                      prompt_tokens=prompt_tokens, n=n, reps=reps, experts=experts, prefetch_extra=prefetch_extra,
-                     int2_share=int2_share, threads=threads, verify=verify, warmup=warmup, reprofile=reprofile)
+                     int2_share=int2_share, threads=threads, verify=verify, warmup=warmup, reprofile=reprofile,
+                     simulate=simulate or not measure, measure=measure)
     return s.run(progress=progress)
 
 
@@ -424,7 +484,7 @@ def table_text(rows: list[dict]) -> str:
     """The llama-bench-style markdown table: one row per configuration."""
     precs = _precisions(rows)
     head = (["policy", "mem", "link", "prefill t/s", "decode t/s", "prefill x od", "decode x od", "x resident",
-             "hit rate", "dec hit", "dec recall"] + [f"MB {p}" for p in precs] + ["stall s"])
+             "hit rate", "dec hit", "dec recall"] + [f"MB {p}" for p in precs] + ["stall s", "host µs/layer"])
     right = [False, True, False] + [True] * (len(head) - 3)
     body = []
     for r in rows:
@@ -437,7 +497,8 @@ def table_text(rows: list[dict]) -> str:
                      _fmt_pct(_get(r, "experts", "total", "hit_rate")), _fmt_pct(_get(r, "experts", "decode", "hit_rate")),
                      _fmt_pct(_get(r, "experts", "decode", "prefetch_recall"))]
                     + ["-" if mb is None else f"{mb.get(p, 0.0):.1f}" for p in precs]
-                    + ["-" if stall is None else f"{stall:.3f}"])
+                    + ["-" if stall is None else f"{stall:.3f}"]
+                    + ["-" if (hu := host_us_per_layer(r)) is None else f"{hu:.0f}"])
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
 
     def line(cells):
@@ -445,6 +506,35 @@ def table_text(rows: list[dict]) -> str:
 
     sep = "| " + " | ".join(("-" * (w - 1) + ":") if ra else "-" * w for w, ra in zip(widths, right)) + " |"
     return "\n".join([line(head), sep] + [line(b) for b in body])
+
+
+def host_us_per_layer(row) -> float | None:
+    """The offloading policy's own host time per MoE layer and decode token, in µs (measured)."""
+    host = _get(row, "experts", "decode", "host_seconds")
+    tokens = _get(row, "decode", "tokens")
+    layers = sum(1 for lay in (_get(row, "experts", "layers") or []) if lay["needed"])
+    if host is None or not tokens or not layers:
+        return None
+    return 1e6 * host / (tokens * layers)
+
+
+def simulated_text(rows: list[dict]) -> str:
+    """The trace simulator's figures beside the measured ones: per configuration the simulated decode
+    (zero host cost), its hit rate, the perfect-prediction bound, measured / simulated, and the measured
+    host time per layer."""
+    out = ["| policy | mem | link | sim decode t/s | sim x resident | sim hit rate | perfect x resident | "
+           "measured / sim | host µs/layer |", "| --- | --: | --- | --: | --: | --: | --: | --: | --: |"]
+    for r in rows:
+        sim = r.get("simulated")
+        if not sim:
+            continue
+        res = sim["resident_tokens_per_s"]
+        hu = host_us_per_layer(r)
+        out.append(f"| {r['policy']} | {r['mem']} | {link_column(r)} | {sim['decode']['tokens_per_s']:.1f} | "
+                   f"{_fmt_x(_ratio(sim['decode']['tokens_per_s'], res))} | {_fmt_pct(sim['experts']['decode']['hit_rate'])} | "
+                   f"{_fmt_x(_ratio(sim['perfect_tokens_per_s'], res))} | {_fmt_x(sim['efficiency'])} | "
+                   f"{'-' if hu is None else f'{hu:.0f}'} |")
+    return "\n".join(out) if len(out) > 2 else ""
 
 
 def header_text(meta: dict) -> str:
@@ -595,5 +685,5 @@ def write_plot(path: Path, rows: list[dict], meta: dict) -> None:
 
 __all__ = ["BenchSession", "run_bench", "synthetic_prompt", "table_text", "header_text", "footer_text",
            "per_layer_text", "write_csv", "write_plot", "require_matplotlib", "parse_policies", "parse_mems",
-           "parse_links", "median_tree", "ROW_KEYS", "ALL_POLICIES", "DEFAULT_MEMS", "DEFAULT_LINKS",
+           "parse_links", "median_tree", "ROW_KEYS", "ALL_POLICIES", "DEFAULT_POLICIES", "DEFAULT_MEMS", "DEFAULT_LINKS",
            "DEFAULT_PROMPT_TOKENS"]

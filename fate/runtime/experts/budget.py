@@ -28,7 +28,7 @@ from fate.formats import constants as C
 from fate.model.config import ModelConfig
 from fate.units import SizeError, format_size, parse_size
 
-ALLOCS = ("auto", "recall", "shallow4", "even")
+ALLOCS = ("auto", "reuse", "recall", "shallow4", "even")
 SHALLOW_FULL_LAYERS = 4  # MoE layers the paper's reference code pins completely
 RECALL_COLUMN = C.RECALL_EXTRA.index(2)  # the "top k+2" column of fate.calib.recall
 _PPM = 1_000_000  # miss rates become integers in parts per million before any slot arithmetic
@@ -228,9 +228,52 @@ def _proportional_fill(extra: int, caps: list[int], weights: list[int]) -> list[
     return got
 
 
+def _reuse_fill(extra: int, caps: list[int], curves: list[list[float]], floor: int) -> list[int]:
+    """Spread ``extra`` slots to minimise the expected misses: each next slot goes to the layer whose curve
+    (share of its needed experts held with s slots, ``curves[j][s]``) gains most from it; ties go to the
+    shallower layer.  The curves are non-decreasing, so this is the greedy of a sum of concave gains."""
+    got = [0] * len(caps)
+    for _ in range(extra):
+        best, gain = -1, -1.0
+        for j, c in enumerate(caps):
+            if got[j] < c:
+                s = floor + got[j]
+                g = curves[j][s + 1] - curves[j][s]
+                if g > gain + 1e-12:
+                    best, gain = j, g
+        if best < 0:
+            break
+        got[best] += 1
+    return got
+
+
+FIRST_LAYER_WINDOW = 0.8  # the first MoE layer is predicted from the embedding: its window is its attention
+
+
+def _reuse_curves(cfg: ModelConfig, reuse, link_copies: float) -> list[list[float]] | None:
+    """Per MoE layer, in depth order: the share of its needed experts that are held or hidden with s slots.
+    From ``fate.calib.reuse``: held by an LRU cache of s slots, plus those the prediction names — but no more
+    of those than the link moves in the layer's window (``link_copies`` copies per layer; the first MoE
+    layer, predicted from the embedding, has one attention)."""
+    if reuse is None:
+        return None
+    t = torch.as_tensor(reuse).detach().to("cpu", torch.float64)
+    if tuple(t.shape) != (2, cfg.n_layers, cfg.n_experts + 1) or not torch.isfinite(t[:, cfg.moe_layer_ids]).all():
+        return None
+    k = max(cfg.top_k, 1)
+    first = cfg.moe_layer_ids[0] if cfg.moe_layer_ids else -1
+    out = []
+    for i in cfg.moe_layer_ids:
+        cap = link_copies * (FIRST_LAYER_WINDOW if i == first else 1.0) / k  # hidden per needed expert, at most
+        held, named = t[0, i].tolist(), t[1, i].tolist()
+        out.append([h + min(max(0.0, n - h), cap) for h, n in zip(held, named)])
+    return out
+
+
 def plan_budget(cfg: ModelConfig, *, mem: str | int | None, non_expert_bytes: int, kv_bytes: int,
                 buffer_bytes: int, slot_bytes: int, alloc: str = "auto",
-                recall: torch.Tensor | None = None) -> BudgetPlan:
+                recall: torch.Tensor | None = None, reuse: torch.Tensor | None = None,
+                link_copies: float = 1.0) -> BudgetPlan:
     """Split a memory budget into the resident part and expert slots per layer.
 
     ``mem``: ``None`` keeps every expert resident; bytes (an int, or a size such as ``"6GiB"``) are the
@@ -252,9 +295,15 @@ def plan_budget(cfg: ModelConfig, *, mem: str | int | None, non_expert_bytes: in
       others by their weights; once no share reaches its cap, each layer gets the floor of its share and
       the slots the floors leave over (fewer than the layers) go one each to the shallowest remaining
       layers.  If only zero-miss layers remain, they share evenly as in ``even``;
-    * ``auto``: ``recall`` when ``recall`` statistics are given, else ``shallow4``.
+    * ``reuse``: to minimise the expected misses, from each layer's reuse curves measured on the calibration
+      text (``fate.calib.reuse``: the share of its needed experts an LRU cache of s slots holds, and the share
+      held or named by the cross-layer prediction — of which the link can hide ``link_copies`` per layer):
+      one slot at a time to the layer it helps most (:func:`_reuse_fill`);
+    * ``auto``: ``reuse`` when the reuse curves are given, else ``recall`` when ``recall`` statistics are,
+      else ``shallow4``.
 
-    ``recall`` is the bundle's float32 ``[n_layers, 4]`` tensor (``fate.calib.recall``).  The sum of the
+    ``recall`` is the bundle's float32 ``[n_layers, 4]`` tensor (``fate.calib.recall``), ``reuse`` its
+    ``[2, n_layers, n_experts + 1]`` one.  The sum of the
     slots never exceeds the slot budget; when the budget is not fully used it is because one slot more
     would not fit, or every layer is at ``n_experts``.
     """
@@ -262,7 +311,7 @@ def plan_budget(cfg: ModelConfig, *, mem: str | int | None, non_expert_bytes: in
                     ("buffer_bytes", buffer_bytes), ("slot_bytes", slot_bytes)):
         _check_bytes(name, v)
     if alloc not in ALLOCS:
-        raise BudgetError(f"--alloc {alloc!r} is not one of {', '.join(ALLOCS)}")
+        raise BudgetError(f"--cache-alloc {alloc!r} is not one of {', '.join(ALLOCS)}")
     moe_ids = cfg.moe_layer_ids
     n_moe, n_exp, top_k = len(moe_ids), cfg.n_experts, cfg.top_k
     if n_moe and slot_bytes <= 0:
@@ -270,8 +319,16 @@ def plan_budget(cfg: ModelConfig, *, mem: str | int | None, non_expert_bytes: in
     if alloc == "recall" and recall is None:
         raise BudgetError("--alloc recall needs the bundle's calibration statistics, and this bundle has none "
                           "(converted with --no-calib); use --alloc shallow4 or even")
+    curves = _reuse_curves(cfg, reuse, link_copies)
+    if alloc == "reuse" and curves is None:
+        raise BudgetError("--cache-alloc reuse needs the bundle's reuse statistics (fate.calib.reuse), and this "
+                          "bundle has none (converted by an older fate, or with --no-calib); re-convert it or use "
+                          "--cache-alloc recall, shallow4 or even")
     miss = _miss_ppm(cfg, recall) if recall is not None else None
-    mode = alloc if alloc != "auto" else ("recall" if recall is not None else "shallow4")
+    if alloc != "auto":
+        mode = alloc
+    else:
+        mode = "reuse" if curves is not None else "recall" if recall is not None else "shallow4"
 
     resident = non_expert_bytes + kv_bytes + buffer_bytes
     expert_total = slot_bytes * n_exp * n_moe
@@ -326,6 +383,8 @@ def plan_budget(cfg: ModelConfig, *, mem: str | int | None, non_expert_bytes: in
         got = _shallow_fill(extra, caps)
     elif mode == "even":
         got = _level_fill(extra, caps)
+    elif mode == "reuse":
+        got = _reuse_fill(extra, caps, curves, top_k)
     else:
         got = _proportional_fill(extra, caps, miss)
     if sum(got) != extra or any(g > c for g, c in zip(got, caps)):

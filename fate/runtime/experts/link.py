@@ -132,6 +132,11 @@ class Throttle:
     def active(self) -> bool:
         return self.spec.kind == "bandwidth"
 
+    @property
+    def link_free_at(self) -> float:
+        """When the last transfer queued on the link finishes (``-inf`` before the first)."""
+        return self._link_free_at
+
     def transfer(self, nbytes: int) -> float:
         """Wait until a transfer of ``nbytes`` would have completed; return the seconds waited."""
         if nbytes < 0:

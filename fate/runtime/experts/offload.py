@@ -1,23 +1,35 @@
-"""The offloading executor: experts stream from the bundle into per-layer device slot pools
-(:mod:`.residency`) through the transfer queue (:mod:`.transfer`) and are computed by the one expert
-primitive (:class:`fate.quant.expert.ExpertCompute`) straight from their slots.
+"""Offloading: the policy that decides what moves when (:class:`Offloader`), and the executor that runs it
+on the model (:class:`OffloadedExperts`).  The trace simulator (:mod:`.simulate`) runs the same policy
+object on a recorded routing trace, with a simulated link and compute, so its figures are this code's.
 
-Per MoE layer and forward step (:meth:`OffloadedExperts.moe`):
-1. the experts the router chose are ranked by how many tokens want them (prefill) — in prefill the
-   least popular ones, whose token→expert assignments add up to at most ``int2_share``, use INT2;
-2. resident-and-ready experts are hits; named-but-unfinished prefetches are waited for (late, and promoted
-   ahead of every other prefetch); everything else is loaded on demand at once, most popular first, so
-   compute starts early and hides later copies; when the slots run out, later loads start as soon as
-   computed experts free theirs;
-3. only then is the next layer predicted (:class:`.prefetch.Predictor`) and its copies queued: a copy on
-   the link cannot be interrupted, so a prefetch queued earlier would make this layer's misses wait;
-4. each expert is computed on all its tokens as soon as its bytes are ready.
+Per MoE layer and forward step (:meth:`Offloader.run_layer`):
 
-The executor is also the model's observer: after a dense layer (and before layer 0, from the embedding),
-which queue no demand loads of their own, the next layer is predicted at once.
+1. the experts the router chose are ranked by how many tokens want them — in prefill the least popular
+   ones, whose token→expert assignments add up to at most ``int2_share``, use INT2;
+2. resident-and-ready experts are hits; named-but-unfinished prefetches are late (promoted ahead of
+   every other prefetch, or copied at once when still queued); everything else is a miss, loaded on demand
+   at once — in a one-token step on the calling thread (a copy of a few µs is cheaper than a hand-off) —
+   most popular first; when the slots run out, later loads start as soon as computed experts free theirs;
+3. only then are the next layers predicted and their copies queued (a copy on the link cannot be
+   interrupted, so nothing queued earlier may make this layer's misses wait);
+4. each expert is computed as soon as its bytes are ready, hits first.
+
+**Prefetching by expected value (decode).**  The prediction names candidates for layers i+1 and i+2, each
+with its calibrated chance ``p`` of being needed (:mod:`.prefetch`).  The link must be idle again by the
+time layer i+1 starts (one layer's compute from now), or its demand loads would wait: a candidate is
+fetched when what it saves, ``p`` × the copy it spares (less what arrives too late), is worth more than
+what it costs — the delay it would add to layer i+1's expected misses, and the chance that the expert it
+evicts (the least likely one the prediction sees there, ties by the cache's own order) is needed instead.
+The link is used whenever that balance is positive, whatever the layer; nothing needs a fixed window.
+Prefetches a layer turns out not to need are cancelled while still queued.
+
+**Prefill** keeps the paper's rule: the next layer's predicted experts, most tokens first, INT2 for the
+least popular, queued behind this layer's demand loads so they land during this layer's compute.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Sequence
 
 import torch
 
@@ -28,58 +40,251 @@ from fate.runtime.experts.hybrid import RANK, hybrid_precisions
 from fate.runtime.experts.prefetch import Prediction, Predictor
 from fate.runtime.experts.residency import ExpertCache
 from fate.runtime.experts.stats import ExpertStats
-from fate.runtime.experts.transfer import TransferEngine
+
+RULES = ("value", "window")  # fate's expected-value prefetch; the paper's top-(k + m) within one window
+
+
+class Offloader:
+    """The offloading policy of one run over ``cache`` and a mover (the TransferEngine, or the simulator's
+    link): ``keep=False`` is Load-on-Demand; no ``predictor`` is LRU/ARC caching alone; with one, ``rule``
+    "value" is fate's expected-value prefetch and "window" the paper's (top k + ``extra`` candidates of the
+    next layer, at most ``max_new`` new copies per prediction).  ``layer_seconds`` is one layer's decode
+    compute (the timing profile): the time the link has before the next layer needs it."""
+
+    def __init__(self, cfg, cache: ExpertCache, mover, stats: ExpertStats, *, keep: bool = True,
+                 decode_precision: str = "q4", low_precision: str | None = None, int2_share: float = 0.3,
+                 predictor: Predictor | None = None, rule: str = "value", extra: int = 0,
+                 max_new: int | None = None, layer_seconds: float = 0.0):
+        if rule not in RULES:
+            raise ValueError(f"prefetch rule {rule!r}: choose one of {', '.join(RULES)}")
+        self.cfg, self.cache, self.mover, self.stats = cfg, cache, mover, stats
+        self.keep, self.decode_precision = keep, decode_precision
+        self.low_precision, self.int2_share = low_precision, int2_share
+        self.predictor, self.rule, self.extra, self.max_new = predictor, rule, extra, max_new
+        self.layer_seconds = layer_seconds
+        self._named: dict[int, set[int]] = {}  # layer -> experts its one-layer-ahead prediction named
+        self._queued: list[list[int]] = [[] for _ in range(cfg.n_layers)]  # slots holding a queued prefetch
+        k = cfg.top_k
+        self._limit = {j: min(cfg.n_experts, n, k + extra) for j, n in enumerate(cache.n_slots) if n > 0}
+
+    # -- prediction and prefetching ---------------------------------------------------------------
+    def wants_prediction(self, layer: int) -> bool:
+        return self.predictor is not None and layer + 1 < self.cfg.n_layers
+
+    def prefetch(self, layer: int, preds: Sequence[Prediction], decode: bool) -> None:
+        """Act on the predictions made at ``layer``'s gate input (``layer`` -1: the embedding's)."""
+        if not preds:
+            return
+        for pred in preds:
+            if pred.ahead == 1:
+                self._named[pred.layer] = set(pred.experts)
+        if not decode:
+            self._prefetch_ranked(preds[0], None)
+        elif self.rule == "window":
+            for pred in preds:
+                if pred.ahead == 1:
+                    self._prefetch_ranked(pred, self.max_new)
+        else:
+            self._prefetch_by_value(layer, preds)
+
+    def _prefetch_ranked(self, pred: Prediction, budget: int | None) -> None:
+        """The paper's rule: the candidates in rank order, into free slots or the cache's own victims (never
+        one in use, in flight or itself predicted), at most ``budget`` new copies."""
+        cache, j = self.cache, pred.layer
+        pins = set(pred.experts)
+        left = len(pred.experts) if budget is None else budget
+        for rank, e in enumerate(pred.experts):
+            if left <= 0:
+                break
+            if cache.slot_of[j][e] >= 0:
+                continue  # resident or arriving already; a lower-precision copy is upgraded on use
+            p = pred.precisions[e] if pred.precisions else self.decode_precision
+            s = cache.reserve(j, e, p, prefetched=True, pinned=pins)
+            if s < 0:
+                break  # every slot holds an expert in use, in flight or predicted
+            self.mover.prefetch(j, s, 1.0 + rank)
+            self._queued[j].append(s)
+            left -= 1
+
+    def _prefetch_by_value(self, layer: int, preds: Sequence[Prediction]) -> None:
+        cache, mover = self.cache, self.mover
+        now = mover.now()
+        link_free = mover.free_at()
+        t_layer = self.layer_seconds
+        t_next = now + t_layer  # layer i+1's demand loads: one layer's compute from now
+        k = self.cfg.top_k
+        cands = []
+        chance_of: dict[int, dict[int, float]] = {}
+        next_misses = 0.0  # expected demand loads of layer i+1 as things stand: k less what the cache holds
+        for pred in preds:
+            j = pred.layer
+            slot_of = cache.slot_of[j]
+            chance_of[j] = dict(zip(pred.experts, pred.chances))
+            held = 0.0
+            for e, p in zip(pred.experts, pred.chances):
+                if slot_of[e] >= 0:
+                    held += p
+                elif p > 0.0:
+                    cands.append((p, j, e))
+            if pred.ahead == 1:
+                next_misses = max(0.0, k - held)
+        if not cands:
+            return
+        cands.sort(key=lambda c: -c[0])  # the likeliest first, whatever the layer
+        t_copy = max(mover.copy_seconds(self.decode_precision), 1e-9)  # free copies still weigh chance vs chance
+        for p, j, e in cands:
+            finish = link_free + t_copy
+            t_need = t_next + (j - layer - 1) * t_layer
+            overrun = max(0.0, finish - t_next) - max(0.0, link_free - t_next)  # delay to layer i+1's loads
+            if overrun > 0.0 and t_next + t_copy <= t_need:
+                continue  # started at the next layer it still lands in time, with a fresher prediction
+            saved = p * (t_copy - max(0.0, finish - t_need))
+            cost = max(0.0, next_misses - (p if j == layer + 1 else 0.0)) * overrun
+            victim = None
+            if cache.free_slots(j) == 0:
+                chances = chance_of[j]
+                options = cache.evictable(j)
+                if not options:
+                    continue
+                victim = min(options, key=lambda v: chances.get(v, 0.0))  # min keeps the cache's order on ties
+                cost += chances.get(victim, 0.0) * t_copy
+            if saved <= cost:
+                continue
+            s = cache.reserve(j, e, self.decode_precision, prefetched=True, victim=victim)
+            if s < 0:
+                continue
+            mover.prefetch(j, s, 2.0 - p)  # the likelier first, all behind any demand load
+            self._queued[j].append(s)
+            link_free = finish
+            if j == layer + 1:
+                next_misses = max(0.0, next_misses - p)
+
+    def _cancel_unneeded(self, layer: int, want: dict[int, str]) -> None:
+        """Prefetches for ``layer`` that it turned out not to need and that are still queued are cancelled:
+        the link is better spent on demand loads."""
+        queued = self._queued[layer]
+        if not queued:
+            return
+        cache, mover = self.cache, self.mover
+        for s in queued:
+            e = cache.expert_at[layer][s]
+            if e >= 0 and e not in want and cache.pending[layer][s] and cache.prefetched[layer][s]:
+                if mover.cancel(layer, s):
+                    cache.drop(layer, e)
+        queued.clear()
+
+    # -- one layer --------------------------------------------------------------------------------
+    def run_layer(self, layer: int, ranked: list[int], counts: dict[int, int], T: int,
+                  predict: Callable[[], Sequence[Prediction]] | None,
+                  compute: Callable[[int, int, str], None]) -> None:
+        """Serve one MoE layer: ``ranked`` experts (most tokens first; ``counts[e]`` tokens each) of a ``T``-token
+        step; ``predict()`` gives this gate input's predictions (called once the demand loads are queued);
+        ``compute(expert, slot, precision)`` runs one expert from its slot."""
+        decode = T == 1
+        stats, cache, mover = self.stats, self.cache, self.mover
+        t_start = mover.now()
+        busy = 0.0  # computing experts and waiting for copies: what is not the policy's own work
+        stats.phase = "decode" if decode else "prefill"
+        if decode:
+            want = dict.fromkeys(ranked, self.decode_precision)
+        else:
+            want = hybrid_precisions(ranked, counts, self.int2_share, self.decode_precision, self.low_precision)
+        named = self._named.pop(layer, None)
+        mover.poll(layer)  # copies that landed since: their slots are ready
+        self._cancel_unneeded(layer, want)
+        slot_of, pending, precision_at = cache.slot_of[layer], cache.pending[layer], cache.precision_at[layer]
+        pins = set(ranked)  # pinned until computed (in-flight copies are never evicted either)
+        ready, later, waiting = [], [], []
+        hits = late = misses = 0
+        stall = 0.0
+        for e in ranked:
+            s = slot_of[e]
+            if s >= 0 and RANK[precision_at[s]] >= RANK[want[e]]:
+                if not pending[s]:
+                    hits += 1
+                    ready.append((e, s))
+                else:
+                    late += 1
+                    t = mover.now()
+                    mover.promote(layer, s, inline=decode)  # needed now: ahead of every queued prefetch
+                    stall += mover.now() - t
+                    later.append((e, s))
+                continue
+            misses += 1
+            if s >= 0:  # a cached INT2 copy, INT4 wanted: upgrade in place
+                stall += mover.wait(layer, s)
+                s = cache.change_precision(layer, e, want[e])
+            else:
+                s = cache.reserve(layer, e, want[e], prefetched=False, pinned=pins)
+                if s < 0:
+                    waiting.append(e)  # no free slot until computed experts (or in-flight copies) release theirs
+                    continue
+            t = mover.now()
+            mover.demand(layer, s, inline=decode)
+            stall += mover.now() - t
+            later.append((e, s))
+        if predict is not None and self.wants_prediction(layer):
+            self.prefetch(layer, predict(), decode)  # the next layers' copies queue behind these demand loads
+        for e, s in ready + later + [(w, -1) for w in waiting]:
+            if s < 0:
+                s = slot_of[e]
+                if s < 0:  # a waiting expert: a slot is free now, or will be once a copy lands
+                    s = self._reserve_waiting(layer, e, want[e], pins)
+                    t = mover.now()
+                    mover.demand(layer, s, inline=decode)
+                    stall += mover.now() - t
+            stall += mover.wait(layer, s)
+            cache.touch(layer, e)
+            t = mover.now()
+            compute(e, s, precision_at[s])
+            busy += mover.now() - t
+            mover.read_done(layer, s)
+            pins.discard(e)
+            nxt = next((w for w in waiting if slot_of[w] < 0 and w in pins), None)  # not computed yet
+            if nxt is not None:  # this expert's slot may be reused: start the next waiting load now
+                s2 = cache.reserve(layer, nxt, want[nxt], prefetched=False, pinned=pins)
+                if s2 >= 0:
+                    t = mover.now()
+                    mover.demand(layer, s2, inline=decode)
+                    stall += mover.now() - t
+        if not self.keep:  # Load-on-Demand keeps nothing beyond this layer's need
+            for e in ranked:
+                cache.drop(layer, e)
+        stats.add(layer, needed=len(ranked), hits=hits, late_prefetches=late, misses=misses,
+                  predicted_needed=len(ranked) if named is not None else 0,
+                  named=len(named) if named is not None else 0,
+                  named_needed=len(named.intersection(ranked)) if named is not None else 0)
+        stats.stalled(layer, stall)
+        stats.hosted(layer, max(0.0, mover.now() - t_start - busy - stall))
+
+    def _reserve_waiting(self, layer: int, e: int, precision: str, pins) -> int:
+        """A slot for ``e``; while every slot is pinned or in flight, wait for a copy to land."""
+        cache = self.cache
+        while True:
+            s = cache.reserve(layer, e, precision, prefetched=False, pinned=pins)
+            if s >= 0:
+                return s
+            in_flight = [x for x in range(cache.n_slots[layer]) if cache.pending[layer][x]]
+            if not in_flight:
+                raise EngineError(f"layer {layer}: no expert slot can be freed (cache of {cache.n_slots[layer]} slots)")
+            self.stats.stalled(layer, self.mover.wait(layer, in_flight[0]))
 
 
 class OffloadedExperts:
-    """ExpertExecutor (and MoEObserver) over an ExpertCache fed by a TransferEngine.
+    """ExpertExecutor (and MoEObserver) running an :class:`Offloader` on the model: experts computed by the
+    one primitive (:class:`fate.quant.expert.ExpertCompute`) straight from their slots."""
 
-    ``keep=False`` is Load-on-Demand: nothing stays beyond the layer that needed it.  ``predictor``
-    (None: no prefetching) names the next layer's experts; ``max_new`` bounds the copies one decode
-    prediction queues (those the link moves in one layer's window; None: every candidate)."""
-
-    def __init__(self, cfg, store, cache: ExpertCache, transfer: TransferEngine, stats: ExpertStats, *, dtype,
-                 device, decode_precision: str = "q4", low_precision: str | None = None, int2_share: float = 0.3,
-                 keep: bool = True, predictor: Predictor | None = None, max_new: int | None = None):
-        self.cfg, self.store, self.cache, self.transfer, self.stats = cfg, store, cache, transfer, stats
+    def __init__(self, offloader: Offloader, store, transfer, *, dtype, device):
+        self.offloader, self.store, self.transfer = offloader, store, transfer
+        self.cfg = offloader.cfg
         self.dtype, self.device = dtype, torch.device(device)
-        self.decode_precision, self.low_precision, self.int2_share = decode_precision, low_precision, int2_share
-        self.keep, self.predictor, self.max_new = keep, predictor, max_new
+        self.predictor = offloader.predictor
+        self.low_precision, self.int2_share = offloader.low_precision, offloader.int2_share
         # one compute (scratch + native decision) per precision a slot can hold
         self._compute = {p: ExpertCompute(store.layouts[p], dtype, self.device) for p in store.precisions}
         # the views of a slot are the same whatever expert it holds: made once per (layer, slot, precision)
         self._views: dict[tuple[int, int, str], ExpertView] = {}
-        self._predicted: dict[int, set[int]] = {}  # layer -> experts its prediction named
 
-    # -- prediction and prefetching ---------------------------------------------------------------
-    def on_gate_input(self, layer: int, g: torch.Tensor) -> None:
-        if layer >= 0 and self.cfg.moe_layers[layer]:
-            return  # a MoE layer predicts the next one from moe(), once its own demand loads are queued
-        self.stats.phase = "decode" if g.shape[0] == 1 else "prefill"
-        self._prefetch(layer, g)
-
-    def _prefetch(self, layer: int, g: torch.Tensor) -> None:
-        if self.predictor is None or layer + 1 >= self.cfg.n_layers or not self.cfg.moe_layers[layer + 1]:
-            return
-        lc = self.cache.layer(layer + 1)
-        pred: Prediction | None = self.predictor.predict(layer, g, lc.n_slots)  # no more than the layer holds
-        if pred is None:
-            return
-        pins = set(pred.experts)  # the cache itself never evicts an entry still in flight
-        self._predicted[pred.layer] = pins
-        budget = self.max_new if pred.decode and self.max_new is not None else len(pred.experts)
-        for rank, e in enumerate(pred.experts):
-            if budget <= 0:
-                break
-            got = lc.lookup_or_reserve(e, pred.precisions[e], prefetched=True, pinned=pins)
-            if got is None:
-                break  # every slot holds an expert in use, in flight or predicted
-            entry, _, fresh = got
-            if fresh:  # else resident or arriving already; a lower-precision copy is upgraded on use
-                self.transfer.submit(pred.layer, e, pred.precisions[e], entry.slot, entry, 1.0 + rank)
-                budget -= 1
-
-    # -- computing --------------------------------------------------------------------------------
     def _view(self, layer: int, slot_id: int, precision: str) -> ExpertView:
         key = (layer, slot_id, precision)
         view = self._views.get(key)
@@ -90,91 +295,34 @@ class OffloadedExperts:
                 self._views[key] = view
         return view
 
-    def _reserve_waiting(self, lc, e, precision, pins, layer):
-        """Reserve a slot for ``e``; while every slot is pinned or in flight, wait for a copy to land."""
-        while True:
-            got = lc.reserve(e, precision, prefetched=False, pinned=pins)
-            if got is not None:
-                return got
-            in_flight = [x for x in lc.entries() if not x.ready.is_set()]
-            if not in_flight:
-                raise EngineError(f"layer {layer}: no expert slot can be freed (cache of {lc.n_slots} slots)")
-            self.stats.stalled(layer, self.transfer.wait(in_flight[0]))
+    def _predict(self, layer: int, g: torch.Tensor):
+        off = self.offloader
+        return lambda: off.predictor.predict(layer, g, off._limit)
 
-    def _demand(self, layer: int, e: int, precision: str, entry) -> None:
-        self.transfer.submit(layer, e, precision, entry.slot, entry, TransferEngine.DEMAND)
+    def on_gate_input(self, layer: int, g: torch.Tensor) -> None:
+        off = self.offloader
+        if (layer >= 0 and self.cfg.moe_layers[layer]) or not off.wants_prediction(layer):
+            return  # a MoE layer predicts the next ones from moe(), once its own demand loads are queued
+        off.stats.phase = "decode" if g.shape[0] == 1 else "prefill"
+        t = off.mover.now()
+        off.prefetch(layer, off.predictor.predict(layer, g, off._limit), g.shape[0] == 1)
+        off.stats.hosted(max(layer, 0), off.mover.now() - t)
 
     def moe(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         T = topk_ids.shape[0]
-        self.stats.phase = "decode" if T == 1 else "prefill"
         rows = ExpertRows(x, topk_ids, topk_weights, self.cfg.n_experts)
-        ranked = sorted(rows.experts, key=lambda e: -rows.count(e))
-        if T > 1:
-            want = hybrid_precisions(ranked, {e: rows.count(e) for e in ranked}, self.int2_share,
-                                     self.decode_precision, self.low_precision)
+        if T == 1:
+            ranked, counts = rows.experts, None
         else:
-            want = dict.fromkeys(ranked, self.decode_precision)
-        predicted = self._predicted.pop(layer, None)
+            counts = {e: rows.count(e) for e in rows.experts}
+            ranked = sorted(rows.experts, key=lambda e: -counts[e])
+        one = T == 1
+        transfer = self.transfer
 
-        lc = self.cache.layer(layer)
-        if predicted is not None:  # prefetches for this layer that it does not need and that have not
-            for entry in lc.entries():  # arrived are cancelled: the link is better spent on demand loads
-                if entry.prefetched and not entry.ready.is_set() and entry.expert not in want:
-                    lc.drop(entry.expert)
-        pins = set(ranked)  # pinned until computed (in-flight entries are never evicted either)
-        entries, waiting = {}, []
-        hits = late = misses = 0
-        for e in ranked:
-            entry = lc.lookup(e)
-            if entry is not None and RANK[entry.precision] >= RANK[want[e]]:
-                if entry.ready.is_set():
-                    hits += 1
-                else:
-                    late += 1
-                    self.transfer.promote(entry)  # needed now: ahead of every prefetch still queued
-                entries[e] = entry
-                continue
-            misses += 1
-            if entry is not None:  # a cached INT2 copy, INT4 wanted: upgrade in place
-                self.stats.stalled(layer, self.transfer.wait(entry))
-                entry = lc.replace_precision(e, want[e])
-                self._demand(layer, e, want[e], entry)
-                entries[e] = entry
-                continue
-            got = lc.reserve(e, want[e], prefetched=False, pinned=pins)
-            if got is None:
-                waiting.append(e)  # no free slot until computed experts (or in-flight copies) release theirs
-                continue
-            entries[e], _ = got
-            self._demand(layer, e, want[e], entries[e])
+        def compute(e: int, s: int, precision: str) -> None:
+            transfer.before_read(layer, s)
+            rows.put(e, self._compute[precision].swiglu(self._view(layer, s, precision), rows.tokens(e), one_token=one))
 
-        self._prefetch(layer, x)  # the next layer's copies queue behind this layer's demand loads
-        # hits first (their bytes are here), then the rest in the order their loads were queued
-        compute_order = sorted(entries, key=lambda e: (not entries[e].ready.is_set(), ranked.index(e))) + waiting
-        for e in compute_order:
-            entry = entries.get(e)
-            if entry is None:  # a waiting expert: a slot is free now, or will be once a copy lands
-                entry, _ = self._reserve_waiting(lc, e, want[e], pins, layer)
-                entries[e] = entry
-                self._demand(layer, e, want[e], entry)
-            self.stats.stalled(layer, self.transfer.wait(entry))
-            lc.touch(e)
-            rows.put(e, self._compute[entry.precision].swiglu(self._view(layer, entry.slot, entry.precision),
-                                                              rows.tokens(e), one_token=T == 1))
-            self.transfer.read_done(layer, entry.slot)
-            pins.discard(e)
-            nxt = next((w for w in waiting if w not in entries), None)
-            if nxt is not None:  # this expert's slot may be reused: start the next waiting load now
-                got = lc.reserve(nxt, want[nxt], prefetched=False, pinned=pins)
-                if got is not None:
-                    entries[nxt], _ = got
-                    self._demand(layer, nxt, want[nxt], entries[nxt])
-        if not self.keep:  # Load-on-Demand keeps nothing beyond this layer's need
-            for e in ranked:
-                lc.drop(e)
-
-        self.stats.add(layer, needed=len(ranked), hits=hits, late_prefetches=late, misses=misses,
-                       predicted_needed=len(ranked) if predicted is not None else 0,
-                       named=len(predicted) if predicted is not None else 0,
-                       named_needed=len(predicted & set(ranked)) if predicted is not None else 0)
+        predict = self._predict(layer, x) if self.predictor is not None else None
+        self.offloader.run_layer(layer, ranked, counts, T, predict, compute)
         return rows.combine()

@@ -11,8 +11,8 @@ from fate.formats import constants as C
 from fate.runtime.experts import profile as P
 from fate.runtime.experts.budget import BudgetPlan, plan_budget
 from fate.runtime.experts.link import LinkSpec, Throttle, parse_link, resolve_ratio
-from fate.runtime.experts.offload import OffloadedExperts
-from fate.runtime.experts.prefetch import Predictor
+from fate.runtime.experts.offload import OffloadedExperts, Offloader
+from fate.runtime.experts.prefetch import AHEAD, Predictor, rank_chances
 from fate.runtime.experts.residency import ExpertCache
 from fate.runtime.experts.stats import ExpertStats
 from fate.runtime.experts.transfer import TransferEngine
@@ -29,9 +29,22 @@ def timing_profile(bundle, cfg, weights, store, device, dtype, precision: str, f
     return prof
 
 
-def plan(cfg, store, bundle, opts, precision: str, weights_bytes: int, kv_bytes: int, dtype, context: int) -> BudgetPlan:
-    """The memory plan for ``opts.mem`` (``ondemand``: top_k slots per layer, never kept)."""
+def copies_per_layer(link: LinkSpec, timing_fn, slot_bytes: int) -> float:
+    """How many expert copies the link moves in one layer's decode compute: ``1/R`` for ``ratio:R``, from the
+    timing profile for a bandwidth (``timing_fn()`` measures or loads it), many for a memcpy (no link)."""
+    if link.kind == "ratio":
+        return 1.0 / link.ratio
+    if link.kind == "bandwidth":
+        return timing_fn().layer_decode_seconds * link.bytes_per_s / slot_bytes
+    return 8.0  # a memcpy of an expert takes a small part of a layer
+
+
+def plan(cfg, store, bundle, opts, precision: str, weights_bytes: int, kv_bytes: int, dtype, context: int,
+         link_copies: float = 1.0) -> BudgetPlan:
+    """The memory plan for ``opts.mem`` (``ondemand``: top_k slots per layer, never kept); ``link_copies``:
+    :func:`copies_per_layer`, for the ``reuse`` allocation."""
     recall = bundle.tensor(C.T_CALIB_RECALL).clone() if bundle.has(C.T_CALIB_RECALL) else None
+    reuse = bundle.tensor(C.T_CALIB_REUSE).clone() if bundle.has(C.T_CALIB_REUSE) else None
     alloc = opts.cache_alloc if opts.policy != "lru" else "even"  # mixtral-offloading: equal LRU caches
     slot_bytes = store.blob_bytes(precision)
     act = torch.finfo(dtype).bits // 8
@@ -39,7 +52,7 @@ def plan(cfg, store, bundle, opts, precision: str, weights_bytes: int, kv_bytes:
     buffer_bytes = (4 * context * max(cfg.hidden_size, cfg.n_experts * cfg.top_k) * act
                     + 3 * cfg.hidden_size * cfg.expert_ffn * act)
     p = plan_budget(cfg, mem=opts.mem, non_expert_bytes=weights_bytes, kv_bytes=kv_bytes, buffer_bytes=buffer_bytes,
-                    slot_bytes=slot_bytes, alloc=alloc, recall=recall)
+                    slot_bytes=slot_bytes, alloc=alloc, recall=recall, reuse=reuse, link_copies=link_copies)
     if opts.policy == "ondemand":  # Load-on-Demand: only the current layer's need, never kept
         p.slots_per_layer = [cfg.top_k if m else 0 for m in cfg.moe_layers]
         p.fully_resident = False
@@ -75,31 +88,38 @@ class Offloading:
 def build(cfg, bundle, store, weights, opts, plan_: BudgetPlan, precision: str, device, dtype) -> Offloading:
     policy = opts.policy
     link = parse_link(opts.link)
+    predicts = policy in ("fate", "paper")
     timing = None
-    if policy == "fate" or link.kind == "ratio" or opts.profile:
+    if predicts or link.kind == "ratio" or opts.profile:
         timing = timing_profile(bundle, cfg, weights, store, device, dtype, precision, force=opts.profile)
     slot_bytes = store.blob_bytes(precision)
     if link.kind == "ratio":
         link = resolve_ratio(link, timing.layer_decode_seconds, slot_bytes)
     throttle = Throttle(link) if link.kind == "bandwidth" else None
-    low = "q2" if (policy == "fate" and "q2" in store.precisions and precision != "q2") else None
+    low = "q2" if (predicts and "q2" in store.precisions and precision != "q2") else None
     if low is not None and store.blob_bytes("q2") > slot_bytes:
         low = None
     stats = ExpertStats(cfg.n_layers)
     evict = "lru" if policy == "lru" else opts.evict
-    cache = ExpertCache(plan_.slots_per_layer, policy=evict, on_evict=stats.evicted)
-    transfer = TransferEngine(store, plan_.slots_per_layer, slot_bytes, device, throttle, stats)
-    predictor, extra, max_new = None, None, None
-    if policy == "fate":
+    cache = ExpertCache(plan_.slots_per_layer, cfg.n_experts, policy=evict, on_evict=stats.evicted)
+    copy_s = dict(timing.expert_copy_seconds) if timing is not None else None
+    transfer = TransferEngine(store, cache, slot_bytes, device, throttle, stats, copy_seconds=copy_s)
+    predictor, extra, max_new = None, 0, None
+    if predicts:
         rate = link.bytes_per_s if throttle else None
         extra = opts.prefetch_extra if opts.prefetch_extra is not None else timing.extra_candidates(
             cfg.top_k, cfg.n_experts, precision, rate)
-        max_new = None if opts.prefetch_extra is not None else timing.copies_in_window(precision, rate)
+        if policy == "fate":  # candidates are weighed by their chances: name a few more than the window holds
+            extra = max(extra, cfg.top_k) if opts.prefetch_extra is None else extra
+        else:
+            max_new = None if opts.prefetch_extra is not None else timing.copies_in_window(precision, rate)
         routers = {i: weights.get(C.T_FFN_GATE_INP.format(i=i)) for i in cfg.moe_layer_ids}
-        predictor = Predictor(cfg, routers, extra=extra, decode_precision=precision, low_precision=low,
-                              int2_share=opts.int2_share)
-    executor = OffloadedExperts(cfg, store, cache, transfer, stats, dtype=dtype, device=device,
-                                decode_precision=precision, low_precision=low, int2_share=opts.int2_share,
-                                keep=policy != "ondemand", predictor=predictor, max_new=max_new)
-    off = Offloading(plan_, link, timing, cache, transfer, stats, executor, extra)
-    return off
+        predictor = Predictor(cfg, routers, rank_chances(bundle, cfg), decode_precision=precision,
+                              low_precision=low, int2_share=opts.int2_share,
+                              ahead=AHEAD if policy == "fate" else (1,))
+    offloader = Offloader(cfg, cache, transfer, stats, keep=policy != "ondemand", decode_precision=precision,
+                          low_precision=low, int2_share=opts.int2_share, predictor=predictor,
+                          rule="value" if policy == "fate" else "window", extra=extra, max_new=max_new,
+                          layer_seconds=timing.layer_decode_seconds if timing is not None else 0.0)
+    executor = OffloadedExperts(offloader, store, transfer, dtype=dtype, device=device)
+    return Offloading(plan_, link, timing, cache, transfer, stats, executor, extra if predicts else None)

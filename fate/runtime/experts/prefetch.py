@@ -1,12 +1,17 @@
-"""Cross-layer prediction: which experts the next layer will want, and how strongly.
+"""Cross-layer prediction: which experts the next layers will want, and how likely each one is.
 
 The Fate paper's observation: the gate input of layer i (its post-attention norm output) is close to
 layer i+1's, so layer i+1's router applied to layer i's gate input names layer i+1's experts one layer
-early, with no training.  Layer 0's are named from the token embedding (:meth:`MoEModel.predictor_input`).
+early, with no training.  fate looks two layers ahead as well (layer i+2's router on the same input), and
+names layer 0's experts from the token embedding (:meth:`MoEModel.predictor_input`).
 
-This module only predicts.  It reserves no slot and moves no byte: the offloading executor
-(:mod:`.offload`) decides what of a prediction to fetch, the cache (:mod:`.residency`) where it goes, the
-transfer queue (:mod:`.transfer`) when it moves.
+A candidate's *chance* of being needed comes from its rank in the prediction, calibrated per layer and
+per distance on the calibration text (``fate.calib.rank_hit``: the share of tokens for which the expert
+ranked r by the prediction was among the k the router chose).  The policy (:mod:`.offload`) weighs that
+chance against what a copy costs.
+
+This module only predicts: one matrix product for both layers ahead (their routers stacked) and one
+ranking, on a CPU copy of the gate input; it reserves no slot and moves no byte.
 """
 
 from __future__ import annotations
@@ -15,51 +20,113 @@ from dataclasses import dataclass
 
 import torch
 
+from fate.formats import constants as C
 from fate.runtime.experts.hybrid import hybrid_precisions
+
+AHEAD = (1, 2)  # layers ahead the predictor names experts for
 
 
 @dataclass
 class Prediction:
-    """Candidates for one layer, best first, each with its score and the precision it should travel in.
-    Decode: the router's logits on the earlier gate input; prefill: predicted tokens per expert."""
+    """Candidates for one layer, best first: decode — the experts ranked by the router's score on an
+    earlier gate input (``ahead`` layers earlier), each with its calibrated chance of being needed;
+    prefill — every expert the predicted routing sends tokens to, most tokens first, with the precision
+    it should travel in (the INT2 rule)."""
 
     layer: int
+    ahead: int
     experts: list[int]
-    scores: list[float]
-    precisions: dict[int, str]
-    decode: bool
+    chances: list[float]
+    precisions: dict[int, str] | None = None  # prefill only
+
+
+def rank_chances(bundle, cfg) -> torch.Tensor:
+    """``[len(AHEAD), n_layers, n_experts]`` float64: the chance that the expert a prediction from ``ahead``
+    layers earlier ranks r is needed — the bundle's ``fate.calib.rank_hit``, or for bundles without it an
+    estimate from the recall columns (the chance of each rank band spread evenly over its ranks)."""
+    L, E, k = cfg.n_layers, max(cfg.n_experts, 1), max(cfg.top_k, 1)
+    if bundle is not None and bundle.has(C.T_CALIB_RANK_HIT):
+        t = bundle.tensor(C.T_CALIB_RANK_HIT).to(torch.float64)
+        if tuple(t.shape) == (len(AHEAD), L, E):
+            return torch.nan_to_num(t, nan=0.0).clamp(0.0, 1.0)
+    out = torch.zeros(len(AHEAD), L, E, dtype=torch.float64)
+    recall = bundle.tensor(C.T_CALIB_RECALL).to(torch.float64) if bundle is not None and bundle.has(C.T_CALIB_RECALL) else None
+    for i in range(L):
+        if recall is None or not torch.isfinite(recall[i]).all():
+            out[0, i, :k] = 0.5  # nothing measured: the top k are even odds
+        else:
+            prev_n, prev_c = 0, 0.0
+            for j, m in enumerate(C.RECALL_EXTRA):
+                n = min(E, k + m)
+                covered = float(recall[i, j]) * k  # needed experts among the first n ranks, per token
+                if n > prev_n:
+                    out[0, i, prev_n:n] = max(0.0, covered - prev_c) / (n - prev_n)
+                prev_n, prev_c = n, max(prev_c, covered)
+    out[1] = out[0] * 0.75  # two layers ahead: less sure (no measurement in such a bundle)
+    return out.clamp(0.0, 1.0)
 
 
 class Predictor:
-    """Layer i+1's router on layer i's gate input: top ``k + extra`` candidates for one token (decode), or
-    every expert the predicted routing sends tokens to, most tokens first, with the INT2 rule applied
-    (prefill)."""
+    """Layer i+1's and i+2's routers on layer i's gate input.
 
-    def __init__(self, cfg, routers: dict[int, torch.Tensor], *, extra: int, decode_precision: str,
-                 low_precision: str | None, int2_share: float):
+    Decode (one token): the top ``limit`` experts of each layer ahead by router score, with their chances
+    (:func:`rank_chances`).  Prefill: layer i+1 only, every expert the predicted routing sends tokens to,
+    most tokens first, the least popular as INT2 (:func:`.hybrid.hybrid_precisions`)."""
+
+    def __init__(self, cfg, routers: dict[int, torch.Tensor], chances: torch.Tensor, *, decode_precision: str,
+                 low_precision: str | None, int2_share: float, ahead: tuple[int, ...] = AHEAD):
         self.cfg = cfg
-        self.routers = {i: w.detach().to("cpu", torch.float32) for i, w in routers.items()}
-        self.extra, self.decode_precision = extra, decode_precision
-        self.low_precision, self.int2_share = low_precision, int2_share
+        self.chances = chances.tolist()  # [ahead][layer][rank]: plain floats on the hot path
+        self.decode_precision, self.low_precision, self.int2_share = decode_precision, low_precision, int2_share
+        E = cfg.n_experts
+        self._targets: dict[int, list[int]] = {}
+        self._stack: dict[int, torch.Tensor] = {}
+        for i in range(-1, cfg.n_layers - 1):
+            targets = [i + a for a in ahead if i + a < cfg.n_layers and (i + a) in routers]
+            if targets:
+                self._targets[i] = targets
+                # one product names every layer ahead: their routers stacked, [len(targets) * E, H]
+                self._stack[i] = torch.cat([routers[j].detach().to("cpu", torch.float32) for j in targets])
+        self.E = E
 
-    def predict(self, layer: int, g: torch.Tensor, limit: int) -> Prediction | None:
-        """The prediction for layer ``layer + 1`` from layer ``layer``'s gate input ``g`` [T, H] (``layer`` -1:
-        the embedding's), at most ``limit`` candidates; None when that layer has no router."""
-        nxt = layer + 1
-        router = self.routers.get(nxt)
-        if router is None:
-            return None
+    def targets(self, layer: int) -> list[int]:
+        """The layers a prediction at ``layer``'s gate input names experts for."""
+        return self._targets.get(layer, [])
+
+    def predict(self, layer: int, g: torch.Tensor, limit: dict[int, int]) -> list[Prediction]:
+        """Predictions for the layers ahead of ``layer`` from its gate input ``g`` [T, H] (``layer`` -1: the
+        embedding's); ``limit[j]``: at most that many candidates for layer j (its slots)."""
+        if layer not in self._targets:
+            return []
         x = g.detach().to("cpu", torch.float32)
-        logits = x @ router.T
-        k, E = self.cfg.top_k, self.cfg.n_experts
-        if x.shape[0] == 1:
-            scores, order = logits[0].sort(descending=True, stable=True)
-            n = min(E, k + self.extra, limit)
-            ranked = order[:n].tolist()
-            return Prediction(nxt, ranked, scores[:n].tolist(), dict.fromkeys(ranked, self.decode_precision), True)
-        counts = torch.bincount(logits.topk(k, dim=-1).indices.flatten(), minlength=E)
+        return self.rank(layer, x @ self._stack[layer].T, limit)
+
+    def rank(self, layer: int, logits: torch.Tensor, limit: dict[int, int]) -> list[Prediction]:
+        """Predictions from the stacked routers' logits ``[T, len(targets(layer)) * E]`` (what :meth:`predict`
+        computes; the trace simulator passes recorded ones)."""
+        targets = self._targets.get(layer)
+        if not targets:
+            return []
+        E, k = self.E, self.cfg.top_k
+        if logits.shape[0] == 1:
+            n = min(E, max(limit.get(j, 0) for j in targets))
+            if n <= 0:
+                return []
+            order = logits.view(len(targets), E).topk(n, dim=1).indices.tolist()
+            out = []
+            for j, ranked in zip(targets, order):
+                a = j - layer
+                m = min(n, limit.get(j, 0))
+                if m > 0:
+                    out.append(Prediction(j, a, ranked[:m], self.chances[a - 1][j][:m]))
+            return out
+        j = targets[0]
+        if j != layer + 1:
+            return []
+        counts = torch.bincount(logits[:, :E].topk(k, dim=-1).indices.flatten(), minlength=E)
         order = counts.argsort(descending=True, stable=True).tolist()
-        ranked = [e for e in order if counts[e] > 0][:limit]
+        ranked = [e for e in order if counts[e] > 0][:limit.get(j, 0)]
         counts = counts.tolist()
         precisions = hybrid_precisions(ranked, counts, self.int2_share, self.decode_precision, self.low_precision)
-        return Prediction(nxt, ranked, [float(counts[e]) for e in ranked], precisions, False)
+        total = max(1, sum(counts[e] for e in ranked))
+        return [Prediction(j, 1, ranked, [counts[e] / total for e in ranked], precisions)]

@@ -24,7 +24,7 @@ from fate.model.transformer import MoEModel
 from fate.quant.expert import ExpertCompute
 from fate.units import format_size
 
-PROFILE_VERSION = 2  # 2: compute timed as the offloading executor computes (native q4 products)
+PROFILE_VERSION = 3  # 2: compute timed as the offloading executor computes (native q4 products); 3: + one expert
 
 
 @dataclass
@@ -34,6 +34,7 @@ class TimingProfile:
     expert_bytes: dict[str, int]
     device: str
     measured_at: str
+    expert_decode_seconds: float = 0.0  # one routed expert on one token, at the profiled precision
     version: int = PROFILE_VERSION
 
     def transfer_seconds(self, precision: str, bytes_per_s: float | None = None) -> float:
@@ -108,6 +109,20 @@ def measure(cfg, weights, store, device: torch.device, dtype: torch.dtype, preci
     ids = torch.tensor([1], dtype=torch.long, device=device)
     times = _time_steps(model, kv, ids, device, steps)
     layer_s = min(times) / cfg.n_layers  # the fastest step: noise on a shared machine only ever adds time
+    expert_s = 0.0
+    if experts is not None:  # one expert on one token, as the executor computes it from a slot
+        x = torch.randn(1, cfg.hidden_size, dtype=dtype, device=device)
+        samples = []
+        with torch.inference_mode():
+            for _ in range(20):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t = time.perf_counter()
+                experts.compute.swiglu(experts.view, x, one_token=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                samples.append(time.perf_counter() - t)
+        expert_s = sorted(samples)[len(samples) // 4]  # a quick one: noise only adds time
     copy_s, nbytes = {}, {}
     layer = cfg.moe_layer_ids[0] if cfg.moe_layer_ids else None
     for p in store.precisions if layer is not None else ():
@@ -122,7 +137,7 @@ def measure(cfg, weights, store, device: torch.device, dtype: torch.dtype, preci
                 torch.cuda.synchronize(device)
             samples.append(time.perf_counter() - t)
         copy_s[p], nbytes[p] = min(samples), n
-    return TimingProfile(layer_s, copy_s, nbytes, str(device), time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return TimingProfile(layer_s, copy_s, nbytes, str(device), time.strftime("%Y-%m-%dT%H:%M:%S"), expert_s)
 
 
 class _OneBlob:

@@ -1,191 +1,151 @@
-"""Bookkeeping of the device expert cache: which expert, in which precision, sits in which slot.
+"""Residency: which expert, in which precision, sits in which device slot of each layer, and whether its
+bytes have landed.  No tensors, no copies: the transfer queue (:mod:`.transfer`) owns the slot buffers and
+fills slot ``s`` of layer ``l``; this module decides which slot an expert gets and which expert gives its
+slot up, through an eviction policy from :mod:`.evict`.
 
-Each MoE layer owns ``n_slots`` slots (the budget decides how many; shallow layers get more).  The
-transfer engine owns the slot buffers and fills slot ``entry.slot`` with an expert's blob; this module
-only decides which slot an expert gets and which expert gives its slot up, through an eviction policy
-from :mod:`fate.runtime.experts.evict`.  No tensors, no copies.
+The state is kept as plain per-layer lists indexed by expert and by slot (a lookup is a list index, not
+an object per expert), so the decode hot path does a handful of list operations per expert:
 
-Two threads use a layer at once — the prefetcher (reserving predicted experts of layer i+1) and the
-forward pass (looking up, touching and reserving on a miss) — so every :class:`LayerCache` method runs
-under that layer's lock and does only dictionary work.
+* ``slot_of[l][e]``: the slot holding expert ``e`` (-1: none);
+* ``expert_at[l][s]``, ``precision_at[l][s]``: what slot ``s`` holds;
+* ``pending[l][s]``: its copy is queued or in flight (the transfer clears it when the bytes land);
+* ``prefetched[l][s]``: it came because of a prediction, not a demand;
+* ``gen[l][s]``: bumped whenever the slot changes hands, so a copy queued for an earlier holder is void.
 
-Lifetime of an :class:`Entry`: ``reserve`` creates it with ``ready`` cleared; whoever reserved it copies
-the bytes and sets ``ready``.  An entry stops describing its slot when it is evicted, dropped or
-replaced by ``replace_precision``: ``released`` becomes True and ``ready`` is set so that nobody stays
-blocked on it.  A reader therefore waits on ``ready`` and then checks ``released``.  An entry whose
-``ready`` is not set yet is never chosen as a victim (its copy is still in flight into the slot); a
-loader whose copy fails must ``drop`` the expert, or its slot stays taken.
+Only the thread that runs the model changes this state; the transfer thread only clears ``pending`` of the
+generation it copied (:meth:`landed`).  A slot whose copy is in flight is never evicted or handed out
+again: an unneeded prefetch is cancelled only while it is still queued (:meth:`.transfer.TransferEngine.cancel`).
 """
 
 from __future__ import annotations
 
-import heapq
-import threading
-from dataclasses import dataclass, field
 from typing import Callable, Collection
 
 from fate.runtime.experts.evict import EvictionPolicy, make_policy
 
 
-@dataclass(eq=False)
-class Entry:
-    expert: int
-    precision: str
-    slot: int  # index into the layer's slot buffers
-    prefetched: bool  # loaded because of a prediction, not a demand
-    used: bool = False  # used by the forward pass since it was loaded
-    ready: threading.Event = field(default_factory=threading.Event)  # the bytes are in the slot
-    released: bool = False  # evicted, dropped or superseded: the slot no longer holds this entry
-
-
-class LayerCache:
-    def __init__(self, layer: int, n_slots: int, policy: str = "arc", on_evict: Callable[[int], None] | None = None):
-        if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < 0:
-            raise ValueError(f"layer {layer}: the number of cache slots must be a non-negative integer, "
-                             f"got {n_slots!r}")
-        self.layer = layer
-        self.n_slots = n_slots
-        self.policy: EvictionPolicy = make_policy(policy, n_slots)
-        self.evictions = 0
-        self.on_evict = on_evict  # called with the layer id at every eviction (ExpertStats.evicted)
-        self._entries: dict[int, Entry] = {}
-        self._free = list(range(n_slots))  # a heap: the lowest free slot goes first
-        self._lock = threading.Lock()
-
-    def lookup(self, expert: int) -> Entry | None:
-        """The entry of a resident expert (ready or still loading), or None.  Leaves the policy alone."""
-        with self._lock:
-            return self._entries.get(expert)
-
-    def touch(self, expert: int) -> None:
-        """Record a use of a resident expert: a policy hit, and ``used`` set."""
-        with self._lock:
-            entry = self._entries.get(expert)
-            if entry is None:
-                raise KeyError(f"layer {self.layer}: expert {expert} is not in the cache")
-            self.policy.hit(expert)
-            entry.used = True
-
-    def reserve(self, expert: int, precision: str, *, prefetched: bool,
-                pinned: Collection[int] = ()) -> tuple[Entry, int | None] | None:
-        """Give a non-resident expert a slot: a free one, else one whose expert the policy evicts
-        (never one in ``pinned``, never one still loading).  Returns the new entry (``ready`` cleared;
-        the caller copies the bytes and sets it) and the evicted expert id or None; or None when no
-        slot can be had.  Raises ValueError if the expert is already resident: use
-        :meth:`lookup_or_reserve` where another thread may have reserved it first."""
-        with self._lock:
-            if expert in self._entries:
-                e = self._entries[expert]
-                raise ValueError(f"layer {self.layer}: expert {expert} is already cached ({e.precision}, "
-                                 f"slot {e.slot}); look it up, or replace_precision() to change it")
-            return self._reserve(expert, precision, prefetched, pinned)
-
-    def lookup_or_reserve(self, expert: int, precision: str, *, prefetched: bool,
-                          pinned: Collection[int] = ()) -> tuple[Entry, int | None, bool] | None:
-        """Atomic ``lookup`` then ``reserve``: ``(entry, evicted, fresh)`` where ``fresh`` says the caller
-        got a new slot and must fill it; a resident entry comes back as ``(entry, None, False)``
-        whatever its precision (compare ``entry.precision``).  None when no slot can be had."""
-        with self._lock:
-            e = self._entries.get(expert)
-            if e is not None:
-                return e, None, False
-            got = self._reserve(expert, precision, prefetched, pinned)
-            return None if got is None else (got[0], got[1], True)
-
-    def _reserve(self, expert: int, precision: str, prefetched: bool,
-                 pinned: Collection[int]) -> tuple[Entry, int | None] | None:
-        victim = None
-        if self._free:
-            slot = heapq.heappop(self._free)
-        else:
-            entries = self._entries
-            victim = self.policy.evict(expert, lambda k: k not in pinned and entries[k].ready.is_set())
-            if victim is None:
-                return None
-            old = entries.pop(victim)
-            old.released = True
-            slot = old.slot
-            self.evictions += 1
-            if self.on_evict is not None:
-                self.on_evict(self.layer)
-        self.policy.admit(expert)
-        entry = Entry(expert, precision, slot, prefetched)
-        self._entries[expert] = entry
-        return entry, victim
-
-    def replace_precision(self, expert: int, precision: str, *, prefetched: bool | None = None) -> Entry:
-        """A new entry for a resident expert in the same slot with another precision (an INT2 → INT4
-        upgrade), ``ready`` cleared and ``used`` reset; ``prefetched`` is kept unless given.  The old
-        entry is released.  The caller must make sure nobody computes from the slot while it is
-        rewritten (pin the expert as it does for eviction)."""
-        with self._lock:
-            old = self._entries.get(expert)
-            if old is None:
-                raise KeyError(f"layer {self.layer}: expert {expert} is not in the cache")
-            entry = Entry(expert, precision, old.slot, old.prefetched if prefetched is None else prefetched)
-            self._entries[expert] = entry
-            old.released = True
-            old.ready.set()
-            return entry
-
-    def drop(self, expert: int) -> None:
-        """Forget an expert (a failed copy, or making room by hand) and free its slot; no-op if absent."""
-        with self._lock:
-            old = self._entries.pop(expert, None)
-            if old is None:
-                return
-            self.policy.discard(expert)
-            heapq.heappush(self._free, old.slot)
-            old.released = True
-            old.ready.set()
-
-    def resident(self) -> list[int]:
-        """Resident experts in the policy's eviction order (first = evicted first)."""
-        with self._lock:
-            return self.policy.resident()
-
-    def entries(self) -> list[Entry]:
-        """A snapshot of the resident entries, in slot order."""
-        with self._lock:
-            return sorted(self._entries.values(), key=lambda e: e.slot)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
-    def __contains__(self, expert: object) -> bool:
-        with self._lock:
-            return expert in self._entries
-
-    def __repr__(self) -> str:
-        return (f"LayerCache(layer={self.layer}, n_slots={self.n_slots}, policy={self.policy.name!r}, "
-                f"resident={self.resident()}, evictions={self.evictions})")
-
-
 class ExpertCache:
-    """One :class:`LayerCache` per layer; ``slots_per_layer[i]`` slots for layer i (0 for dense layers)."""
+    """The slots of every layer; ``slots_per_layer[l]`` slots for layer ``l`` (0 for dense layers)."""
 
-    def __init__(self, slots_per_layer: list[int], policy: str = "arc", on_evict: Callable[[int], None] | None = None):
+    def __init__(self, slots_per_layer: list[int], n_experts: int, policy: str = "arc",
+                 on_evict: Callable[[int], None] | None = None):
         make_policy(policy, 0)  # an unknown name fails here, once, with the policy's message
-        self.policy = policy
-        self.layers = [LayerCache(i, n, policy, on_evict) for i, n in enumerate(slots_per_layer)]
-
-    def layer(self, i: int) -> LayerCache:
-        if not 0 <= i < len(self.layers):
-            raise IndexError(f"layer {i} is outside the cache's {len(self.layers)} layers")
-        return self.layers[i]
+        for layer, n in enumerate(slots_per_layer):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"layer {layer}: the number of cache slots must be a non-negative integer, got {n!r}")
+        self.policy_name = policy
+        self.n_experts = n_experts
+        self.n_slots = list(slots_per_layer)
+        self.on_evict = on_evict  # called with the layer at every eviction (ExpertStats.evicted)
+        L = len(slots_per_layer)
+        self.slot_of = [[-1] * n_experts for _ in range(L)]
+        self.expert_at = [[-1] * n for n in slots_per_layer]
+        self.precision_at = [[""] * n for n in slots_per_layer]
+        self.pending = [[False] * n for n in slots_per_layer]
+        self.prefetched = [[False] * n for n in slots_per_layer]
+        self.gen = [[0] * n for n in slots_per_layer]
+        self._free = [list(range(n - 1, -1, -1)) for n in slots_per_layer]  # a stack: the lowest slot on top
+        self.policies: list[EvictionPolicy] = [make_policy(policy, n) for n in slots_per_layer]
+        self.evictions = [0] * L
 
     def __len__(self) -> int:
-        return len(self.layers)
+        return len(self.n_slots)
 
     @property
     def slots_per_layer(self) -> list[int]:
-        return [lc.n_slots for lc in self.layers]
+        return list(self.n_slots)
 
     @property
     def total_slots(self) -> int:
-        return sum(lc.n_slots for lc in self.layers)
+        return sum(self.n_slots)
 
-    @property
-    def evictions(self) -> int:
-        return sum(lc.evictions for lc in self.layers)
+    # -- reading ----------------------------------------------------------------------------------
+    def lookup(self, layer: int, expert: int) -> int:
+        """The slot of a resident expert (its copy landed or not), or -1."""
+        return self.slot_of[layer][expert]
+
+    def ready(self, layer: int, slot: int) -> bool:
+        return not self.pending[layer][slot]
+
+    def resident(self, layer: int) -> list[int]:
+        """Resident experts of ``layer`` in the policy's eviction order (first = evicted first)."""
+        return self.policies[layer].resident()
+
+    def free_slots(self, layer: int) -> int:
+        return len(self._free[layer])
+
+    # -- changing ---------------------------------------------------------------------------------
+    def touch(self, layer: int, expert: int) -> None:
+        """A use of a resident expert: a policy hit."""
+        self.policies[layer].hit(expert)
+
+    def reserve(self, layer: int, expert: int, precision: str, *, prefetched: bool,
+                pinned: Collection[int] = (), victim: int | None = None) -> int:
+        """Give a non-resident expert a slot: a free one, else ``victim``'s (which must be resident, settled and
+        not pinned) or the one whose expert the policy evicts (never one in ``pinned``, never one whose copy is
+        in flight).  The slot comes back ``pending``: the caller queues its copy.  -1 when no slot can be had."""
+        slot_of = self.slot_of[layer]
+        if slot_of[expert] >= 0:
+            raise ValueError(f"layer {layer}: expert {expert} is already cached (slot {slot_of[expert]})")
+        free = self._free[layer]
+        policy = self.policies[layer]
+        if free:
+            slot = free.pop()
+        else:
+            pending = self.pending[layer]
+            if victim is None:
+                victim = policy.evict(expert, lambda k: k not in pinned and not pending[slot_of[k]])
+                if victim is None:
+                    return -1
+            else:
+                policy.discard(victim)
+            slot = slot_of[victim]
+            slot_of[victim] = -1
+            self.evictions[layer] += 1
+            if self.on_evict is not None:
+                self.on_evict(layer)
+        policy.admit(expert)
+        slot_of[expert] = slot
+        self.expert_at[layer][slot] = expert
+        self.precision_at[layer][slot] = precision
+        self.pending[layer][slot] = True
+        self.prefetched[layer][slot] = prefetched
+        self.gen[layer][slot] += 1
+        return slot
+
+    def evictable(self, layer: int, pinned: Collection[int] = ()) -> list[int]:
+        """Resident experts that could give up their slot now (settled, not pinned), in the policy's order."""
+        slot_of, pending = self.slot_of[layer], self.pending[layer]
+        return [e for e in self.policies[layer].resident() if e not in pinned and not pending[slot_of[e]]]
+
+    def change_precision(self, layer: int, expert: int, precision: str) -> int:
+        """A resident expert rewritten in place at another precision (an INT2 → INT4 upgrade): the slot comes
+        back ``pending`` under a new generation.  The caller makes sure nothing reads the slot meanwhile."""
+        slot = self.slot_of[layer][expert]
+        if slot < 0:
+            raise KeyError(f"layer {layer}: expert {expert} is not in the cache")
+        self.precision_at[layer][slot] = precision
+        self.pending[layer][slot] = True
+        self.gen[layer][slot] += 1
+        return slot
+
+    def drop(self, layer: int, expert: int) -> None:
+        """Forget a resident expert whose copy is not in flight and free its slot; no-op if absent."""
+        slot = self.slot_of[layer][expert]
+        if slot < 0:
+            return
+        self.slot_of[layer][expert] = -1
+        self.expert_at[layer][slot] = -1
+        self.pending[layer][slot] = False
+        self.gen[layer][slot] += 1
+        self.policies[layer].discard(expert)
+        self._free[layer].append(slot)
+
+    def landed(self, layer: int, slot: int, gen: int) -> None:
+        """The copy of generation ``gen`` into ``slot`` is complete (called by the transfer thread)."""
+        if self.gen[layer][slot] == gen:
+            self.pending[layer][slot] = False
+
+    def __repr__(self) -> str:
+        return (f"ExpertCache(policy={self.policy_name!r}, slots={self.n_slots}, "
+                f"evictions={sum(self.evictions)})")

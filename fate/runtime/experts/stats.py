@@ -7,7 +7,10 @@ Definitions (each "needed" expert is one (layer, expert) a forward step routed t
 * miss: not resident at all (or resident at a lower precision): loaded on demand;
 * eviction: an expert gave up its slot to another (counted in the layer and phase where it happened);
 * prefetch recall: needed experts the prediction had named, over layers that had a prediction;
-* prefetch precision: named experts that were then needed, over all named experts.
+* prefetch precision: named experts that were then needed, over all named experts;
+* host seconds: the policy's own work on the thread that runs the model — prediction, lookups,
+  reservations, queueing and these counts — that is, the time in the offloading executor that is neither
+  computing an expert nor waiting for a copy.
 
 Every figure is counted in exactly one (phase, layer) cell, so per-layer and per-phase figures add up to
 the totals.  The phase is the executor's: a one-token step is decode, anything longer prefill.
@@ -22,11 +25,11 @@ COUNTERS = ("needed", "hits", "late_prefetches", "misses", "evictions", "predict
             "named_needed")
 
 
-def summarize(counts: dict, stall_seconds: float) -> dict:
-    """Counters (every name of COUNTERS, missing ones 0) and the stall, with the derived rates."""
+def summarize(counts: dict, stall_seconds: float, host_seconds: float = 0.0) -> dict:
+    """Counters (every name of COUNTERS, missing ones 0), the stall and host time, with the derived rates."""
     c = {k: int(counts.get(k, 0)) for k in COUNTERS}
     needed, predicted, named = c["needed"], c["predicted_needed"], c["named"]
-    return {**c, "stall_seconds": float(stall_seconds),
+    return {**c, "stall_seconds": float(stall_seconds), "host_seconds": float(host_seconds),
             "hit_rate": c["hits"] / needed if needed else None,
             "prefetch_recall": c["named_needed"] / predicted if predicted else None,
             "prefetch_precision": c["named_needed"] / named if named else None}
@@ -42,6 +45,7 @@ class ExpertStats:
     def reset(self) -> None:
         self._c = {ph: [dict.fromkeys(COUNTERS, 0) for _ in range(self.n_layers)] for ph in PHASES}
         self._stall = {ph: [0.0] * self.n_layers for ph in PHASES}
+        self._host = {ph: [0.0] * self.n_layers for ph in PHASES}
         self.bytes_by_precision: dict[str, int] = {}
 
     def add(self, layer: int, **counts: int) -> None:
@@ -55,18 +59,22 @@ class ExpertStats:
     def stalled(self, layer: int, seconds: float) -> None:
         self._stall[self.phase][layer] += seconds
 
+    def hosted(self, layer: int, seconds: float) -> None:
+        self._host[self.phase][layer] += seconds
+
     def moved(self, precision: str, nbytes: int) -> None:
         with self._lock:  # the transfer thread
             self.bytes_by_precision[precision] = self.bytes_by_precision.get(precision, 0) + nbytes
 
     def _sum(self, cells) -> dict:
         tot = dict.fromkeys(COUNTERS, 0)
-        stall = 0.0
+        stall = host = 0.0
         for ph, i in cells:
             for k, v in self._c[ph][i].items():
                 tot[k] += v
             stall += self._stall[ph][i]
-        return summarize(tot, stall)
+            host += self._host[ph][i]
+        return summarize(tot, stall, host)
 
     def to_dict(self) -> dict:
         """``total``, ``prefill``, ``decode`` and ``layers`` (one per layer) summaries, and

@@ -87,7 +87,8 @@ def check_bundle_config(bundle: Bundle, cfg: ModelConfig) -> None:
     L, E = cfg.n_layers, cfg.n_experts
     extra = bundle.get(C.K_CALIB_RECALL_EXTRA) or list(C.RECALL_EXTRA)
     for name, dtype, shape in ((C.T_CALIB_POPULARITY, "I64", (L, E)), (C.T_CALIB_COSINE, "F32", (L,)),
-                               (C.T_CALIB_RECALL, "F32", (L, len(extra)))):
+                               (C.T_CALIB_RECALL, "F32", (L, len(extra))), (C.T_CALIB_RANK_HIT, "F32", (2, L, E)),
+                               (C.T_CALIB_REUSE, "F32", (2, L, E + 1))):
         entry = bundle.tensors.get(name)
         if entry is not None and (entry.dtype != dtype or entry.shape != shape):
             raise BundleStructureError(f"{path}: tensor {name} is {entry.dtype} {list(entry.shape)}, the model config "

@@ -1,70 +1,122 @@
-"""TransferEngine: copies expert blobs from the memory-mapped bundle into device cache slots.
+"""TransferEngine: copies expert blobs from the memory-mapped bundle into device cache slots, over one link.
 
-One worker thread serves a priority queue of copy jobs: demand loads (a layer is waiting) jump ahead
-of prefetches, and prefetches run in the order their prediction ranked them. Each job copies one
-blob into its slot buffer and sets the cache entry's ``ready`` event; the forward pass waits on that
-event only for the experts it actually needs.
+Demand loads (a layer is waiting) go before prefetches, and prefetches in the order of their priority; a
+copy already on the link is not interrupted (moving prefetches in pieces that yield to demand loads was
+tried and lost 10 points of hit rate, docs/BENCHMARKS.md).  The cache (:mod:`.residency`) says which slot
+a copy goes to; this module moves the bytes and clears the slot's ``pending`` flag when they have landed.
 
-On CPU the "device" slots are a RAM pool and the copy is a memcpy from the page cache; a ``Throttle``
-(fate.runtime.experts.link) can make the link as slow as a PCIe generation. On CUDA the copy goes through a
-pinned staging buffer and a dedicated copy stream, so it overlaps compute.
+* **CPU.** The "device" slots are a RAM pool and a copy is a memcpy from the page cache (µs for a
+  small expert).  A one-token step's demand loads are copied on the calling thread: handing a copy that
+  short to another thread and waking up again costs more than the copy.  Prefetches and a prefill's demand
+  loads (which overlap the layer's compute) go to a copy thread: the native one of :mod:`.copier` (C++, it
+  never takes the GIL, so it costs the model's thread nothing), or a Python worker where that cannot be
+  built.  The emulated link (``--link``) makes every copy, inline or not, as slow as a PCIe generation on
+  one serial link timeline.
+* **CUDA.** Every copy goes through the worker: the blob is copied into one of a pool of pinned staging
+  buffers, then to the slot on a copy stream, after the compute stream's last read of that slot (an event);
+  an event recorded after the copy is what the compute stream waits on — the host never synchronizes the
+  compute stream for a copy.
+
+The engine's policy (:mod:`.offload`) asks :meth:`free_at` when the link will be idle and
+:meth:`copy_seconds` what a copy costs, to fetch only what can land before it is needed.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-import queue
 import threading
 import time
-from dataclasses import dataclass, field
 
 import torch
 
-from fate.runtime.experts.store import ExpertStore
+from fate.errors import EngineError
+from fate.runtime.experts import copier as native_copier
+from fate.runtime.experts.residency import ExpertCache
 
-
-@dataclass(order=True)
-class _Job:
-    priority: float
-    seq: int
-    layer: int = field(compare=False)
-    expert: int = field(compare=False)
-    precision: str = field(compare=False)
-    slot: int = field(compare=False)
-    entry: object = field(compare=False)  # anything with a threading.Event ``ready``
+_QUEUED, _RUNNING, _VOID = 0, 1, 2
 
 
 class TransferEngine:
     DEMAND = 0.0  # priority of a load a layer is waiting for
 
-    def __init__(self, store: ExpertStore, slots_per_layer: list[int], slot_bytes: int, device: torch.device,
-                 throttle=None, stats=None):
-        self.store, self.device, self.throttle, self.stats = store, device, throttle, stats
+    def __init__(self, store, cache: ExpertCache, slot_bytes: int, device: torch.device, throttle=None, stats=None,
+                 copy_seconds: dict[str, float] | None = None, staging: int = 4):
+        self.store, self.cache, self.device, self.throttle, self.stats = store, cache, device, throttle, stats
         self.slot_bytes = slot_bytes
         self.buffers: dict[int, torch.Tensor] = {
             i: torch.empty((n, slot_bytes), dtype=torch.uint8, device=device)
-            for i, n in enumerate(slots_per_layer) if n > 0}
-        self._q: queue.PriorityQueue[_Job] = queue.PriorityQueue()
-        self._seq = itertools.count()
-        self._error: BaseException | None = None
+            for i, n in enumerate(cache.n_slots) if n > 0}
         self._cuda = device.type == "cuda"
+        self.inline = not self._cuda  # CPU: a one-token step copies its demand loads itself
+        self._native = None
+        self._tickets: dict[tuple[int, int], tuple[int, int, torch.Tensor]] = {}  # (layer, slot) -> (ticket, gen, src)
+        self._outstanding: list[set[int]] = [set() for _ in cache.n_slots]  # slots with a native copy not seen done
+        if not self._cuda and native_copier.available():
+            rate = throttle.spec.bytes_per_s if throttle is not None and throttle.active else 0.0
+            self._native = native_copier.Copier(rate)
+        # what one copy takes: the profile's measurement (memcpy) or the emulated link's, whichever is slower
+        self._copy_s = dict(copy_seconds or {})
+        self._heap: list = []  # (priority, seq, layer, slot, gen)
+        self._state: dict[tuple[int, int, int], int] = {}  # (layer, slot, gen) -> queued / running / void
+        self._queued_s = 0.0  # link time of the queued (not yet started) copies
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)  # the worker waits here for copies to do
+        self._landed_cv = threading.Condition(self._lock)  # a waiting layer waits here for a copy to land
+        self._error: BaseException | None = None
+        self._closed = False
         if self._cuda:
             self._stream = torch.cuda.Stream(device=device)
-            self._staging = torch.empty(slot_bytes, dtype=torch.uint8).pin_memory()
-            # (layer, slot) → event recorded on the compute stream after the slot's last read: kernels run
-            # after the host has moved on, so a slot the cache gave up may still be read on the device
+            self._staging = [torch.empty(slot_bytes, dtype=torch.uint8).pin_memory() for _ in range(max(1, staging))]
+            self._staging_free: list[torch.cuda.Event | None] = [None] * len(self._staging)
+            self._next_staging = 0
+            # (layer, slot) -> event on the compute stream after the slot's last read: kernels run after the
+            # host has moved on, so a slot the cache gave up may still be read on the device
             self._last_read: dict[tuple[int, int], torch.cuda.Event] = {}
-        self.copy_seconds = 0.0
-        self._worker = threading.Thread(target=self._run, name="fate-transfer", daemon=True)
-        self._worker.start()
+            self._landed: dict[tuple[int, int], torch.cuda.Event] = {}  # (layer, slot) -> event after its copy
+        self.copy_seconds_total = 0.0
+        self._worker = None
+        if self._native is None:
+            self._worker = threading.Thread(target=self._run, name="fate-transfer", daemon=True)
+            self._worker.start()
 
+    # -- figures the policy reads ------------------------------------------------------------------
     @property
     def device_bytes(self) -> int:
         return sum(b.numel() for b in self.buffers.values())
 
+    @staticmethod
+    def now() -> float:
+        return time.perf_counter()
+
+    def copy_seconds(self, precision: str) -> float:
+        """Link time of one copy of an expert at ``precision``."""
+        t = self._copy_s.get(precision, 0.0)
+        if self.throttle is not None and self.throttle.active:
+            t = max(t, self.store.blob_bytes(precision) / self.throttle.spec.bytes_per_s)
+        return t
+
+    def free_at(self) -> float:
+        """When the link will have finished every copy queued so far (an estimate: the emulated link's own
+        timeline, or now, plus the queued copies)."""
+        if self._native is not None:
+            return self._native.free_at()
+        base = self.now()
+        if self.throttle is not None and self.throttle.active:
+            base = max(base, self.throttle.link_free_at)
+        return base + self._queued_s
+
+    # -- slots -------------------------------------------------------------------------------------
     def slot(self, layer: int, slot: int, nbytes: int) -> torch.Tensor:
         return self.buffers[layer][slot, :nbytes]
+
+    def before_read(self, layer: int, slot: int) -> None:
+        """About to compute from ``slot``: on CUDA the compute stream waits (on the device) for its copy."""
+        if self._cuda:
+            ev = self._landed.get((layer, slot))
+            if ev is not None:
+                torch.cuda.current_stream(self.device).wait_event(ev)
 
     def read_done(self, layer: int, slot: int) -> None:
         """The forward pass has queued its last read of ``slot``: a later copy into it waits for that read
@@ -74,70 +126,191 @@ class TransferEngine:
             ev.record(torch.cuda.current_stream(self.device))
             self._last_read[(layer, slot)] = ev
 
-    def submit(self, layer: int, expert: int, precision: str, slot: int, entry, priority: float) -> None:
-        """Queue a copy of (layer, expert, precision) into ``slot``; ``entry.ready`` is set when done."""
+    # -- queueing ----------------------------------------------------------------------------------
+    def _check(self) -> None:
         if self._error is not None:
             raise self._error
-        self._q.put(_Job(priority, next(self._seq), layer, expert, precision, slot, entry))
 
-    def wait(self, entry) -> float:
-        """Block until ``entry`` is ready; return the seconds waited (the stall)."""
-        if entry.ready.is_set():
+    def demand(self, layer: int, slot: int, *, inline: bool) -> None:
+        """Copy the expert the cache put in ``slot`` now (``inline``, on this thread) or ahead of every prefetch."""
+        self._check()
+        gen = self.cache.gen[layer][slot]
+        if inline and self.inline:
+            self._copy(layer, slot, gen, inline=True)
+        else:
+            self._push(self.DEMAND, layer, slot, gen)
+
+    def prefetch(self, layer: int, slot: int, priority: float) -> None:
+        """Queue the copy into ``slot`` behind every demand load and every prefetch of a lower priority."""
+        self._check()
+        self._push(priority, layer, slot, self.cache.gen[layer][slot])
+
+    def poll(self, layer: int) -> None:
+        """Mark the native copies of ``layer`` that have landed (the cache's ``pending`` flags)."""
+        if layer < 0:
+            return
+        out = self._outstanding[layer]
+        if out:
+            done = self._native.done
+            for slot in [s for s in out if done(self._tickets[(layer, s)][0])]:
+                self._settle(layer, slot)
+
+    def _settle(self, layer: int, slot: int) -> None:
+        ticket, gen, src = self._tickets.pop((layer, slot))
+        self._outstanding[layer].discard(slot)
+        self._native.forget(ticket)
+        if self.cache.gen[layer][slot] == gen:
+            self.cache.landed(layer, slot, gen)
+            if self.stats is not None:
+                self.stats.moved(self.cache.precision_at[layer][slot], src.numel())
+
+    def _push(self, priority: float, layer: int, slot: int, gen: int) -> None:
+        if self._native is not None:
+            cache = self.cache
+            src = self.store.blob(layer, cache.expert_at[layer][slot], cache.precision_at[layer][slot])
+            ticket = self._native.submit(src, self.buffers[layer][slot, :src.numel()], priority)
+            self._tickets[(layer, slot)] = (ticket, gen, src)
+            self._outstanding[layer].add(slot)
+            return
+        with self._cv:
+            self._state[(layer, slot, gen)] = _QUEUED
+            self._queued_s += self.copy_seconds(self.cache.precision_at[layer][slot])
+            heapq.heappush(self._heap, (priority, next(self._seq), layer, slot, gen))
+            self._cv.notify_all()
+
+    def _take(self, layer: int, slot: int, gen: int) -> bool:
+        """Take a queued copy off the queue (it is void for the worker); False if it was not queued."""
+        key = (layer, slot, gen)
+        if self._state.get(key) != _QUEUED:
+            return False
+        self._state[key] = _VOID
+        self._queued_s = max(0.0, self._queued_s - self.copy_seconds(self.cache.precision_at[layer][slot]))
+        return True
+
+    def promote(self, layer: int, slot: int, *, inline: bool) -> None:
+        """A queued prefetch that a layer now waits for becomes a demand load: copied at once on this thread
+        (``inline``, CPU) or moved ahead of every other prefetch.  One already on the link is left to land."""
+        gen = self.cache.gen[layer][slot]
+        if self._native is not None:
+            rec = self._tickets.get((layer, slot))
+            if rec is not None and self._native.cancel(rec[0]):
+                self._tickets.pop((layer, slot))
+                self._outstanding[layer].discard(slot)
+                if inline:
+                    self._copy(layer, slot, gen, inline=True)
+                else:
+                    self._push(self.DEMAND, layer, slot, gen)
+            return
+        with self._cv:
+            taken = self._take(layer, slot, gen)
+        if taken:
+            if inline and self.inline:
+                self._copy(layer, slot, gen, inline=True)
+            else:
+                self._push(self.DEMAND, layer, slot, gen)
+
+    def cancel(self, layer: int, slot: int) -> bool:
+        """Cancel the queued copy into ``slot`` (True); one already on the link cannot be (False)."""
+        if self._native is not None:
+            rec = self._tickets.get((layer, slot))
+            if rec is None or not self._native.cancel(rec[0]):
+                return False
+            self._tickets.pop((layer, slot))
+            self._outstanding[layer].discard(slot)
+            return True
+        with self._cv:
+            return self._take(layer, slot, self.cache.gen[layer][slot])
+
+    def wait(self, layer: int, slot: int) -> float:
+        """Block until the copy into ``slot`` has landed; return the seconds waited (the stall)."""
+        pending = self.cache.pending[layer]
+        if not pending[slot]:
             return 0.0
         t = time.perf_counter()
-        while not entry.ready.wait(0.05):
-            if self._error is not None:
-                raise self._error
+        if self._native is not None:
+            rec = self._tickets.get((layer, slot))
+            if rec is None:
+                raise EngineError(f"layer {layer}: waiting for slot {slot}, but no copy into it is queued")
+            self._native.wait(rec[0])
+            self._settle(layer, slot)
+            return time.perf_counter() - t
+        with self._lock:
+            while pending[slot]:
+                self._check()
+                if self._state.get((layer, slot, self.cache.gen[layer][slot]), _VOID) == _VOID:
+                    raise EngineError(f"layer {layer}: waiting for slot {slot}, but no copy into it is queued")
+                self._landed_cv.wait(0.05)
         return time.perf_counter() - t
 
+    # -- the worker --------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            job = self._q.get()
-            if job.layer < 0:  # close()
-                return
-            if getattr(job.entry, "released", False):
-                continue  # dropped before its turn (a prefetch nobody needs): its slot may hold another expert now
+            with self._cv:
+                while True:
+                    if self._closed:
+                        return
+                    while self._heap and self._state.get(self._heap[0][2:]) != _QUEUED:
+                        _, _, layer, slot, gen = heapq.heappop(self._heap)
+                        self._state.pop((layer, slot, gen), None)
+                    if self._heap:
+                        break
+                    self._cv.wait()
+                _, _, layer, slot, gen = heapq.heappop(self._heap)
+                self._state[(layer, slot, gen)] = _RUNNING
+                self._queued_s = max(0.0, self._queued_s - self.copy_seconds(self.cache.precision_at[layer][slot]))
             try:
-                self._copy(job)
+                self._copy(layer, slot, gen)
             except BaseException as e:  # surface in the forward pass (e.g. a checksum error)
-                self._error = e
-                job.entry.ready.set()
+                with self._lock:
+                    self._error = e
+                    self._landed_cv.notify_all()
 
-    def promote(self, entry) -> None:
-        """A queued prefetch that a layer now waits for becomes a demand load (ahead of other prefetches;
-        a copy already on the link is not interrupted: moving a prefetch in pieces that yield to demand
-        loads was tried and lost 10 points of hit rate, docs/BENCHMARKS.md)."""
-        with self._q.mutex:
-            q = self._q.queue
-            for job in q:
-                if job.entry is entry and job.priority > self.DEMAND:
-                    job.priority = self.DEMAND
-                    heapq.heapify(q)
-                    return
-
-    def _copy(self, job: _Job) -> None:
-        blob = self.store.blob(job.layer, job.expert, job.precision)  # crc32 checked on first read
+    def _copy(self, layer: int, slot: int, gen: int, inline: bool = False) -> None:
+        cache = self.cache
+        expert, precision = cache.expert_at[layer][slot], cache.precision_at[layer][slot]
+        blob = self.store.blob(layer, expert, precision)  # crc32 checked on first read
         n = blob.numel()
         t = time.perf_counter()
-        dst = self.buffers[job.layer][job.slot, :n]
-        if self._cuda:
-            staging = self._staging[:n]
+        dst = self.buffers[layer][slot, :n]
+        if self._native is not None:  # inline: on this thread, on the native link's timeline
+            self._native.copy_now(blob, dst)
+        elif self._cuda:
+            i = self._next_staging
+            self._next_staging = (i + 1) % len(self._staging)
+            busy = self._staging_free[i]
+            if busy is not None:
+                busy.synchronize()  # this staging buffer's last copy to the device is done (worker thread only)
+            staging = self._staging[i][:n]
             staging.copy_(blob)
             with torch.cuda.stream(self._stream):
-                ev = self._last_read.pop((job.layer, job.slot), None)
+                ev = self._last_read.pop((layer, slot), None)
                 if ev is not None:
                     self._stream.wait_event(ev)
                 dst.copy_(staging, non_blocking=True)
-            self._stream.synchronize()
+                done = torch.cuda.Event()
+                done.record(self._stream)
+            self._staging_free[i] = done
+            self._landed[(layer, slot)] = done
         else:
             dst.copy_(blob)
-        if self.throttle is not None:
+        if self.throttle is not None and self._native is None:
             self.throttle.transfer(n)
-        self.copy_seconds += time.perf_counter() - t
+        self.copy_seconds_total += time.perf_counter() - t
         if self.stats is not None:
-            self.stats.moved(job.precision, n)
-        job.entry.ready.set()
+            self.stats.moved(precision, n)
+        if inline:  # on the thread that reads the slot: nobody to wake
+            cache.landed(layer, slot, gen)
+            return
+        with self._lock:
+            cache.landed(layer, slot, gen)
+            self._state.pop((layer, slot, gen), None)
+            self._landed_cv.notify_all()
 
     def close(self) -> None:
-        self._q.put(_Job(float("inf"), next(self._seq), -1, -1, "", -1, None))
-        self._worker.join(timeout=5)
+        if self._native is not None:
+            self._native.close()
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout=5)

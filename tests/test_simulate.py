@@ -1,0 +1,175 @@
+"""The trace and the simulator: a recorded trace is the engine's routing; the simulator runs the engine's own
+policy objects, so on a deterministic policy its counts are the engine's; its timing model and bounds behave
+as they must; and on synthetic traces the policy does what it promises (nothing that cannot land in time,
+demand loads never behind a prefetch)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fate
+from fate.formats import constants as C
+from fate.runtime.experts import simulate as S
+from fate.runtime.experts.offload import Offloader
+from fate.runtime.experts.prefetch import Prediction, rank_chances
+from fate.runtime.experts.residency import ExpertCache
+from fate.runtime.experts.stats import ExpertStats
+from fate.runtime.experts.trace import RoutingTrace, record_trace
+
+PROMPT = "the quick brown fox jumps over the lazy dog and the"
+
+
+def _setup(path, n=12):
+    m = fate.load(path, experts="q4", verify=False)
+    ids = m.encode_prompt(PROMPT)
+    out = m.generate(ids, n, temperature=0.0, stop_at_eos=False)
+    trace = record_trace(m.model, ids + out.token_ids[:-1])
+    return m, ids, out, trace
+
+
+def test_a_trace_is_the_engines_routing(converted):
+    """The trace's top-k per token and layer are what the router chose while the engine decoded."""
+    m, ids, out, trace = _setup(converted["qwen3_moe"][1])
+    seen = []
+
+    class Spy:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def moe(self, layer, x, topk_ids, topk_weights):
+            if x.shape[0] == 1:
+                seen.append((layer, topk_ids[0].tolist()))
+            return self.inner.moe(layer, x, topk_ids, topk_weights)
+
+    m.model.experts = Spy(m.experts)
+    again = m.generate(ids, 12, temperature=0.0, stop_at_eos=False)
+    assert again.token_ids == out.token_ids
+    L = m.config.n_layers
+    moe = m.config.moe_layer_ids
+    for step in range(11):
+        for j, layer in enumerate(moe):
+            got = seen[step * len(moe) + j]
+            assert got[0] == layer and got[1] == trace.ids[len(ids) + step, layer].tolist()
+    assert trace.tokens == len(ids) + 11 and trace.ids.shape == (trace.tokens, L, m.config.top_k)
+    # the recorded prediction logits are the next layers' routers on this layer's gate input
+    assert set(trace.logits) <= set(range(-1, L - 1)) and -1 in trace.logits
+    m.close()
+
+
+@pytest.mark.parametrize("policy", ["lru", "ondemand"])
+def test_deterministic_policies_count_what_the_engine_counts(converted, policy):
+    """No prediction, no link: every decision depends on the routing alone, so the simulator's counts equal
+    the engine's on the same tokens, to the expert."""
+    path = converted["mixtral"][1]
+    m, ids, out, trace = _setup(path)
+    e = fate.load(path, experts="q4", verify=False, policy=policy, mem="50%", int2_share=0.0)
+    got = e.generate(ids, 12, temperature=0.0, stop_at_eos=False)
+    assert got.token_ids == out.token_ids
+    engine = got.stats.experts["decode"]
+    timing = S.SimTiming(1e-3, 1e-4, {p: 1e-5 for p in m.store.precisions})
+    make = S.factory(trace, timing, m.config, e.plan.slots_per_layer, policy)
+    sim = S.simulate(trace, timing, make, warmup=len(ids), policy=policy).experts["decode"]
+    for k in ("needed", "hits", "misses", "late_prefetches", "evictions"):
+        assert sim[k] == engine[k], (k, sim, engine)
+    e.close()
+    m.close()
+
+
+def test_bounds_and_ordering_on_a_real_trace(converted):
+    path = converted["qwen2_moe"][1]
+    m, ids, out, trace = _setup(path, n=24)
+    cfg = m.config
+    layer_s = 1e-3
+    routers = {i: m.weights.get(C.T_FFN_GATE_INP.format(i=i)) for i in cfg.moe_layer_ids}
+    slots = [cfg.top_k + 1 if x else 0 for x in cfg.moe_layers]
+    kw = dict(chances=rank_chances(m.bundle, cfg), routers=routers, extra=2, max_new=1, warmup=len(ids))
+    resident = cfg.n_layers * layer_s
+    for ratio in (0.5, 2.0):
+        timing = S.SimTiming(layer_s, 1e-4, {p: ratio * layer_s for p in m.store.precisions})
+        r = {p: S.simulate_policy(trace, timing, cfg, slots, p, **kw) for p in ("ondemand", "lru", "fate", "perfect")}
+        for p, res in r.items():
+            t = res.experts["decode"]
+            assert t["needed"] == 23 * len(cfg.moe_layer_ids) * cfg.top_k
+            assert t["hits"] + t["late_prefetches"] + t["misses"] == t["needed"]
+            assert res.seconds_per_token >= resident * 0.999  # nothing beats having everything resident
+        assert r["ondemand"].experts["decode"]["hits"] == 0
+        # ondemand copies every needed expert on the waiting layer's timeline
+        od = r["ondemand"]
+        assert od.seconds_per_token == pytest.approx(resident + 2 * ratio * layer_s * len(cfg.moe_layer_ids), rel=0.02)
+        assert r["perfect"].seconds_per_token <= r["lru"].seconds_per_token
+        assert r["perfect"].seconds_per_token <= r["ondemand"].seconds_per_token
+    m.close()
+
+
+# --- synthetic traces: the policy's promises ---------------------------------------------------------
+
+def _synthetic(T=40, L=3, E=8, k=1, seed=0) -> RoutingTrace:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, E, (T, L, k), generator=g)
+    return RoutingTrace(L, E, k, [True] * L, ids, {})
+
+
+class _Told:
+    """A predictor that names, for the next layer, the given experts with the given chances."""
+
+    def __init__(self, trace, names):
+        self.trace, self.names, self.t = trace, names, 0
+
+    def targets(self, layer):
+        return [layer + 1] if layer + 1 < self.trace.n_layers else []
+
+    def predict(self, layer, limit):
+        return [Prediction(j, 1, *self.names(self.t, j)) for j in self.targets(layer)]
+
+
+def _run(trace, names, ratio, slots=2):
+    cfg = type("Cfg", (), {"n_layers": trace.n_layers, "n_experts": trace.n_experts, "top_k": trace.top_k,
+                           "moe_layers": trace.moe_layers})()
+    timing = S.SimTiming(1e-3, 1e-4, {"q4": ratio * 1e-3})
+
+    def make():
+        stats = ExpertStats(trace.n_layers)
+        cache = ExpertCache([slots] * trace.n_layers, trace.n_experts, on_evict=stats.evicted)
+        link = S.SimLink(cache, timing)
+        pred = _Told(trace, names)
+        off = Offloader(cfg, cache, link, stats, predictor=pred, rule="value", extra=2, layer_seconds=1e-3)
+        return off, link, pred
+
+    return S.simulate(trace, timing, make, warmup=0)
+
+
+def test_a_prefetch_that_cannot_land_in_time_is_not_issued():
+    """Copies that take three layers cannot land before the next layer needs them: a prediction that is right
+    60 % of the time (and says so) is then not worth the link — when wrong, its copy would make the layer's
+    real demand load wait two layers — so nothing is prefetched, and the run is exactly plain caching.  With
+    copies of half a layer the same prediction lands in time and is used."""
+    tr = _synthetic()
+    g = torch.Generator().manual_seed(5)
+    right = torch.rand(tr.tokens, tr.n_layers, generator=g) < 0.6
+
+    def names(t, j):
+        e = tr.ids[t, j, 0].item()
+        return ([e if right[t, j] else (e + 1) % tr.n_experts], [0.6])
+
+    told = _run(tr, names, ratio=3.0)
+    plain = _run(tr, lambda t, j: ([], []), ratio=3.0)
+    assert told.experts["decode"]["late_prefetches"] == 0 and told.link_busy == pytest.approx(plain.link_busy)
+    assert told.experts["decode"]["hits"] == plain.experts["decode"]["hits"]
+    assert told.seconds_per_token == pytest.approx(plain.seconds_per_token)
+    fast = _run(tr, names, ratio=0.5)
+    slow_plain = _run(tr, lambda t, j: ([], []), ratio=0.5)
+    assert fast.experts["decode"]["hits"] > slow_plain.experts["decode"]["hits"]
+    assert fast.seconds_per_token < slow_plain.seconds_per_token
+
+
+def test_a_demand_load_never_waits_behind_a_prefetch():
+    """A prediction that is always wrong, with chances that make it look worth fetching: whatever it queues,
+    no demand load waits longer than the copy already on the link (nothing queued goes first) — the stall
+    per miss is at most two copies (the one on the link, then its own)."""
+    tr = _synthetic(seed=1)
+    wrong = lambda t, j: ([(tr.ids[t, j, 0].item() + 1) % tr.n_experts], [0.9])  # noqa: E731
+    r = _run(tr, wrong, ratio=0.8)
+    d = r.experts["decode"]
+    assert d["misses"] > 0 and d["prefetch_recall"] == 0.0
+    assert d["stall_seconds"] <= d["misses"] * 2 * 0.8e-3 + 1e-9
