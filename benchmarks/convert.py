@@ -3,16 +3,16 @@
 Writes a random bf16 checkpoint with Qwen1.5-MoE-A2.7B's real widths (hidden 2048, 60 experts of
 FFN 1408, shared expert 5632 with its gate, vocab 151936; see shared/reference/models.md) and
 ``--layers`` decoder layers, then runs ``fate-convert`` on it in a child process and reads that
-process's peak RSS. Target: peak RSS ≤ 3 × the largest decoder layer.
+process's peak RSS (``python -m fate.cli.convert``: this tree's fate-convert). Target: peak RSS ≤ 3 ×
+the largest decoder layer.  From the repository root:
 
-    .venv/bin/python benchmarks/convert.py --layers 1 --workdir /tmp/fate-bench-convert
+    python -m benchmarks.convert --layers 1 --workdir /tmp/fate-bench-convert
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,16 +22,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from tests.tiny_models import tokenizer_json
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 H, E, F, SHARED, VOCAB, HEADS = 2048, 60, 1408, 5632, 151936, 16
 
 
 def write_checkpoint(out: Path, layers: int, seed: int = 0) -> int:
     """Write the checkpoint one layer per shard; return the largest decoder layer's bytes."""
-    from tests.tiny_models import tokenizer_json
-
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
 
@@ -80,7 +79,8 @@ def write_checkpoint(out: Path, layers: int, seed: int = 0) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.convert",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--workdir", default="/tmp/fate-bench-convert")
     ap.add_argument("--calib-tokens", type=int, default=4096)
@@ -96,17 +96,17 @@ def main() -> None:
     t = time.perf_counter()
     # written by a child process: ru_maxrss survives fork+exec, so a big parent would inflate the
     # converter's measured peak with its own pages
-    gen = subprocess.run([sys.executable, __file__, "--layers", str(args.layers), "--write-checkpoint-only", str(ckpt)],
-                         capture_output=True, text=True, check=True)
+    gen = subprocess.run([sys.executable, "-m", "benchmarks.convert", "--layers", str(args.layers),
+                          "--write-checkpoint-only", str(ckpt)], capture_output=True, text=True, check=True, cwd=ROOT)
     largest = int(gen.stdout.strip().splitlines()[-1])
     gen_s = time.perf_counter() - t
     ckpt_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     out = work / "bundle.gguf"
-    cmd = [str(ROOT / ".venv" / "bin" / "fate-convert"), str(ckpt), str(out), "-q", "--calib-tokens", str(args.calib_tokens)]
-    if not Path(cmd[0]).exists():
-        cmd[0] = shutil.which("fate-convert") or cmd[0]
+    # fate-convert of this tree (an installed console script may belong to another checkout)
+    cmd = [sys.executable, "-m", "fate.cli.convert", str(ckpt), str(out), "-q",
+           "--calib-tokens", str(args.calib_tokens)]
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     peak = 0
     while proc.poll() is None:  # VmHWM: the converter's own high-water mark (it starts afresh at exec)
         try:

@@ -17,8 +17,8 @@ step() { local t=$1 name=$2; shift 2; [[ -n "${STEPS:-}" && " $STEPS " != *" $na
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
 step 120 pytest_cuda python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_runtime.py tests/test_offload.py \
      tests/test_transfer.py
-step 100 runtime_cuda python3 benchmarks/runtime.py --device cuda --threads 4 --reps 3 --variants f16,f16+dense,q4,q4+dense \
+step 100 runtime_cuda python3 -m benchmarks.runtime --device cuda --threads 4 --reps 3 --variants f16,f16+dense,q4,q4+dense \
      --work /tmp/fate-rt
-step 80 offload_cuda_link python3 benchmarks/offload.py --device cuda --threads 4 --link none --mem 50% -r 2
-step 80 offload_cuda_ratio1 python3 benchmarks/offload.py --device cuda --threads 4 --link ratio:1 --mem 50% -r 2
+step 80 offload_cuda_link python3 -m benchmarks.offload --device cuda --threads 4 --link none --mem 50% -r 2
+step 80 offload_cuda_ratio1 python3 -m benchmarks.offload --device cuda --threads 4 --link ratio:1 --mem 50% -r 2
 step 110 pytest_all python3 -m pytest -q -p no:cacheprovider --ignore tests/test_serve.py

@@ -1,6 +1,6 @@
 """Time CPU dequantization options for one routed expert and print them with ratios.
 
-    python benchmarks/dequant.py [--hidden 2048] [--ffn 1408] [--threads 2] [--repeat 40]
+    python -m benchmarks.dequant [--hidden 2048] [--ffn 1408] [--threads 2] [--repeat 40]
 
 Defaults are a Qwen1.5-MoE-A2.7B expert (H=2048, F=1408).  Codes, scales and zeros are random (the
 speed does not depend on the values), so hqq is not needed.  Part 1 compares ways to unpack the
@@ -13,17 +13,13 @@ the first row of a table (the option fate.quant uses).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from fate.quant import (  # noqa: E402
+from fate.quant import (
     QuantSpec,
     expert_blob_layout,
     pack_codes,
@@ -160,7 +156,8 @@ def random_blob(layout, gen: torch.Generator) -> torch.Tensor:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.dequant",
+                                 description=__doc__.split("\n\n")[0])
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--ffn", type=int, default=1408)
     ap.add_argument("--threads", type=int, default=2)

@@ -1,4 +1,4 @@
-"""Fuzzing the bundle reader at scale: the cases of tests/test_fuzz.py, many thousands of them.
+"""Fuzzing the bundle reader at scale: the cases of tests.test_fuzz, many thousands of them.
 
 Converts the tiny 2-layer OLMoE of the fuzz test to ``.gguf`` and ``.safetensors``, then for each case
 ``i`` draws one mutation from ``random.Random(f"{seed}:{i}")`` (so any case can be replayed alone with
@@ -10,7 +10,7 @@ exceptions with their messages, wrong tokens, timeouts, crashes — and the peak
 workers; ``--json`` writes them, ``--doc`` appends them to docs/BENCHMARKS.md as the section
 "Fuzzing the bundle reader".
 
-    nice .venv/bin/python benchmarks/fuzz_reader.py --cases 10000 --token-every 10 --doc
+    nice python -m benchmarks.fuzz_reader --cases 10000 --token-every 10 --doc     # from the repository root
 """
 
 from __future__ import annotations
@@ -26,15 +26,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from tests import test_fuzz as F
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SECTION = "Fuzzing the bundle reader"
 
 
 def _case(pristine, seed: int, i: int):
-    from tests import test_fuzz as F
-
     rng = random.Random(f"{seed}:{i}")
     ch = F.RandomChooser(rng)
     p = pristine[ch.pick(["gguf", "safetensors"])]
@@ -43,18 +44,12 @@ def _case(pristine, seed: int, i: int):
 
 
 def _load_pristine(workdir: Path):
-    from tests import test_fuzz as F
-
     tokens = json.loads((workdir / "tokens.json").read_text())
     return {fmt: F.take_apart(workdir / f"tiny.{fmt}", tokens[fmt]) for fmt in ("gguf", "safetensors")}
 
 
 def worker(args) -> None:
     """Run cases [start, stop) and write one JSON line per case: "begin" before it, the outcome after."""
-    import torch
-
-    from tests import test_fuzz as F
-
     torch.set_num_threads(1)
     workdir = Path(args.workdir)
     pristine = _load_pristine(workdir)
@@ -75,8 +70,6 @@ def worker(args) -> None:
 
 
 def make_bundles(workdir: Path) -> None:
-    from tests import test_fuzz as F
-
     pristine = F.make_pristine(workdir)
     (workdir / "tokens.json").write_text(json.dumps({fmt: p.token_ids for fmt, p in pristine.items()}))
 
@@ -92,8 +85,9 @@ def run(args) -> dict:
     start, crashes, rss = 0, [], []
     while start < args.cases:
         stop = min(args.cases, start + args.chunk)
-        cmd = [sys.executable, __file__, "--worker", "--workdir", str(workdir), "--seed", str(args.seed),
-               "--start", str(start), "--stop", str(stop), "--out", str(log), "--token-every", str(args.token_every)]
+        cmd = [sys.executable, "-m", "benchmarks.fuzz_reader", "--worker", "--workdir", str(workdir),
+               "--seed", str(args.seed), "--start", str(start), "--stop", str(stop), "--out", str(log),
+               "--token-every", str(args.token_every)]
         rc = subprocess.run(cmd, cwd=ROOT).returncode
         lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         done = {d["case"] for d in lines if "case" in d}
@@ -149,7 +143,7 @@ def report_text(s: dict, before: dict | None = None, before_label: str = "") -> 
     lines = [
         f"## {SECTION}",
         "",
-        f"`benchmarks/fuzz_reader.py --cases {s['cases']} --token-every {s['token_every']} --seed {s['seed']}`: "
+        f"`python -m benchmarks.fuzz_reader --cases {s['cases']} --token-every {s['token_every']} --seed {s['seed']}`: "
         f"{s['cases']} mutated copies of the tiny 2-layer OLMoE bundle (q4 experts; "
         f"{s['by_format'].get('gguf', 0)} `.gguf`, {s['by_format'].get('safetensors', 0)} `.safetensors`), each "
         f"opened with `fate.load`; {s['cases_with_token']} of them also generate one greedy token, compared with "
@@ -199,8 +193,6 @@ def report_text(s: dict, before: dict | None = None, before_label: str = "") -> 
 
 
 def _case_seconds() -> int:
-    from tests import test_fuzz as F
-
     return F.CASE_SECONDS
 
 
@@ -222,8 +214,6 @@ def append_to_doc(text: str, doc: Path) -> None:
 
 
 def replay(args) -> None:
-    from tests import test_fuzz as F
-
     workdir = Path(args.workdir)
     pristine = _load_pristine(workdir)
     p, desc, data = _case(pristine, args.seed, args.replay)
@@ -233,7 +223,8 @@ def replay(args) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.fuzz_reader",
+                                 description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--token-every", type=int, default=10, help="generate one token for every Nth case (0: never)")

@@ -5,7 +5,7 @@ All offloaded policies run under the same ``--mem`` budget and the same emulated
 ``ratio:1``: one INT4 expert copy takes as long as one layer's decode compute). Figures measured
 under link emulation are emulated, and the table says so.
 
-    .venv/bin/python benchmarks/offload.py --mem 50% --link ratio:1
+    python -m benchmarks.offload --mem 50% --link ratio:1        # from the repository root
 """
 
 from __future__ import annotations
@@ -13,17 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import fate
+from tests.tiny_models import make_checkpoint
 
-import fate  # noqa: E402
-from tests.tiny_models import make_checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 POLICIES = ("ondemand", "lru", "fate", "resident")
 
@@ -55,7 +53,8 @@ def run_once(bundle: Path, policy: str, mem: str, link: str, prompt_ids: list[in
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.offload",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="qwen2_moe")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=512)
@@ -84,10 +83,11 @@ def main() -> None:
             for p in POLICIES:
                 runs[p].append(run_once(bundle, p, args.mem, args.link, prompt, args.n, args.prefetch_extra,
                                             args.device))
-    med = lambda p, k: statistics.median(r[k] for r in runs[p])  # noqa: E731
-    base_pre, base_dec = med("ondemand", "prefill.tokens_per_s"), med("ondemand", "decode.tokens_per_s")
-    res_dec = med("resident", "decode.tokens_per_s")
-    emulated = any(r.get("experts", {}).get("link", {}).get("emulated") for p in POLICIES for r in runs[p])
+    # the stats schema of docs/STATS.md: {"prefill": {"tokens_per_s", ...}, "decode": {...}, "experts": ...}
+    med = lambda p, ph: statistics.median(r[ph]["tokens_per_s"] for r in runs[p])  # noqa: E731
+    base_pre, base_dec = med("ondemand", "prefill"), med("ondemand", "decode")
+    res_dec = med("resident", "decode")
+    emulated = any((r["experts"] or {}).get("link", {}).get("emulated") for p in POLICIES for r in runs[p])
     print(f"model: {args.arch}, {args.layers} layers, hidden {args.hidden}, {args.experts} experts top-{args.top_k}, "
           f"expert ffn {args.ffn}; --mem {args.mem} --link {args.link}{' (EMULATED link)' if emulated else ''}; "
           f"prompt {len(prompt)} tokens, decode {args.n}; median of {args.r}; {args.threads} threads; "
@@ -96,17 +96,18 @@ def main() -> None:
           f"{'x resident':>10s} {'hit rate':>8s} {'recall':>7s} {'stall s':>7s} {'MB q4':>7s} {'MB q2':>7s}")
     table = {}
     for p in POLICIES:
-        pre, dec = med(p, "prefill.tokens_per_s"), med(p, "decode.tokens_per_s")
-        ex = runs[p][len(runs[p]) // 2].get("experts") or {}
-        hit = ex.get("hit_rate")
-        rec = (ex.get("by_phase", {}).get("decode", {}) or {}).get("prefetch_recall")
+        pre, dec = med(p, "prefill"), med(p, "decode")
+        ex = runs[p][len(runs[p]) // 2]["experts"] or {}  # None when every expert is resident
+        total = ex.get("total", {})
+        hit = total.get("hit_rate")
+        rec = ex.get("decode", {}).get("prefetch_recall")
         moved = ex.get("bytes_by_precision", {})
         table[p] = {"prefill_tok_s": pre, "decode_tok_s": dec, "prefill_x_ondemand": pre / base_pre,
                     "decode_x_ondemand": dec / base_dec, "decode_x_resident": dec / res_dec, "hit_rate": hit,
                     "decode_prefetch_recall": rec, "experts": ex}
         f = lambda v: "    -" if v is None else f"{100 * v:6.1f}%"  # noqa: E731
         print(f"{p:9s} {pre:13.1f} {pre / base_pre:10.2f} {dec:12.1f} {dec / base_dec:10.2f} {dec / res_dec:10.2f} "
-              f"{f(hit):>8s} {f(rec):>7s} {ex.get('stall_seconds', 0):7.2f} {moved.get('q4', 0) / 1e6:7.1f} "
+              f"{f(hit):>8s} {f(rec):>7s} {total.get('stall_seconds', 0):7.2f} {moved.get('q4', 0) / 1e6:7.1f} "
               f"{moved.get('q2', 0) / 1e6:7.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "table": table}, indent=1, default=str))

@@ -2,10 +2,11 @@
 fate-bench on the built-in demo model and on a generated larger model, each shown with the exact
 command that produced it.
 
-    .venv/bin/python benchmarks/report.py            # ~10 min on 2 cores; needs the test extra (transformers)
+    python -m benchmarks.report            # from the repository root; ~10 min on 2 cores; needs the test extra
 
-The commands run as subprocesses, so what the page shows is what a user would type. Everything under
-an emulated link is labelled so by fate-bench itself.
+The commands run as subprocesses, so what the page shows is what a user would type (the console scripts
+next to this Python, importing this tree's fate). Everything under an emulated link is labelled so by
+fate-bench itself.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.tiny_models import make_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 DEMO = ROOT / "fate" / "data" / "demo.gguf"
 
@@ -45,8 +47,6 @@ def shown(cmd: list[str], tmp: Path) -> str:
 
 def build_larger(work: Path, env: dict) -> Path:
     """qwen2_moe, hidden 512, 8 layers, 32 experts top-4, expert FFN 512: experts dominate the bytes."""
-    from tests.tiny_models import make_checkpoint
-
     ckpt = work / "larger-hf"
     make_checkpoint("qwen2_moe", ckpt, n_layers=8, hidden_size=512, num_attention_heads=8, num_key_value_heads=4,
                     num_experts=32, num_experts_per_tok=4, moe_intermediate_size=512,
@@ -57,7 +57,8 @@ def build_larger(work: Path, env: dict) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.report",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "docs" / "REPORT.md"))
     args = ap.parse_args()
@@ -67,7 +68,9 @@ def main() -> None:
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        env = dict(os.environ, FATE_CACHE_DIR=str(tmp / "cache"), OMP_NUM_THREADS="1")
+        # this tree's fate, whichever checkout the console scripts were installed from
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        env = dict(os.environ, FATE_CACHE_DIR=str(tmp / "cache"), OMP_NUM_THREADS="1", PYTHONPATH=path)
         larger = build_larger(tmp, env)
         text = ROOT / "README.md"  # held-out text for perplexity: not in the demo's training data
         r = str(args.reps)
@@ -88,7 +91,7 @@ def main() -> None:
         parts = [
             "# Benchmark report (generated)",
             "",
-            f"Written by `python benchmarks/report.py` on {time.strftime('%Y-%m-%d')} "
+            f"Written by `python -m benchmarks.report` on {time.strftime('%Y-%m-%d')} "
             f"({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}); do not edit by hand: "
             "re-run the script. Hand-written analysis with targets lives in [BENCHMARKS.md](BENCHMARKS.md).",
             "",

@@ -1,9 +1,11 @@
 """Prefill and decode tokens/s of fate's runtime next to transformers, on CPU, all experts resident.
 
-    python benchmarks/runtime.py [--threads 1] [--reps 5] [--variants f16,q4,...] [--work DIR]
-    python benchmarks/runtime.py --kernels [--threads 1] [--compile]   # per-matrix ways, see kernels()
+    python -m benchmarks.runtime [--threads 1] [--reps 5] [--variants f16,q4,...] [--work DIR]
+    python -m benchmarks.runtime --kernels [--threads 1] [--compile]   # per-matrix ways, see kernels()
 
-Builds a small random Qwen2-MoE checkpoint with tests/tiny_models.make_checkpoint (hidden 512, 8
+(from the repository root).
+
+Builds a small random Qwen2-MoE checkpoint with tests.tiny_models.make_checkpoint (hidden 512, 8
 layers, 16 experts top-4, expert FFN 512, shared expert FFN 1024, stored as float16 so that
 transformers in float32 and fate compute the same function), converts it once with
 ``fate.convert(..., experts="f16,q4,q2")`` (cached under ``--work``), then in one process times:
@@ -44,13 +46,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
 DEFAULT_VARIANTS = "f16,q4,q4+torch,f16+nommap,q4+nommap,q2,f16+plain,q4+plain"
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.runtime",
+                                 description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads for both sides (default 1)")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per system (median reported; ≥3)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
@@ -88,16 +89,13 @@ if ARGS is not None:  # thread counts must be in the environment before torch (a
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(ARGS.threads)
 
-sys.path.insert(0, str(ROOT))
-
 import torch  # noqa: E402
 
 import fate  # noqa: E402
 from fate.errors import BundleError  # noqa: E402
-from fate.runtime.weights import BundleWeights  # noqa: E402
 from fate.model.experts import DenseExperts  # noqa: E402
-from fate.runtime.experts.resident import ResidentExperts
-from fate.runtime.weights import ResidentWeights  # noqa: E402
+from fate.runtime.experts.resident import ResidentExperts  # noqa: E402
+from fate.runtime.weights import BundleWeights, ResidentWeights  # noqa: E402
 from tests import tiny_models as TM  # noqa: E402
 
 ARCH = "qwen2_moe"
@@ -277,7 +275,7 @@ def main(args) -> int:
 
     med = statistics.median
     ref = results[hf.name]
-    cmd = "python benchmarks/runtime.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    cmd = "python -m benchmarks.runtime " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     cfg = fates[0].model.config if fates else None
     lines = [
         f"command: {cmd.strip()}",
@@ -428,7 +426,7 @@ def kernels(args) -> int:
         base = base or us
         exact = "yes (bit for bit)" if diff == 0 else f"no (max abs diff {diff:.1e})"
         print(f"| {name} | {exact} | {us:.1f} | {base / us:.2f}x |", flush=True)
-    print(f"\ncommand: python benchmarks/runtime.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    print("\ncommand: python -m benchmarks.runtime " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     return 0
 
 

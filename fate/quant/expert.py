@@ -69,7 +69,9 @@ class ExpertView:
             self.parts = tuple((m.packed.view(blob), m.scale.view(blob), m.zero.view(blob)) for m in layout.matrices)
         else:
             self.parts = tuple((m.packed.view(blob),) for m in layout.matrices)
-            if layout.size == 6 * layout.hidden * layout.ffn:  # gate, up, down back to back: one flat view
+            # gate, up, down back to back: one flat view, where the blob's offset allows one (at an odd
+            # byte the parts above are copies, and dequantize_into copies from them)
+            if layout.size == 6 * layout.hidden * layout.ffn and blob.storage_offset() % 2 == 0:
                 self.flat16 = blob[:layout.size].view(torch.float16)
 
     @property

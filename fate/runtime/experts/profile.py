@@ -75,7 +75,7 @@ def load_cached(key: str) -> TimingProfile | None:
     path = cache_dir() / f"{key}.json"
     try:
         data = json.loads(path.read_text())
-        if data.get("version") != PROFILE_VERSION:
+        if not isinstance(data, dict) or data.get("version") != PROFILE_VERSION:  # valid JSON, not a profile
             return None
         return TimingProfile(**data)
     except (OSError, ValueError, TypeError):
