@@ -15,7 +15,7 @@ from fate.runtime.experts.stats import COUNTERS, ExpertStats, summarize
 from fate.runtime.stats import EXPERT_FIELDS, PHASE_FIELDS, RATES, GenerationStats, experts_line, phase
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "STATS.md").read_text(encoding="utf-8")
-ALL = COUNTERS + ("stall_seconds",)
+ALL = COUNTERS + ("stall_seconds", "host_seconds")
 
 
 def _section(title: str) -> str:
@@ -99,7 +99,8 @@ def test_rates_and_none_where_undefined():
     empty = ExpertStats(2).to_dict()
     assert all(empty["total"][r] is None for r in RATES) and empty["total"]["needed"] == 0
     assert summarize({"hits": 2}, 0.1) == {**dict.fromkeys(COUNTERS, 0), "hits": 2, "stall_seconds": 0.1,
-                                           "hit_rate": None, "prefetch_recall": None, "prefetch_precision": None}
+                                           "host_seconds": 0.0, "hit_rate": None, "prefetch_recall": None,
+                                           "prefetch_precision": None}
 
 
 def test_reset_and_the_transfer_threads_byte_counts():

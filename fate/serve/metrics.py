@@ -117,6 +117,7 @@ class Metrics:
                 for k in COUNTERS:
                     self.experts[k] += int(experts["total"][k])
                 self.experts["stall_seconds"] += float(experts["total"]["stall_seconds"])
+                self.experts["host_seconds"] += float(experts["total"]["host_seconds"])
                 for prec, n in experts["bytes_by_precision"].items():
                     self.expert_bytes[prec] += int(n)
 
@@ -177,7 +178,7 @@ class Metrics:
                 e = self.experts
                 metric("fate_experts_generations_total", "counter", "Generations whose expert figures are counted "
                        "below.", [("", self.expert_generations)])
-                for k in COUNTERS + ("stall_seconds",):
+                for k in COUNTERS + ("stall_seconds", "host_seconds"):
                     metric(f"fate_experts_{k}_total", "counter", f"experts.total.{k}: {EXPERT_FIELDS[k]}.",
                            [("", e[k])])
                 ratio = lambda a, b: e[a] / e[b] if e[b] else float("nan")  # noqa: E731
