@@ -43,6 +43,13 @@ from fate.runtime.experts.stats import ExpertStats
 
 RULES = ("value", "window")  # fate's expected-value prefetch; the paper's top-(k + m) within one window
 
+# What the policy's own work costs the model's thread (measured on the 2-core VM of docs/BENCHMARKS.md):
+# queueing one prefetch (its blob view and the copy thread's queue) and one prediction (two routers on the
+# gate input, a ranking).  A copy cheaper than that is not worth prefetching, and where every copy is
+# cheaper than a prediction, fate's value rule does not predict at all (a memcpy without an emulated link).
+HOST_PREFETCH_SECONDS = 10e-6
+HOST_PREDICT_SECONDS = 30e-6
+
 
 class Offloader:
     """The offloading policy of one run over ``cache`` and a mover (the TransferEngine, or the simulator's
@@ -62,14 +69,27 @@ class Offloader:
         self.low_precision, self.int2_share = low_precision, int2_share
         self.predictor, self.rule, self.extra, self.max_new = predictor, rule, extra, max_new
         self.layer_seconds = layer_seconds
+        self.host_prefetch_seconds, self.host_predict_seconds = HOST_PREFETCH_SECONDS, HOST_PREDICT_SECONDS
+        # the value rule predicts only where a copy can cost more than predicting it does
+        # a free copy (no copy time known) still weighs one expert's chance against another's
+        self._t_copy = max(mover.copy_seconds(decode_precision), 1e-9)
+        self._predicts = predictor is not None and (rule == "window" or self._t_copy > 2 * self.host_predict_seconds)
         self._named: dict[int, set[int]] = {}  # layer -> experts its one-layer-ahead prediction named
         self._queued: list[list[int]] = [[] for _ in range(cfg.n_layers)]  # slots holding a queued prefetch
         k = cfg.top_k
         self._limit = {j: min(cfg.n_experts, n, k + extra) for j, n in enumerate(cache.n_slots) if n > 0}
 
     # -- prediction and prefetching ---------------------------------------------------------------
-    def wants_prediction(self, layer: int) -> bool:
-        return self.predictor is not None and layer + 1 < self.cfg.n_layers
+    def wants_prediction(self, layer: int, decode: bool = False) -> bool:
+        """Whether a prediction at ``layer``'s gate input can lead anywhere.  In decode with the value rule, not
+        while the link is busy past the next layer's start and copies take no longer than a layer: then every
+        candidate would either land too late or still land in time from the next layer (the rule fetches
+        neither), so the prediction is not even computed."""
+        if not self._predicts or layer + 1 >= self.cfg.n_layers:
+            return False
+        if decode and self.rule == "value" and self._t_copy <= self.layer_seconds:
+            return self.mover.free_at() < self.mover.now() + self.layer_seconds
+        return True
 
     def prefetch(self, layer: int, preds: Sequence[Prediction], decode: bool) -> None:
         """Act on the predictions made at ``layer``'s gate input (``layer`` -1: the embedding's)."""
@@ -108,10 +128,6 @@ class Offloader:
 
     def _prefetch_by_value(self, layer: int, preds: Sequence[Prediction]) -> None:
         cache, mover = self.cache, self.mover
-        now = mover.now()
-        link_free = mover.free_at()
-        t_layer = self.layer_seconds
-        t_next = now + t_layer  # layer i+1's demand loads: one layer's compute from now
         k = self.cfg.top_k
         cands = []
         chance_of: dict[int, dict[int, float]] = {}
@@ -131,7 +147,13 @@ class Offloader:
         if not cands:
             return
         cands.sort(key=lambda c: -c[0])  # the likeliest first, whatever the layer
-        t_copy = max(mover.copy_seconds(self.decode_precision), 1e-9)  # free copies still weigh chance vs chance
+        now = mover.now()
+        link_free = mover.free_at()
+        t_layer = self.layer_seconds
+        t_next = now + t_layer  # layer i+1's demand loads: one layer's compute from now
+        t_copy = self._t_copy
+        host = self.host_prefetch_seconds
+        victims: dict[int, list[int]] = {}  # per layer: its settled experts, the least likely first
         for p, j, e in cands:
             finish = link_free + t_copy
             t_need = t_next + (j - layer - 1) * t_layer
@@ -139,17 +161,21 @@ class Offloader:
             if overrun > 0.0 and t_next + t_copy <= t_need:
                 continue  # started at the next layer it still lands in time, with a fresher prediction
             saved = p * (t_copy - max(0.0, finish - t_need))
-            cost = max(0.0, next_misses - (p if j == layer + 1 else 0.0)) * overrun
+            cost = max(0.0, next_misses - (p if j == layer + 1 else 0.0)) * overrun + host
+            if saved <= cost:
+                continue
             victim = None
             if cache.free_slots(j) == 0:
                 chances = chance_of[j]
-                options = cache.evictable(j)
-                if not options:
+                order = victims.get(j)
+                if order is None:  # sorted() is stable: ties keep the cache's own eviction order
+                    order = victims[j] = sorted(cache.evictable(j), key=lambda v: chances.get(v, 0.0))
+                if not order:
                     continue
-                victim = min(options, key=lambda v: chances.get(v, 0.0))  # min keeps the cache's order on ties
-                cost += chances.get(victim, 0.0) * t_copy
-            if saved <= cost:
-                continue
+                victim = order[0]
+                if saved <= cost + chances.get(victim, 0.0) * t_copy:
+                    continue
+                order.pop(0)
             s = cache.reserve(j, e, self.decode_precision, prefetched=True, victim=victim)
             if s < 0:
                 continue
@@ -223,7 +249,7 @@ class Offloader:
             mover.demand(layer, s, inline=decode)
             stall += mover.now() - t
             later.append((e, s))
-        if predict is not None and self.wants_prediction(layer):
+        if predict is not None and self.wants_prediction(layer, decode):
             self.prefetch(layer, predict(), decode)  # the next layers' copies queue behind these demand loads
         for e, s in ready + later + [(w, -1) for w in waiting]:
             if s < 0:
@@ -240,7 +266,7 @@ class Offloader:
             busy += mover.now() - t
             mover.read_done(layer, s)
             pins.discard(e)
-            nxt = next((w for w in waiting if slot_of[w] < 0 and w in pins), None)  # not computed yet
+            nxt = next((w for w in waiting if slot_of[w] < 0 and w in pins), None) if waiting else None
             if nxt is not None:  # this expert's slot may be reused: start the next waiting load now
                 s2 = cache.reserve(layer, nxt, want[nxt], prefetched=False, pinned=pins)
                 if s2 >= 0:
@@ -250,10 +276,10 @@ class Offloader:
         if not self.keep:  # Load-on-Demand keeps nothing beyond this layer's need
             for e in ranked:
                 cache.drop(layer, e)
-        stats.add(layer, needed=len(ranked), hits=hits, late_prefetches=late, misses=misses,
-                  predicted_needed=len(ranked) if named is not None else 0,
-                  named=len(named) if named is not None else 0,
-                  named_needed=len(named.intersection(ranked)) if named is not None else 0)
+        if named is None:
+            stats.count(layer, len(ranked), hits, late, misses, 0, 0, 0)
+        else:
+            stats.count(layer, len(ranked), hits, late, misses, len(ranked), len(named), len(named.intersection(ranked)))
         stats.stalled(layer, stall)
         stats.hosted(layer, max(0.0, mover.now() - t_start - busy - stall))
 
@@ -301,7 +327,7 @@ class OffloadedExperts:
 
     def on_gate_input(self, layer: int, g: torch.Tensor) -> None:
         off = self.offloader
-        if (layer >= 0 and self.cfg.moe_layers[layer]) or not off.wants_prediction(layer):
+        if (layer >= 0 and self.cfg.moe_layers[layer]) or not off.wants_prediction(layer, g.shape[0] == 1):
             return  # a MoE layer predicts the next ones from moe(), once its own demand loads are queued
         off.stats.phase = "decode" if g.shape[0] == 1 else "prefill"
         t = off.mover.now()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fate.formats import constants as C
@@ -81,12 +82,14 @@ class Predictor:
         E = cfg.n_experts
         self._targets: dict[int, list[int]] = {}
         self._stack: dict[int, torch.Tensor] = {}
+        self._stack_np: dict[int, np.ndarray] = {}  # the same, for one token: numpy's overhead per call is µs less
         for i in range(-1, cfg.n_layers - 1):
             targets = [i + a for a in ahead if i + a < cfg.n_layers and (i + a) in routers]
             if targets:
                 self._targets[i] = targets
                 # one product names every layer ahead: their routers stacked, [len(targets) * E, H]
                 self._stack[i] = torch.cat([routers[j].detach().to("cpu", torch.float32) for j in targets])
+                self._stack_np[i] = self._stack[i].numpy()
         self.E = E
 
     def targets(self, layer: int) -> list[int]:
@@ -96,10 +99,28 @@ class Predictor:
     def predict(self, layer: int, g: torch.Tensor, limit: dict[int, int]) -> list[Prediction]:
         """Predictions for the layers ahead of ``layer`` from its gate input ``g`` [T, H] (``layer`` -1: the
         embedding's); ``limit[j]``: at most that many candidates for layer j (its slots)."""
-        if layer not in self._targets:
+        targets = self._targets.get(layer)
+        if not targets:
             return []
-        x = g.detach().to("cpu", torch.float32)
+        x = g if g.dtype == torch.float32 and g.device.type == "cpu" else g.detach().to("cpu", torch.float32)
+        if x.shape[0] == 1:  # the decode hot path: one product, one ranking per layer ahead, in numpy
+            scores = self._stack_np[layer] @ x.numpy()[0]
+            return self._rank_one(layer, targets, scores, limit)
         return self.rank(layer, x @ self._stack[layer].T, limit)
+
+    def _rank_one(self, layer: int, targets: list[int], scores: np.ndarray, limit: dict[int, int]) -> list[Prediction]:
+        E = self.E
+        n = min(E, max(limit.get(j, 0) for j in targets))
+        if n <= 0:
+            return []
+        order = np.argsort(-scores.reshape(len(targets), E), axis=1, kind="stable")[:, :n].tolist()
+        out = []
+        for j, ranked in zip(targets, order):
+            m = min(n, limit.get(j, 0))
+            if m > 0:
+                a = j - layer
+                out.append(Prediction(j, a, ranked[:m], self.chances[a - 1][j][:m]))
+        return out
 
     def rank(self, layer: int, logits: torch.Tensor, limit: dict[int, int]) -> list[Prediction]:
         """Predictions from the stacked routers' logits ``[T, len(targets(layer)) * E]`` (what :meth:`predict`
@@ -109,17 +130,7 @@ class Predictor:
             return []
         E, k = self.E, self.cfg.top_k
         if logits.shape[0] == 1:
-            n = min(E, max(limit.get(j, 0) for j in targets))
-            if n <= 0:
-                return []
-            order = logits.view(len(targets), E).topk(n, dim=1).indices.tolist()
-            out = []
-            for j, ranked in zip(targets, order):
-                a = j - layer
-                m = min(n, limit.get(j, 0))
-                if m > 0:
-                    out.append(Prediction(j, a, ranked[:m], self.chances[a - 1][j][:m]))
-            return out
+            return self._rank_one(layer, targets, logits[0].detach().to("cpu", torch.float32).numpy(), limit)
         j = targets[0]
         if j != layer + 1:
             return []

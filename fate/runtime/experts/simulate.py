@@ -226,11 +226,12 @@ def simulate(trace: RoutingTrace, timing: SimTiming, offloader_factory, *, warmu
         if predictor is not None:
             predictor.t = t
             off.stats.phase = "decode"
-            off.prefetch(-1, predictor.predict(-1, off._limit), True)
+            if off.wants_prediction(-1, True):
+                off.prefetch(-1, predictor.predict(-1, off._limit), True)
         for i in range(L):
             if not trace.moe_layers[i]:
                 link.compute(timing.layer_seconds)
-                if predictor is not None and i + 1 < L:
+                if predictor is not None and off.wants_prediction(i, True):
                     off.prefetch(i, predictor.predict(i, off._limit), True)
                 continue
             link.compute(t_pre)
@@ -247,7 +248,7 @@ def _prefill(trace: RoutingTrace, n: int, off: Offloader, link: SimLink, predict
     """Tokens ``0 .. n-1`` as one prefill step: each layer's experts by token count, the prefill prediction
     from all n tokens' gate inputs (the engine's order: its demand loads, then the next layer's)."""
     E = trace.n_experts
-    ahead = predictor is not None and hasattr(predictor, "predict_prefill")
+    ahead = predictor is not None and hasattr(predictor, "predict_prefill") and off.wants_prediction(-1)
     if ahead:
         off.stats.phase = "prefill"
         off.prefetch(-1, predictor.predict_prefill(-1, n, off._limit), False)

@@ -53,6 +53,18 @@ class ExpertStats:
         for k, v in counts.items():
             row[k] += v
 
+    def count(self, layer: int, needed: int, hits: int, late: int, misses: int, predicted_needed: int, named: int,
+              named_needed: int) -> None:
+        """One step's counts of ``layer`` (the executor's hot path: no keyword dictionary)."""
+        row = self._c[self.phase][layer]
+        row["needed"] += needed
+        row["hits"] += hits
+        row["late_prefetches"] += late
+        row["misses"] += misses
+        row["predicted_needed"] += predicted_needed
+        row["named"] += named
+        row["named_needed"] += named_needed
+
     def evicted(self, layer: int) -> None:
         self._c[self.phase][layer]["evictions"] += 1
 

@@ -98,6 +98,7 @@ def check_bundle_config(bundle: Bundle, cfg: ModelConfig) -> None:
 class ExpertStore:
     def __init__(self, bundle: Bundle, cfg: ModelConfig, verify: bool = True):
         self.bundle, self.cfg, self.verify = bundle, cfg, verify
+        self._views: dict[tuple[int, int, str], torch.Tensor] = {}
         check_bundle_config(bundle, cfg)
         precisions = bundle.require(C.K_PRECISIONS)
         if not isinstance(precisions, list) or not precisions or not all(isinstance(p, str) for p in precisions):
@@ -148,7 +149,13 @@ class ExpertStore:
         return precision
 
     def blob(self, layer: int, expert: int, precision: str) -> torch.Tensor:
-        return self.bundle.expert_blob(layer, precision, expert, verify=self.verify)
+        """A uint8 view of the expert's blob in the map, its crc32 checked on the first read; the view is
+        kept (the offloading engine asks for the same blobs again and again)."""
+        key = (layer, expert, precision)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = self.bundle.expert_blob(layer, precision, expert, verify=self.verify)
+        return view
 
     def dense(self, layer: int, expert: int, precision: str, dtype: torch.dtype = torch.float32,
               device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
