@@ -27,7 +27,8 @@ def _ids(n: int, seed: int) -> torch.Tensor:
 
 def _plain(m, precision):
     """The reference: DenseExperts over ExpertStore.dense and BundleWeights, as the engine had them."""
-    experts = DenseExperts(lambda layer, e: m.store.dense(layer, e, precision, dtype=m.dtype, device=m.device))
+    experts = DenseExperts(lambda layer, e: m.store.dense(layer, e, precision, dtype=m.dtype, device=m.device),
+                           m.config.act)
     return experts, BundleWeights(m.bundle, m.dtype, m.device)
 
 

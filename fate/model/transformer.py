@@ -365,46 +365,54 @@ class MoEModel:
         per = cfg.n_experts // cfg.n_group
         return group_mask.unsqueeze(-1).expand(-1, cfg.n_group, per).reshape(-1, cfg.n_experts).bool()
 
-    def _choose(self, layer: int, g: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(router logits, the scores the top-k is taken of, the scores the weights are gathered from)."""
+    def _choose(self, layer: int, g: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """(router logits, the scores the top-k is taken of — transformers' tensor, value for value —, the
+        scores the weights are gathered from, the experts of the chosen groups (None: no groups))."""
         n, cfg = self._names[layer], self.cfg
         kind = cfg.router
         if kind in ("softmax", "softmax_topk"):
             logits = self._lin(g, n.router, n.router_bias if cfg.router_bias else None)
             if kind == "softmax_topk":
-                return logits, logits, None
-            return logits, torch.softmax(logits, dim=-1, dtype=torch.float32), None
+                return logits, logits, None, None
+            return logits, torch.softmax(logits, dim=-1, dtype=torch.float32), None, None
         # the DeepSeek-V2/V3, GLM and ERNIE routers compute in float32 whatever the model's dtype
         logits = F.linear(g.float(), self._w(n.router).float())
         G, per = cfg.n_group, cfg.n_experts // cfg.n_group
         if kind == "softmax_group":
             probs = logits.softmax(dim=-1, dtype=torch.float32)
-            if G > 1:  # group-limited greedy: groups ranked by their best expert
-                probs = probs.masked_fill(~self._groups_mask(probs.view(-1, G, per).max(dim=-1).values), 0.0)
-            return logits, probs, None
+            if G == 1:
+                return logits, probs, None, None
+            keep = self._groups_mask(probs.view(-1, G, per).max(dim=-1).values)  # groups by their best expert
+            return logits, probs.masked_fill(~keep, 0.0), probs, keep
         if kind == "sigmoid_group":
             scores = logits.sigmoid()
             choice = scores + self._w(n.score_bias)
-            if G > 1:  # groups ranked by the sum of their two best scores
-                group_scores = choice.view(-1, G, per).topk(2, dim=-1)[0].sum(dim=-1)
-                choice = choice.masked_fill(~self._groups_mask(group_scores), float("-inf"))
-            return logits, choice, scores
+            if G == 1:
+                return logits, choice, scores, None
+            keep = self._groups_mask(choice.view(-1, G, per).topk(2, dim=-1)[0].sum(dim=-1))  # by their two best
+            return logits, choice.masked_fill(~keep, float("-inf")), scores, keep
         probs = F.softmax(logits, dim=1, dtype=torch.float)  # softmax_biased
-        return logits, probs + self._w(n.score_bias).reshape(-1), probs
+        return logits, probs + self._w(n.score_bias).reshape(-1), probs, None
 
     def selection_scores(self, layer: int, g: Tensor) -> Tensor:
         """Layer ``layer``'s router applied to ``g`` [T, H]: [T, E] float32 scores whose top-k are exactly
-        the experts :meth:`route` selects — the family's own rule (softmax probabilities; gpt-oss's
-        logits; DeepSeek-V3/GLM sigmoid scores plus the correction bias, -inf outside the chosen groups;
-        DeepSeek-V2 probabilities, 0 outside them; ERNIE probabilities plus the bias).  Pure: what the
-        cross-layer predictor ranks candidates by."""
-        return self._choose(layer, g)[1].float()
+        the experts :meth:`route` selects, by the family's own rule — softmax probabilities; gpt-oss's
+        biased logits; DeepSeek-V3/GLM sigmoid scores plus the correction bias; DeepSeek-V2 probabilities;
+        ERNIE probabilities plus the correction bias.  With expert groups, the experts outside the chosen
+        groups rank after every expert inside them, in the order of their own scores, so the candidates
+        past the top k (the predictor's over-fetch) stay meaningful.  Pure: nothing is cached or changed."""
+        cfg = self.cfg
+        logits, choice, aux, keep = self._choose(layer, g)
+        if keep is None:
+            return choice.float()
+        raw = aux + self._w(self._names[layer].score_bias) if cfg.router == "sigmoid_group" else aux
+        return torch.where(keep, raw, raw - (raw.max() - raw.min() + 1)).float()
 
     def route(self, layer: int, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(router logits [T, E] float32, top-k expert ids [T, k], top-k weights [T, k])."""
         cfg = self.cfg
         kind, k = cfg.router, cfg.top_k
-        logits, choice, aux = self._choose(layer, g)
+        logits, choice, aux, _ = self._choose(layer, g)
         if kind == "softmax":
             weights, ids = torch.topk(choice, k, dim=-1)
             if cfg.norm_topk_prob:

@@ -153,8 +153,12 @@ class ExpertStore:
         return self.bundle.expert_blob(layer, precision, expert, verify=self.verify)
 
     def dense(self, layer: int, expert: int, precision: str, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              device: str | torch.device = "cpu") -> tuple[torch.Tensor, ...]:
+        """(gate, up, down) in ``dtype``, and (gate_up bias, down bias) for experts with biases — what
+        :class:`fate.model.experts.DenseExperts` takes."""
         blob = self.blob(layer, expert, precision)
         if torch.device(device).type != "cpu":
             blob = blob.to(device, non_blocking=True)
-        return Q.unpack_expert(blob, self.layouts[precision], dtype=dtype)
+        layout = self.layouts[precision]
+        bias = Q.unpack_bias(blob, layout, dtype)
+        return Q.unpack_expert(blob, layout, dtype=dtype) + (bias or ())
