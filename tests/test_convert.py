@@ -405,3 +405,34 @@ def test_any_expert_ffn_converts_with_defaults(tmp_path):
         torch.testing.assert_close(got, Q.hqq_reference_dequant(w, mat.spec), rtol=0, atol=1e-6)
     assert len(m.generate("the quick brown fox", 8, temperature=0.0, stop_at_eos=False).token_ids) == 8
     m.close()
+
+
+def test_gpt_oss_mxfp4_experts_are_dequantized(tmp_path):
+    """gpt-oss as published: MXFP4 experts.  Conversion dequantizes them (to transformers' own values) and
+    stores HQQ/f16 blobs like any other expert; the f16 bundle generates transformers' greedy tokens."""
+    d = tmp_path / "ckpt"
+    make_checkpoint("gpt_oss", d, seed=4, mxfp4=True)
+    oracle = load_oracle("gpt_oss", d)  # transformers dequantizes the MXFP4 experts itself
+    out = tmp_path / "m.gguf"
+    fate.convert(d, out, experts="f16,q4", calib_tokens=64, progress=False)
+    m = fate.load(out, experts="f16")
+    want = oracle.model.layers[1].mlp.experts
+    gate, up, down, gu_bias, down_bias = m.store.dense(1, 5, "f16")
+    assert torch.equal(gate, want.gate_up_proj[5, :, 0::2].t().half().float())
+    assert torch.equal(up, want.gate_up_proj[5, :, 1::2].t().half().float())
+    assert torch.equal(down, want.down_proj[5].t().half().float())
+    assert torch.equal(gu_bias, torch.cat((want.gate_up_proj_bias[5, 0::2], want.gate_up_proj_bias[5, 1::2])))
+    ids = m.encode_prompt("the quick brown fox jumps over")
+    oracle.generation_config.eos_token_id = None
+    with torch.no_grad():
+        ref = oracle.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, pad_token_id=0)[0, len(ids):]
+    assert m.generate(ids, 16, temperature=0.0, stop_at_eos=False).token_ids == ref.tolist()
+    m.close()
+
+
+def test_other_quantized_checkpoints_are_refused(small_ckpt, tmp_path):
+    d = _variant(small_ckpt, tmp_path / "fp8")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(_cli([d, tmp_path / "o.gguf"]), "quantized ('fp8')", "float copy")

@@ -162,6 +162,19 @@ VARIANTS = [
     ("olmoe", dict(clip_qkv=0.3, norm_topk_prob=True)),
     ("deepseek", dict(first_k_dense_replace=2, n_shared_experts=1, norm_topk_prob=True,
                       rope_scaling={"type": "linear", "factor": 4.0})),
+    ("gpt_oss", dict(sliding_window=4, layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+                     rope_parameters={"rope_type": "yarn", "factor": 8.0, "beta_fast": 16.0, "beta_slow": 2.0,
+                                      "truncate": True, "original_max_position_embeddings": 64,
+                                      "rope_theta": 10000.0})),
+    ("deepseek_v2", dict(q_lora_rank=16, topk_method="greedy", n_group=None, topk_group=None,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    ("deepseek_v3", dict(rope_interleave=False, norm_topk_prob=False, n_group=1, topk_group=1, q_lora_rank=None,
+                         # DeepSeek-V3's own: YaRN factor 40 with mscale = mscale_all_dim = 1
+                         rope_parameters={"rope_type": "yarn", "factor": 40.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                          "mscale": 1.0, "mscale_all_dim": 1.0,
+                                          "original_max_position_embeddings": 64, "rope_theta": 10000.0})),
+    ("glm4_moe", dict(use_qk_norm=True, n_group=2, topk_group=1, attention_bias=False, first_k_dense_replace=0)),
+    ("ernie4_5_moe", dict(moe_layer_start_index=0, moe_layer_interval=2, tie_word_embeddings=False)),
 ]
 
 
@@ -179,6 +192,66 @@ def test_config_variants(arch, overrides, tmp_path):
     kv = KVCache.for_model(cfg, 40)
     out = torch.cat([model.forward(ids[:30], kv)] + [model.forward(ids[i:i + 1], kv) for i in range(30, 40)])
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+def test_gpt_oss_window_clamp_and_sinks_bind(tmp_path):
+    """The tiny gpt-oss really exercises what makes it gpt-oss (else the oracle checks prove little): the
+    sliding window changes the logits from position WINDOW on and nothing before it, the clamp of the
+    SwiGLU is reached, the sinks move the attention."""
+    import dataclasses
+
+    TM.make_checkpoint("gpt_oss", tmp_path, seed=7)
+    model, cfg = TM.load_fate_model(tmp_path)
+    assert cfg.layer_windows == [TM.WINDOW, 0, TM.WINDOW] and cfg.attn_sinks and cfg.expert_act == "clamped"
+    ids = _ids(24)
+    ref = model.forward(ids)
+    full = MoEModel(dataclasses.replace(cfg, layer_windows=[]), model.weights, model.experts)
+    unwindowed = full.forward(ids)
+    torch.testing.assert_close(unwindowed[:TM.WINDOW], ref[:TM.WINDOW], atol=1e-6, rtol=0)
+    assert (unwindowed[TM.WINDOW:] - ref[TM.WINDOW:]).abs().amax(-1).min() > 1e-3
+    g = model.gate_input(0, model.attention(0, model.embed(ids), torch.arange(24), None))
+    gate = g @ model.experts.get_expert(0, 0)[0].T + model.experts.get_expert(0, 0)[3][:TM.EXPERT_FFN]
+    assert (gate > TM.SWIGLU_LIMIT).any()
+    sinks = model.weights.get("blk.1.attn_sinks.weight")
+    model.weights._ready["blk.1.attn_sinks.weight"] = torch.full_like(sinks, -1e4)  # no sink at all
+    assert not torch.allclose(model.forward(ids), ref, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe"])
+def test_selection_scores_rank_what_route_selects(arch, ckpts):
+    """selection_scores is the family's selection rule: its top-k are route()'s experts; with expert
+    groups the chosen groups' experts rank first, and the group limit changes some choices."""
+    model, cfg = TM.load_fate_model(ckpts[arch])
+    g = torch.randn(64, TM.HIDDEN, generator=torch.Generator().manual_seed(12))
+    layer = cfg.moe_layer_ids[0]
+    _, ids, w = model.route(layer, g)
+    scores = model.selection_scores(layer, g)
+    assert scores.dtype == torch.float32 and scores.shape == (64, cfg.n_experts)
+    top = scores.topk(cfg.top_k, dim=-1).indices
+    assert torch.equal(top.sort(-1).values, ids.sort(-1).values)
+    assert w.shape == ids.shape and torch.isfinite(w).all()
+    if cfg.n_group > 1:
+        per = cfg.n_experts // cfg.n_group
+        groups = (scores.argsort(-1, descending=True)[:, :cfg.topk_group * per] // per)
+        assert all(len(set(row.tolist())) == cfg.topk_group for row in groups)  # chosen groups' experts first
+        assert all(set((row // per).tolist()) <= set(grp.tolist()) for row, grp in zip(ids, groups))
+        import dataclasses
+        flat = MoEModel(dataclasses.replace(cfg, n_group=1, topk_group=1), model.weights, model.experts)
+        assert not torch.equal(flat.route(layer, g)[1].sort(-1).values, ids.sort(-1).values)
+
+
+def test_kv_cache_holds_windows_and_latents(ckpts):
+    """gpt-oss's sliding layers hold their window, DeepSeek's latent attention caches the latent and the
+    rope key; bytes_needed is exactly what the cache allocates."""
+    for arch, want in (("gpt_oss", [(2, TM.WINDOW, 16), (2, 64, 16), (2, TM.WINDOW, 16)]),
+                       ("deepseek_v3", [(1, 64, 32)] * 3)):
+        _, cfg = TM.load_fate_model(ckpts[arch])
+        kv = KVCache.for_model(cfg, 64)
+        assert [tuple(t.shape) for t in kv.k] == want
+        assert kv.nbytes == KVCache.bytes_needed(cfg, 64)
+    assert [tuple(t.shape) for t in kv.v] == [(1, 64, 8)] * 3  # the rope key
+    # 40 elements a token and layer, where expanded keys and values would take 4 heads x (24 + 16)
+    assert KVCache.bytes_needed(cfg, 64) == 3 * 64 * 40 * 4
 
 
 def test_olmoe_clip_binds(tmp_path):

@@ -83,7 +83,7 @@ def test_logits_equal_dense_experts(arch, precision, models):
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral", "gpt_oss", "deepseek_v3"])
 def test_logits_equal_dense_experts_bf16(arch, precision, models):
     m = models(arch, precision, "bf16")
     experts, weights = _plain(m, precision)

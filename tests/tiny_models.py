@@ -144,8 +144,9 @@ def hf_config_kwargs(arch: str, n_layers: int) -> dict:
         # DeepSeek-V2-Lite's rope: YaRN with mscale = mscale_all_dim = 0.707 (the softmax scale changes too)
         rope = {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707,
                 "mscale_all_dim": 0.707, "original_max_position_embeddings": 128, "rope_theta": 10000.0}
+        # groups ranked by their best expert bind only when fewer groups are kept than experts chosen
         return dict(common, **mla, q_lora_rank=None, n_shared_experts=2, topk_method="group_limited_greedy",
-                    n_group=4, topk_group=2, routed_scaling_factor=1.5, rope_parameters=rope)
+                    n_group=4, topk_group=1, routed_scaling_factor=1.5, rope_parameters=rope)
     if arch == "deepseek_v3":
         return dict(common, **mla, q_lora_rank=24, n_shared_experts=1, n_group=4, topk_group=2,
                     norm_topk_prob=True, routed_scaling_factor=2.5, rope_interleave=True)
@@ -326,13 +327,45 @@ def _write_tokenizer(out_dir: Path, vocab_size: int) -> None:
     }, indent=2))
 
 
+_FP4 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def mxfp4_encode(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., out, in] float weights → MXFP4 (blocks uint8 [..., out, in/32, 16], scales uint8 [..., out,
+    in/32]) as gpt-oss publishes them: per 32 values a power-of-two scale that brings the largest to at most
+    6, each value rounded to the nearest E2M1 code (low nibble first)."""
+    groups = w.float().reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
+    exp = torch.ceil(torch.log2(groups.abs().amax(-1).clamp_min(2.0 ** -100) / 6.0))
+    scaled = groups / torch.exp2(exp).unsqueeze(-1)
+    codes = (scaled.unsqueeze(-1) - torch.tensor(_FP4)).abs().argmin(-1).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks, (exp + 127).to(torch.uint8)
+
+
+def _to_mxfp4(out: Path, cfg: dict) -> None:
+    """Rewrite a saved gpt-oss checkpoint with its experts in MXFP4, as openai/gpt-oss-* are published."""
+    tensors = read_checkpoint_tensors(out)
+    for i in range(cfg["num_hidden_layers"]):
+        base = f"model.layers.{i}.mlp.experts."
+        for proj in ("gate_up_proj", "down_proj"):
+            # stored [E, in, out]; MXFP4 blocks run along `in` of [E, out, in]
+            blocks, scales = mxfp4_encode(tensors.pop(base + proj).transpose(1, 2))
+            tensors[base + proj + "_blocks"], tensors[base + proj + "_scales"] = blocks, scales
+    _write_shards(tensors, out, 1)
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
 def make_checkpoint(arch: str, out_dir: str | os.PathLike, *, seed: int = 0, n_layers: int = 3,
-                    dtype: torch.dtype = torch.float32, shards: int = 1, **overrides) -> dict:
+                    dtype: torch.dtype = torch.float32, shards: int = 1, mxfp4: bool = False,
+                    **overrides) -> dict:
     """Write a tiny random ``arch`` checkpoint to ``out_dir``; return its config dict (config.json).
 
     ``overrides`` are config keys (transformers' names; DeepSeekMoE's for ``deepseek``), e.g.
     ``tie_word_embeddings=True``, ``mlp_only_layers=[1]``, ``clip_qkv=0.5``, ``norm_topk_prob=True``,
-    ``rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}``.
+    ``rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}``.  ``mxfp4`` (gpt_oss
+    only): the experts are stored as MXFP4 blocks and scales, as gpt-oss is published.
     qwen2_moe/qwen3_moe/mixtral/olmoe are built with transformers' own classes and written with
     ``save_pretrained`` (per-expert tensor names); deepseek, which transformers lacks, is written by hand
     in DeepSeekMoE's naming.
@@ -370,6 +403,10 @@ def make_checkpoint(arch: str, out_dir: str | os.PathLike, *, seed: int = 0, n_l
             tensors = read_checkpoint_tensors(out)
             _write_shards(tensors, out, shards)
         cfg = json.loads((out / "config.json").read_text())
+        if mxfp4:
+            if arch != "gpt_oss":
+                raise ValueError("only gpt-oss publishes MXFP4 experts")
+            _to_mxfp4(out, cfg)
         if arch == "qwen3_moe" and "num_local_experts" in cfg:
             # transformers 5 writes Qwen3-MoE's expert count as num_local_experts (its attribute_map);
             # released Qwen3-MoE checkpoints say num_experts.  Keep the released spelling.
@@ -433,7 +470,8 @@ def load_fate_model(ckpt_dir: str | os.PathLike, *, dtype: torch.dtype = torch.f
 def load_oracle(arch: str, ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """A transformers model computing the same function as the checkpoint in ``ckpt_dir``.
 
-    qwen2_moe, qwen3_moe, mixtral, olmoe: the checkpoint loaded with ``AutoModelForCausalLM``.
+    Every architecture but deepseek: the checkpoint loaded with ``AutoModelForCausalLM`` (MXFP4 experts
+    dequantized by transformers itself).
 
     deepseek: transformers has no DeepSeekMoE (v1) class, so the oracle is an independent construction
     — an equivalent ``Qwen2MoeForCausalLM`` built from the raw DeepSeek tensors:
@@ -452,7 +490,10 @@ def load_oracle(arch: str, ckpt_dir: str | os.PathLike, dtype: torch.dtype = tor
     import transformers
 
     if arch != "deepseek":
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt_dir), dtype=dtype)
+        extra = {}
+        if "quantization_config" in json.loads((Path(ckpt_dir) / "config.json").read_text()):
+            extra["quantization_config"] = transformers.Mxfp4Config(dequantize=True)  # gpt-oss's MXFP4 experts
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt_dir), dtype=dtype, **extra)
         return model.eval()
 
     ds = json.loads((Path(ckpt_dir) / "config.json").read_text())
