@@ -162,6 +162,7 @@ VARIANTS = [
     ("olmoe", dict(clip_qkv=0.3, norm_topk_prob=True)),
     ("deepseek", dict(first_k_dense_replace=2, n_shared_experts=1, norm_topk_prob=True,
                       rope_scaling={"type": "linear", "factor": 4.0})),
+    ("mixtral", dict(sliding_window=8)),
     ("gpt_oss", dict(sliding_window=4, layer_types=["full_attention", "sliding_attention", "sliding_attention"],
                      rope_parameters={"rope_type": "yarn", "factor": 8.0, "beta_fast": 16.0, "beta_slow": 2.0,
                                       "truncate": True, "original_max_position_embeddings": 64,
@@ -178,10 +179,12 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("arch,overrides", VARIANTS, ids=[a for a, _ in VARIANTS])
+@pytest.mark.parametrize("arch,overrides", VARIANTS, ids=[f"{a}-{i}" for i, (a, _) in enumerate(VARIANTS)])
 def test_config_variants(arch, overrides, tmp_path):
     """Flags the default tiny models leave off: dense layers among MoE layers, tied embeddings,
-    renormalized top-k, linear RoPE scaling, qkv clipping."""
+    renormalized top-k, linear RoPE scaling, qkv clipping, Mixtral's sliding window, other window layouts
+    and YaRN parameters, a low-rank query, greedy and ungrouped routing, non-interleaved RoPE, q/k norm,
+    MoE layers at an interval."""
     TM.make_checkpoint(arch, tmp_path, seed=7, **overrides)
     model, cfg = TM.load_fate_model(tmp_path)
     oracle = TM.load_oracle(arch, tmp_path)
@@ -418,3 +421,56 @@ def test_sharded_checkpoint_and_tokenizer(ckpts):
     assert tc["eos_token"] == "<|im_end|>" and "<|im_start|>" in tc["chat_template"]
     gen = json.loads((d / "generation_config.json").read_text())
     assert TM.token_id(TM.EOS) in gen["eos_token_id"]
+
+
+# --- a bundle's config is untrusted: every field of the newer families is checked -------------------
+
+BAD_FIELDS = [
+    ("gpt_oss", "layer_windows", [8, 0], "layer_windows"), ("gpt_oss", "layer_windows", [8, -1, 8], "layer_windows"),
+    ("gpt_oss", "attn_sinks", 1, "attn_sinks"), ("gpt_oss", "expert_act", "gelu", "expert_act"),
+    ("gpt_oss", "swiglu_limit", float("nan"), "swiglu_limit"), ("gpt_oss", "router", "argmax", "router"),
+    ("gpt_oss", "rope_scaling", {"type": "yarn", "factor": 4.0}, "original_max_position_embeddings"),
+    ("gpt_oss", "rope_scaling", {"type": "dynamic", "factor": 4.0}, "not supported"),
+    ("deepseek_v3", "attention", "sparse", "attention"), ("deepseek_v3", "kv_lora_rank", 0, "kv_lora_rank"),
+    ("deepseek_v3", "rope_dim", 24, "rope_dim"), ("deepseek_v3", "rope_dim", 7, "rope_dim"),
+    ("deepseek_v3", "n_kv_heads", 2, "kv heads"), ("deepseek_v3", "n_group", 3, "groups"),
+    ("deepseek_v3", "topk_group", 5, "groups"), ("deepseek_v3", "routed_scaling", -1.0, "routed_scaling"),
+    ("deepseek_v3", "layer_windows", [4, 4, 4], "grouped-query"), ("deepseek_v3", "q_lora_rank", -2, "q_lora_rank"),
+    ("deepseek_v2", "rope_style", "spiral", "rope_style"), ("glm4_moe", "rope_style", "complex", "complex"),
+    ("glm4_moe", "score_bias", "yes", "score_bias"), ("glm4_moe", "kv_lora_rank", 8, "latent attention only"),
+    ("ernie4_5_moe", "norm_min", -1.0, "norm_min"), ("gpt_oss", "n_group", 2, "no expert groups"), ("ernie4_5_moe", "router", "softmax", "score_bias"),
+]
+
+
+@pytest.mark.parametrize("arch,field,value,needle", BAD_FIELDS, ids=[f"{a}-{f}" for a, f, _, _ in BAD_FIELDS])
+def test_bad_config_fields_are_refused(arch, field, value, needle, ckpts):
+    import dataclasses
+
+    from fate.errors import ConfigError
+    from fate.model.config import ModelConfig
+
+    _, cfg = TM.load_fate_model(ckpts[arch])
+    text = json.loads(cfg.to_json())
+    assert ModelConfig.from_json(json.dumps(text)) == cfg  # the good one reads back
+    text[field] = value
+    with pytest.raises(ConfigError, match=needle):
+        ModelConfig.from_json(json.dumps(text))
+    with pytest.raises(ConfigError):
+        dataclasses.replace(cfg, **{field: value}).validate()
+
+
+UNSUPPORTED = [
+    ("deepseek_v2", dict(topk_method="noaux_tc"), "topk_method"),
+    ("deepseek_v2", dict(attention_bias=True), "attention_bias"),
+    ("ernie4_5_moe", dict(use_bias=True), "use_bias"),
+    ("ernie4_5_moe", dict(moe_num_experts=[8, 8]), "several expert groups"),
+]
+
+
+@pytest.mark.parametrize("arch,change,needle", UNSUPPORTED, ids=[n for _, _, n in UNSUPPORTED])
+def test_unsupported_variants_are_named(arch, change, needle, ckpts):
+    from fate.errors import UnsupportedArchitecture
+
+    hf = json.loads((ckpts[arch] / "config.json").read_text())
+    with pytest.raises(UnsupportedArchitecture, match=needle):
+        A.model_config({**hf, **change})

@@ -82,10 +82,11 @@ def _partial_rotary(hf: dict) -> float:
 
 def _common(hf: dict, model_type: str, rms_eps_default: float = 1e-6) -> dict:
     window = hf.get("sliding_window")
-    uses_window = hf.get("use_sliding_window", model_type == "mixtral")
+    uses_window = hf.get("use_sliding_window", False)  # Mixtral's window: its spec; gpt-oss's: per layer
     if uses_window and window and int(window) < int(_get(hf, "max_position_embeddings", default=0)):
         raise UnsupportedArchitecture(
-            f"sliding-window attention (window {window}) is not supported; fate attends to the whole context")
+            f"{model_type} with sliding-window attention (window {window}) is not supported; fate implements "
+            "Mixtral's and gpt-oss's")
     if model_type in ("qwen3_moe", "olmoe", "deepseek", "mixtral") and hf.get("attention_bias"):
         raise UnsupportedArchitecture(f"{model_type} with attention_bias=true (biased projections) is not supported")
     hidden = int(hf["hidden_size"])
@@ -148,6 +149,7 @@ def _qwen3_moe(hf: dict) -> ModelConfig:
 
 def _mixtral(hf: dict) -> ModelConfig:
     n_layers = int(hf["num_hidden_layers"])
+    window = int(hf.get("sliding_window") or 0)  # every layer (Mistral's design); None in Mixtral's releases
     return ModelConfig(
         **_common(hf, "mixtral", rms_eps_default=1e-5),
         n_experts=int(hf["num_local_experts"]),
@@ -155,6 +157,7 @@ def _mixtral(hf: dict) -> ModelConfig:
         expert_ffn=int(hf["intermediate_size"]),
         moe_layers=[True] * n_layers,
         norm_topk_prob=True,
+        layer_windows=[window] * n_layers if window else [],
     )
 
 

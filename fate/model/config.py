@@ -253,6 +253,8 @@ class ModelConfig:
             if self.router == "sigmoid_group" and E // self.n_group < 2:
                 raise ConfigError("model config: sigmoid_group routing scores a group by its two best experts; "
                                   "groups need at least 2")
+        if (self.n_group > 1 or self.topk_group > 1) and self.router not in ("softmax_group", "sigmoid_group"):
+            raise ConfigError(f"model config: router {self.router!r} has no expert groups (n_group={self.n_group})")
         if self.score_bias and self.router not in ("sigmoid_group", "softmax_biased"):
             raise ConfigError(f"model config: score_bias is not used by router {self.router!r}")
 
