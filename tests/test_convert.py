@@ -115,7 +115,7 @@ def _selection(arch: str, router, x: torch.Tensor, cfg) -> torch.Tensor:
     def groups_first(s, group_scores):  # the chosen groups' experts, then the others, each by score
         best = group_scores.topk(cfg.topk_group, dim=-1).indices
         keep = torch.zeros(x.shape[0], G, dtype=torch.bool).scatter_(1, best, True).repeat_interleave(per, dim=1)
-        return torch.where(keep, s, s - 100.0)
+        return torch.where(keep, s.double(), s.double() - 100.0)  # float64: the shift loses no order
 
     if arch == "deepseek_v2":
         probs = torch.softmax(logits, dim=-1)

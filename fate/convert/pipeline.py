@@ -107,7 +107,10 @@ def convert(model_dir: str | os.PathLike, out: str | os.PathLike, *, experts: st
     specs, down_groups = {}, {}
     for p in precisions:
         requested = {"q4": group_size_q4, "q2": group_size_q2}.get(p)
-        s = Q.QuantSpec.default(p, requested)
+        try:
+            s = Q.QuantSpec.default(p, requested)
+        except ValueError as e:
+            raise ConvertError(f"--group-size-{p} {requested}: {e}") from None
         specs[p], down_groups[p] = _fit_group_sizes(p, s, cfg, notes, log)
 
     # --- everything is checked before anything is written -----------------------------------------

@@ -399,8 +399,9 @@ class MoEModel:
         the experts :meth:`route` selects, by the family's own rule — softmax probabilities; gpt-oss's
         biased logits; DeepSeek-V3/GLM sigmoid scores plus the correction bias; DeepSeek-V2 probabilities;
         ERNIE probabilities plus the correction bias.  With expert groups, the experts outside the chosen
-        groups rank after every expert inside them, in the order of their own scores, so the candidates
-        past the top k (the predictor's over-fetch) stay meaningful.  Pure: nothing is cached or changed."""
+        groups rank after every expert inside them, in the order of their own scores (shifted down by the
+        score range: scores closer than float32's resolution near 1 may tie), so the candidates past the
+        top k (the predictor's over-fetch) stay meaningful.  Pure: nothing is cached or changed."""
         cfg = self.cfg
         logits, choice, aux, keep = self._choose(layer, g)
         if keep is None:

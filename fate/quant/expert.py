@@ -98,8 +98,8 @@ class ExpertView:
     def is_view(self) -> bool:
         """Whether every part is a view of the blob (else one was copied: a misaligned float16 part)."""
         base = self.blob.untyped_storage().data_ptr()
-        return all(t.untyped_storage().data_ptr() == base for p in self.parts + (self.bias or ()) for t in
-                   (p if isinstance(p, tuple) else (p,)))
+        tensors = [t for p in self.parts for t in p] + list(self.bias or ())
+        return all(t.untyped_storage().data_ptr() == base for t in tensors)
 
     def dequantize_into(self, out: Tensor, tmp32: Tensor, native: bool, start: int = 0, end: int | None = None) -> Tensor:
         """Weights ``start:end`` of the flat expert (gate, up, down back to back) into ``out`` (compute dtype,
