@@ -180,7 +180,7 @@ class FateSystem:
                                    compute_dtype=dtype)
         if "plain" in mods:
             m.model.experts = DenseExperts(lambda layer, e: m.store.dense(layer, e, precision, dtype=m.dtype,
-                                                                          device=m.device))
+                                                                          device=m.device), m.config.act)
             self.describe = f"{precision} experts: DenseExperts over ExpertStore.dense (dequantized per use)"
         else:
             want = None if "dense" in mods else 0

@@ -72,7 +72,7 @@ BAD = [  # (field, bad value, text the message must contain)
     ("clip_qkv", -1.0, "clip_qkv"),
     ("clip_qkv", float("nan"), "clip_qkv"),
     ("rope_scaling", [], "rope_scaling"),
-    ("rope_scaling", {"type": "yarn", "factor": 4.0}, "rope scaling 'yarn'"),
+    ("rope_scaling", {"type": "dynamic", "factor": 4.0}, "rope scaling 'dynamic'"),
     ("rope_scaling", {"type": "linear", "factor": 0}, "factor"),
     ("rope_scaling", {"type": "linear"}, "factor"),
     ("rope_scaling", {"type": "linear", "factor": "2"}, "factor"),

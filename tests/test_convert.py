@@ -52,19 +52,27 @@ def test_experts_blobs_checksums_and_round_trip(converted, arch):
             raw = b.tensor(name).view(torch.uint8)
             for e in range(cfg.n_experts):
                 assert zlib.crc32(raw[e, :size].numpy().tobytes()) == int(crcs[e])
-    # round trip on the first MoE layer: f16 exact, q4/q2 equal to hqq's own dequantization
+    # round trip on the first MoE layer: f16 exact, q4/q2 equal to hqq's own dequantization, biases exact
     i = cfg.moe_layer_ids[0]
+    kind, _ = A.expert_storage(spec, cfg, i, ckpt.__contains__)
     for e in (0, cfg.n_experts - 1):
-        src = [ckpt.get(n).float() for n in A.expert_tensor_names(spec, i, e)]
+        src = A.expert_weights(spec, cfg, i, e, kind, lambda n, j: ckpt.get(n) if j is None else ckpt.get_row(n, j))
         for p in ("f16", "q4", "q2"):
-            s = Q.QuantSpec(p, b.metadata[C.K_PRECISION_BITS.format(p=p)], b.metadata[C.K_PRECISION_GROUP.format(p=p)])
-            layout = Q.expert_blob_layout(cfg.hidden_size, cfg.expert_ffn, s)
-            got = Q.unpack_expert(b.expert_blob(i, p, e), layout)
-            for w, g in zip(src, got):
+            bits, group = b.metadata[C.K_PRECISION_BITS.format(p=p)], b.metadata[C.K_PRECISION_GROUP.format(p=p)]
+            down_group = b.metadata[C.K_PRECISION_GROUP_DOWN.format(p=p)]
+            s = Q.QuantSpec(p, bits, group)
+            layout = cfg.expert_layout(s, down_group)
+            blob = b.expert_blob(i, p, e)
+            got = Q.unpack_expert(blob, layout)
+            for w, g, m in zip(src, got, layout.matrices):
                 if p == "f16":
                     assert torch.equal(g, w.half().float())
                 else:
-                    torch.testing.assert_close(g, Q.hqq_reference_dequant(w, s), rtol=0, atol=1e-6)
+                    torch.testing.assert_close(g, Q.hqq_reference_dequant(w, m.spec), rtol=0, atol=1e-6)
+            bias = Q.unpack_bias(blob, layout)
+            assert (bias is None) == (len(src) == 3)
+            if bias is not None:
+                assert torch.equal(bias[0], src[3]) and torch.equal(bias[1], src[4])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -75,7 +83,8 @@ def test_non_expert_tensors_and_gguf_reader(converted, arch):
     ckpt, spec, cfg = _hf(ckpt_dir)
     r = GGUFReader(path)
     names = {t.name for t in r.tensors}
-    assert {"token_embd.weight", "output_norm.weight", "blk.0.attn_q.weight", "blk.0.ffn_norm.weight"} <= names
+    q = "blk.0.attn_q_a.weight" if cfg.q_lora_rank else "blk.0.attn_q.weight"  # DeepSeek-V3: low-rank q
+    assert {"token_embd.weight", "output_norm.weight", q, "blk.0.ffn_norm.weight"} <= names
     arch_name = C.LLAMA_CPP_ARCH[arch]
     assert r.fields["general.architecture"].contents() == arch_name
     assert r.fields[f"{arch_name}.block_count"].contents() == cfg.n_layers
@@ -84,12 +93,39 @@ def test_non_expert_tensors_and_gguf_reader(converted, arch):
     for name, (hf_name, shape) in A.non_expert_tensors(spec, cfg).items():
         t = b.tensor(name)
         src = ckpt.get(hf_name)
-        want = src.float() if (name.endswith("norm.weight") or ".ffn_gate_inp" in name) else src.half()
+        want = src.float() if C.keeps_f32(name) else src.half()
         assert t.shape == tuple(shape)
         assert torch.equal(t, want), name
     assert json.loads(b.metadata[C.K_MODEL_CONFIG]) == json.loads(cfg.to_json())
     assert b.metadata[C.K_TOKENIZER_HF_JSON] == (ckpt_dir / "tokenizer.json").read_text()
     assert "<|im_start|>" in b.metadata[C.K_CHAT_TEMPLATE]
+
+
+def _selection(arch: str, router, x: torch.Tensor, cfg) -> torch.Tensor:
+    """What each family's router ranks experts by, from the transformers router module's parameters:
+    logits (softmax routers rank alike), gpt-oss's biased logits, DeepSeek-V2's probabilities,
+    DeepSeek-V3/GLM's sigmoid + correction bias, the experts of the best groups (by best expert / by the sum
+    of the two best) before the others, ERNIE's probabilities + correction bias."""
+    w = router.weight.float()
+    logits = x.float() @ w.T
+    if arch == "gpt_oss":
+        return logits + router.bias.float()
+    G, per = cfg.n_group, cfg.n_experts // cfg.n_group
+
+    def groups_first(s, group_scores):  # the chosen groups' experts, then the others, each by score
+        best = group_scores.topk(cfg.topk_group, dim=-1).indices
+        keep = torch.zeros(x.shape[0], G, dtype=torch.bool).scatter_(1, best, True).repeat_interleave(per, dim=1)
+        return torch.where(keep, s.double(), s.double() - 100.0)  # float64: the shift loses no order
+
+    if arch == "deepseek_v2":
+        probs = torch.softmax(logits, dim=-1)
+        return groups_first(probs, probs.view(-1, G, per).max(dim=-1).values)
+    if arch in ("deepseek_v3", "glm4_moe"):
+        s = torch.sigmoid(logits) + router.e_score_correction_bias.float()
+        return groups_first(s, s.view(-1, G, per).topk(2, dim=-1).values.sum(-1))
+    if arch == "ernie4_5_moe":
+        return torch.softmax(logits, dim=-1) + router.moe_statics.e_score_correction_bias.float().reshape(-1)
+    return logits
 
 
 def _oracle_stats(arch: str, ckpt_dir: Path, ids: list[int], cfg):
@@ -115,12 +151,15 @@ def _oracle_stats(arch: str, ckpt_dir: Path, ids: list[int], cfg):
     for i in range(L):
         if not cfg.moe_layers[i]:
             continue
-        moe = layers[i].mlp if hasattr(layers[i].mlp, "gate") else layers[i].block_sparse_moe
-        w = moe.gate.weight.float()
-        probs = torch.softmax(captured[i] @ w.T, dim=-1)
-        top = probs.topk(k, dim=-1).indices
+        moe = layers[i].mlp if hasattr(layers[i].mlp, "experts") else layers[i].block_sparse_moe
+        router = moe.router if hasattr(moe, "router") else moe.gate
+        with torch.no_grad():
+            # the experts transformers' own router picks ...
+            top = router(captured[i])[2].sort(dim=-1).values
+            # ... are the top k of the family's selection rule, written out here by hand
+            assert torch.equal(_selection(arch, router, captured[i], cfg).topk(k, dim=-1).indices.sort(dim=-1).values, top)
+            pred = _selection(arch, router, captured[i - 1], cfg)
         pop[i] = torch.bincount(top.flatten(), minlength=E)
-        pred = captured[i - 1] @ w.T
         cos[i] = torch.nn.functional.cosine_similarity(captured[i - 1].double(), captured[i].double(), dim=-1).mean()
         for j, m in enumerate((0, 1, 2, 4)):
             cand = pred.topk(min(k + m, E), dim=-1).indices
@@ -213,7 +252,9 @@ def test_bad_inputs(small_ckpt, tmp_path):
     assert_one_line_error(_cli([small_ckpt, tmp_path / "o.bin"]), ".gguf or .safetensors")
     assert_one_line_error(_cli([small_ckpt, tmp_path / "missing-dir" / "o.gguf"]), "does not exist")
     assert_one_line_error(_cli([small_ckpt, out, "--experts", "q3"]), "--experts")
-    assert_one_line_error(_cli([small_ckpt, out, "--group-size-q4", "48"]), "group size 48", "--group-size-q4")
+    # no power of two >= 8 and <= 6 divides hidden 64: refused, naming the matrices and a size that works
+    assert_one_line_error(_cli([small_ckpt, out, "--group-size-q4", "6"]), "hidden size 64", "gate/up",
+                          "--group-size-q4 4")
     empty_calib = tmp_path / "empty.txt"
     empty_calib.write_text("  \n")
     assert_one_line_error(_cli([small_ckpt, out, "--calib", empty_calib]), "empty")
@@ -338,3 +379,60 @@ def test_provenance_records_the_source(small_ckpt, tmp_path):
     fate.convert(small_ckpt, plain, no_calib=True, progress=False)
     m = Bundle(plain).metadata
     assert C.K_SOURCE_REVISION not in m and m[C.K_SOURCE_NAME] == small_ckpt.name
+
+
+def test_any_expert_ffn_converts_with_defaults(tmp_path):
+    """Expert FFN 32: q4's group size 64 does not divide down's input dimension, so down uses 32 (gate/up
+    keep 64); one line says so, the bundle records both, and the model runs with them."""
+    d = tmp_path / "ckpt"
+    make_checkpoint("qwen3_moe", d, n_layers=2, moe_intermediate_size=32)
+    out = tmp_path / "m.gguf"
+    res = _cli([d, out, "--calib-tokens", "64", "-q"])
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.output.splitlines() if "group size" in line]
+    assert lines == ["q4: group size 64 does not divide the expert FFN size 32; the down matrices use group size 32"]
+    b = Bundle(out)
+    assert (b.metadata[C.K_PRECISION_GROUP.format(p="q4")], b.metadata[C.K_PRECISION_GROUP_DOWN.format(p="q4")]) == (64, 32)
+    assert (b.metadata[C.K_PRECISION_GROUP.format(p="q2")], b.metadata[C.K_PRECISION_GROUP_DOWN.format(p="q2")]) == (32, 32)
+    m = fate.load(out, experts="q4")
+    layout = m.store.layouts["q4"]
+    assert [x.spec.group_size for x in layout.matrices] == [64, 64, 32]
+    # the runtime computes with what is stored: hqq's own round trip of each matrix at its group size
+    ckpt, spec, cfg = _hf(d)
+    e = 3
+    src = A.expert_weights(spec, cfg, 1, e, "per_expert", lambda n, j: ckpt.get(n))
+    for w, got, mat in zip(src, m.store.dense(1, e, "q4"), layout.matrices):
+        torch.testing.assert_close(got, Q.hqq_reference_dequant(w, mat.spec), rtol=0, atol=1e-6)
+    assert len(m.generate("the quick brown fox", 8, temperature=0.0, stop_at_eos=False).token_ids) == 8
+    m.close()
+
+
+def test_gpt_oss_mxfp4_experts_are_dequantized(tmp_path):
+    """gpt-oss as published: MXFP4 experts.  Conversion dequantizes them (to transformers' own values) and
+    stores HQQ/f16 blobs like any other expert; the f16 bundle generates transformers' greedy tokens."""
+    d = tmp_path / "ckpt"
+    make_checkpoint("gpt_oss", d, seed=4, mxfp4=True)
+    oracle = load_oracle("gpt_oss", d)  # transformers dequantizes the MXFP4 experts itself
+    out = tmp_path / "m.gguf"
+    fate.convert(d, out, experts="f16,q4", calib_tokens=64, progress=False)
+    m = fate.load(out, experts="f16")
+    want = oracle.model.layers[1].mlp.experts
+    gate, up, down, gu_bias, down_bias = m.store.dense(1, 5, "f16")
+    assert torch.equal(gate, want.gate_up_proj[5, :, 0::2].t().half().float())
+    assert torch.equal(up, want.gate_up_proj[5, :, 1::2].t().half().float())
+    assert torch.equal(down, want.down_proj[5].t().half().float())
+    assert torch.equal(gu_bias, torch.cat((want.gate_up_proj_bias[5, 0::2], want.gate_up_proj_bias[5, 1::2])))
+    ids = m.encode_prompt("the quick brown fox jumps over")
+    oracle.generation_config.eos_token_id = None
+    with torch.no_grad():
+        ref = oracle.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, pad_token_id=0)[0, len(ids):]
+    assert m.generate(ids, 16, temperature=0.0, stop_at_eos=False).token_ids == ref.tolist()
+    m.close()
+
+
+def test_other_quantized_checkpoints_are_refused(small_ckpt, tmp_path):
+    d = _variant(small_ckpt, tmp_path / "fp8")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(_cli([d, tmp_path / "o.gguf"]), "quantized ('fp8')", "float copy")

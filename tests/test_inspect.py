@@ -58,12 +58,15 @@ def test_json_report_matches_bundle_tensors(converted, arch):
     assert (a["n_layers"], a["n_experts"], a["top_k"], a["hidden_size"]) == (cfg.n_layers, cfg.n_experts,
                                                                               cfg.top_k, cfg.hidden_size)
     assert a["moe_layers"] == cfg.moe_layer_ids
+    assert (a["attention"], a["router"], a["layer_windows"], a["attn_sinks"], a["expert_act"]) == \
+        (cfg.attention, cfg.router, cfg.layer_windows, cfg.attn_sinks, cfg.expert_act)
     assert r["precisions"] == ["f16", "q4", "q2"]
     for p in r["precisions"]:
         q = r["quant"]["by_precision"][p]
         assert q["bits"] == {"f16": 16, "q4": 4, "q2": 2}[p]
         assert q["blob_bytes"] == b.metadata[C.K_PRECISION_BLOB_SIZE.format(p=p)]
         assert q["blob_stride"] == b.metadata[C.K_PRECISION_BLOB_STRIDE.format(p=p)]
+        assert q["group_size_down"] == b.metadata[C.K_PRECISION_GROUP_DOWN.format(p=p)]
         want = sum(b.tensors[C.T_EXPERTS.format(i=i, p=p)].nbytes for i in cfg.moe_layer_ids)
         assert r["bytes"]["experts_by_precision"][p] == want == len(cfg.moe_layer_ids) * cfg.n_experts * q["blob_stride"]
     assert r["quant"]["alignment"] == b.metadata[C.K_EXPERT_ALIGNMENT]
@@ -129,6 +132,21 @@ def test_text_report(converted):
     rec = Bundle(path).tensor(C.T_CALIB_RECALL)
     assert [float(v) for v in rows[2][-4:]] == pytest.approx(rec[2].tolist(), abs=5e-4)
     assert rows[1][2] == "400"
+
+
+def test_text_report_of_the_new_families(converted, tmp_path):
+    out = _invoke(converted["gpt_oss"][1]).stdout
+    assert "attention gqa; rope half on 16 of 16 dims; sliding window 8 on layers 0,2; attention sinks" in out
+    assert "router softmax_topk; experts clamped SwiGLU with biases" in out
+    assert "rope theta 150000, scaling type=yarn, attention_factor=1.1386" in out and "factor=4.0" in out
+    out = _invoke(converted["deepseek_v3"][1]).stdout
+    assert "attention mla (kv latent 32, q rank 24, v head 16); rope interleave on 8 of 24 dims" in out
+    assert "router sigmoid_group (4 groups, 2 chosen), correction bias, weights x2.5; experts SwiGLU" in out
+    # a group size that does not divide the expert FFN: the down matrices' own group size is shown
+    make_checkpoint("qwen3_moe", tmp_path / "ckpt", n_layers=2, moe_intermediate_size=32)
+    fate.convert(tmp_path / "ckpt", tmp_path / "m.gguf", no_calib=True, progress=False)
+    out = _invoke(tmp_path / "m.gguf").stdout
+    assert "q4            4  64/32" in out and "q2            2     32" in out
 
 
 def test_verify_good_bundle(converted):

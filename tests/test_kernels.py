@@ -61,7 +61,7 @@ def test_resident_experts_native_decode(converted, mapped):
     m = fate.load(converted["qwen3_moe"][1], experts="q4", device="cpu")
     assert m.experts.native  # fate.load's CPU default runs q4 decode through the kernel
     res = ResidentExperts(m.store, "q4", m.dtype, m.device, 0, mapped=mapped, native=True)
-    ref = DenseExperts(lambda layer, e: m.store.dense(layer, e, "q4"))
+    ref = DenseExperts(lambda layer, e: m.store.dense(layer, e, "q4"), m.config.act)
     cfg = m.config
     g = torch.Generator().manual_seed(5)
     for layer in cfg.moe_layer_ids:

@@ -8,9 +8,14 @@ import torch
 
 from fate.errors import ContextFullError, RequestError
 from fate.model.config import ModelConfig
-from fate.model.kv import KVCache
+from fate.model.kv import KVCache, LayerKV
 
 L, NKV, D, CTX = 2, 2, 4, 6
+
+
+def _kv(ctx: int = CTX, layers: int = L, heads: int = NKV, dim: int = D) -> KVCache:
+    """Full-attention layers of (heads, dim) keys and values."""
+    return KVCache([LayerKV((heads, dim), (heads, dim))] * layers, ctx)
 
 
 def kv_rows(T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,7 +24,7 @@ def kv_rows(T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_append_returns_views_of_everything_so_far_per_layer():
-    kv = KVCache(L, NKV, D, CTX)
+    kv = _kv()
     k0, v0 = kv_rows(3, 0)
     K, V = kv.append(0, k0, v0)
     assert K.shape == (NKV, 3, D) and torch.equal(K, k0.transpose(0, 1)) and torch.equal(V, v0.transpose(0, 1))
@@ -47,7 +52,7 @@ def _one_line_context_error(info, *needles):
 
 
 def test_check_room_and_append_raise_context_full_error():
-    kv = KVCache(L, NKV, D, CTX)
+    kv = _kv()
     kv.check_room(CTX)  # an empty cache holds CTX tokens
     k, v = kv_rows(4, 3)
     kv.append(0, k, v)
@@ -61,11 +66,11 @@ def test_check_room_and_append_raise_context_full_error():
     _one_line_context_error(info, "4 of 6", "cannot add 3")
     assert kv.layer_length(0) == 4 and torch.equal(kv.k[0][:, :4], k.transpose(0, 1))  # nothing was written
     with pytest.raises(ContextFullError):
-        KVCache(L, NKV, D, 2).append(1, *kv_rows(3, 5))
+        _kv(2).append(1, *kv_rows(3, 5))
 
 
 def test_truncate_and_reset():
-    kv = KVCache(L, NKV, D, CTX)
+    kv = _kv()
     ks = [kv_rows(4, 10 + i) for i in range(L)]
     for i, (k, v) in enumerate(ks):
         kv.append(i, k, v)
@@ -98,5 +103,6 @@ def test_bytes_needed_is_what_the_cache_holds(dtype):
 
 @pytest.mark.parametrize("dims", [(0, 2, 4, 6), (2, 0, 4, 6), (2, 2, 0, 6), (2, 2, 4, 0), (2, 2, 4, -1)])
 def test_dimensions_must_be_positive(dims):
+    layers, heads, dim, ctx = dims
     with pytest.raises(ValueError, match="must be positive"):
-        KVCache(*dims)
+        _kv(ctx, layers, heads, dim)

@@ -92,10 +92,17 @@ def test_kv_cache_decode_equals_full_recompute(arch, ckpts):
     chunks += [model.forward(ids[i:i + 1], kv) for i in range(12, 20)]
     torch.testing.assert_close(torch.cat(chunks), full, atol=ATOL, rtol=0)
     assert kv.length == 20
-    # roll back and continue differently: the cache forgets what was truncated
-    kv.truncate(12)
-    again = model.forward(ids[12:], kv)
-    torch.testing.assert_close(again, full[12:], atol=ATOL, rtol=0)
+    # roll back and continue differently: the cache forgets what was truncated; a sliding-window layer
+    # (gpt-oss) only holds its window, so it can roll back only that far, and says so otherwise
+    back = 12
+    if any(cfg.layer_windows):
+        with pytest.raises(ValueError, match="sliding window"):
+            kv.truncate(12)
+        assert kv.length == 20
+        back = 19  # the window's rows hold positions 12..19: enough to redo the last token
+    kv.truncate(back)
+    again = model.forward(ids[back:], kv)
+    torch.testing.assert_close(again, full[back:], atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("arch", TM.ARCHS)
@@ -155,13 +162,29 @@ VARIANTS = [
     ("olmoe", dict(clip_qkv=0.3, norm_topk_prob=True)),
     ("deepseek", dict(first_k_dense_replace=2, n_shared_experts=1, norm_topk_prob=True,
                       rope_scaling={"type": "linear", "factor": 4.0})),
+    ("mixtral", dict(sliding_window=8)),
+    ("gpt_oss", dict(sliding_window=4, layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+                     rope_parameters={"rope_type": "yarn", "factor": 8.0, "beta_fast": 16.0, "beta_slow": 2.0,
+                                      "truncate": True, "original_max_position_embeddings": 64,
+                                      "rope_theta": 10000.0})),
+    ("deepseek_v2", dict(q_lora_rank=16, topk_method="greedy", n_group=None, topk_group=None,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    ("deepseek_v3", dict(rope_interleave=False, norm_topk_prob=False, n_group=1, topk_group=1, q_lora_rank=None,
+                         # DeepSeek-V3's own: YaRN factor 40 with mscale = mscale_all_dim = 1
+                         rope_parameters={"rope_type": "yarn", "factor": 40.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                          "mscale": 1.0, "mscale_all_dim": 1.0,
+                                          "original_max_position_embeddings": 64, "rope_theta": 10000.0})),
+    ("glm4_moe", dict(use_qk_norm=True, n_group=2, topk_group=1, attention_bias=False, first_k_dense_replace=0)),
+    ("ernie4_5_moe", dict(moe_layer_start_index=0, moe_layer_interval=2, tie_word_embeddings=False)),
 ]
 
 
-@pytest.mark.parametrize("arch,overrides", VARIANTS, ids=[a for a, _ in VARIANTS])
+@pytest.mark.parametrize("arch,overrides", VARIANTS, ids=[f"{a}-{i}" for i, (a, _) in enumerate(VARIANTS)])
 def test_config_variants(arch, overrides, tmp_path):
     """Flags the default tiny models leave off: dense layers among MoE layers, tied embeddings,
-    renormalized top-k, linear RoPE scaling, qkv clipping."""
+    renormalized top-k, linear RoPE scaling, qkv clipping, Mixtral's sliding window, other window layouts
+    and YaRN parameters, a low-rank query, greedy and ungrouped routing, non-interleaved RoPE, q/k norm,
+    MoE layers at an interval."""
     TM.make_checkpoint(arch, tmp_path, seed=7, **overrides)
     model, cfg = TM.load_fate_model(tmp_path)
     oracle = TM.load_oracle(arch, tmp_path)
@@ -172,6 +195,66 @@ def test_config_variants(arch, overrides, tmp_path):
     kv = KVCache.for_model(cfg, 40)
     out = torch.cat([model.forward(ids[:30], kv)] + [model.forward(ids[i:i + 1], kv) for i in range(30, 40)])
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+def test_gpt_oss_window_clamp_and_sinks_bind(tmp_path):
+    """The tiny gpt-oss really exercises what makes it gpt-oss (else the oracle checks prove little): the
+    sliding window changes the logits from position WINDOW on and nothing before it, the clamp of the
+    SwiGLU is reached, the sinks move the attention."""
+    import dataclasses
+
+    TM.make_checkpoint("gpt_oss", tmp_path, seed=7)
+    model, cfg = TM.load_fate_model(tmp_path)
+    assert cfg.layer_windows == [TM.WINDOW, 0, TM.WINDOW] and cfg.attn_sinks and cfg.expert_act == "clamped"
+    ids = _ids(24)
+    ref = model.forward(ids)
+    full = MoEModel(dataclasses.replace(cfg, layer_windows=[]), model.weights, model.experts)
+    unwindowed = full.forward(ids)
+    torch.testing.assert_close(unwindowed[:TM.WINDOW], ref[:TM.WINDOW], atol=1e-6, rtol=0)
+    assert (unwindowed[TM.WINDOW:] - ref[TM.WINDOW:]).abs().amax(-1).min() > 1e-3
+    g = model.gate_input(0, model.attention(0, model.embed(ids), torch.arange(24), None))
+    gate = g @ model.experts.get_expert(0, 0)[0].T + model.experts.get_expert(0, 0)[3][:TM.EXPERT_FFN]
+    assert (gate > TM.SWIGLU_LIMIT).any()
+    sinks = model.weights.get("blk.1.attn_sinks.weight")
+    model.weights._ready["blk.1.attn_sinks.weight"] = torch.full_like(sinks, -1e4)  # no sink at all
+    assert not torch.allclose(model.forward(ids), ref, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe"])
+def test_selection_scores_rank_what_route_selects(arch, ckpts):
+    """selection_scores is the family's selection rule: its top-k are route()'s experts; with expert
+    groups the chosen groups' experts rank first, and the group limit changes some choices."""
+    model, cfg = TM.load_fate_model(ckpts[arch])
+    g = torch.randn(64, TM.HIDDEN, generator=torch.Generator().manual_seed(12))
+    layer = cfg.moe_layer_ids[0]
+    _, ids, w = model.route(layer, g)
+    scores = model.selection_scores(layer, g)
+    assert scores.dtype == torch.float32 and scores.shape == (64, cfg.n_experts)
+    top = scores.topk(cfg.top_k, dim=-1).indices
+    assert torch.equal(top.sort(-1).values, ids.sort(-1).values)
+    assert w.shape == ids.shape and torch.isfinite(w).all()
+    if cfg.n_group > 1:
+        per = cfg.n_experts // cfg.n_group
+        groups = (scores.argsort(-1, descending=True)[:, :cfg.topk_group * per] // per)
+        assert all(len(set(row.tolist())) == cfg.topk_group for row in groups)  # chosen groups' experts first
+        assert all(set((row // per).tolist()) <= set(grp.tolist()) for row, grp in zip(ids, groups))
+        import dataclasses
+        flat = MoEModel(dataclasses.replace(cfg, n_group=1, topk_group=1), model.weights, model.experts)
+        assert not torch.equal(flat.route(layer, g)[1].sort(-1).values, ids.sort(-1).values)
+
+
+def test_kv_cache_holds_windows_and_latents(ckpts):
+    """gpt-oss's sliding layers hold their window, DeepSeek's latent attention caches the latent and the
+    rope key; bytes_needed is exactly what the cache allocates."""
+    for arch, want in (("gpt_oss", [(2, TM.WINDOW, 16), (2, 64, 16), (2, TM.WINDOW, 16)]),
+                       ("deepseek_v3", [(1, 64, 32)] * 3)):
+        _, cfg = TM.load_fate_model(ckpts[arch])
+        kv = KVCache.for_model(cfg, 64)
+        assert [tuple(t.shape) for t in kv.k] == want
+        assert kv.nbytes == KVCache.bytes_needed(cfg, 64)
+    assert [tuple(t.shape) for t in kv.v] == [(1, 64, 8)] * 3  # the rope key
+    # 40 elements a token and layer, where expanded keys and values would take 4 heads x (24 + 16)
+    assert KVCache.bytes_needed(cfg, 64) == 3 * 64 * 40 * 4
 
 
 def test_olmoe_clip_binds(tmp_path):
@@ -338,3 +421,56 @@ def test_sharded_checkpoint_and_tokenizer(ckpts):
     assert tc["eos_token"] == "<|im_end|>" and "<|im_start|>" in tc["chat_template"]
     gen = json.loads((d / "generation_config.json").read_text())
     assert TM.token_id(TM.EOS) in gen["eos_token_id"]
+
+
+# --- a bundle's config is untrusted: every field of the newer families is checked -------------------
+
+BAD_FIELDS = [
+    ("gpt_oss", "layer_windows", [8, 0], "layer_windows"), ("gpt_oss", "layer_windows", [8, -1, 8], "layer_windows"),
+    ("gpt_oss", "attn_sinks", 1, "attn_sinks"), ("gpt_oss", "expert_act", "gelu", "expert_act"),
+    ("gpt_oss", "swiglu_limit", float("nan"), "swiglu_limit"), ("gpt_oss", "router", "argmax", "router"),
+    ("gpt_oss", "rope_scaling", {"type": "yarn", "factor": 4.0}, "original_max_position_embeddings"),
+    ("gpt_oss", "rope_scaling", {"type": "dynamic", "factor": 4.0}, "not supported"),
+    ("deepseek_v3", "attention", "sparse", "attention"), ("deepseek_v3", "kv_lora_rank", 0, "kv_lora_rank"),
+    ("deepseek_v3", "rope_dim", 24, "rope_dim"), ("deepseek_v3", "rope_dim", 7, "rope_dim"),
+    ("deepseek_v3", "n_kv_heads", 2, "kv heads"), ("deepseek_v3", "n_group", 3, "groups"),
+    ("deepseek_v3", "topk_group", 5, "groups"), ("deepseek_v3", "routed_scaling", -1.0, "routed_scaling"),
+    ("deepseek_v3", "layer_windows", [4, 4, 4], "grouped-query"), ("deepseek_v3", "q_lora_rank", -2, "q_lora_rank"),
+    ("deepseek_v2", "rope_style", "spiral", "rope_style"), ("glm4_moe", "rope_style", "complex", "complex"),
+    ("glm4_moe", "score_bias", "yes", "score_bias"), ("glm4_moe", "kv_lora_rank", 8, "latent attention only"),
+    ("ernie4_5_moe", "norm_min", -1.0, "norm_min"), ("gpt_oss", "n_group", 2, "no expert groups"), ("ernie4_5_moe", "router", "softmax", "score_bias"),
+]
+
+
+@pytest.mark.parametrize("arch,field,value,needle", BAD_FIELDS, ids=[f"{a}-{f}" for a, f, _, _ in BAD_FIELDS])
+def test_bad_config_fields_are_refused(arch, field, value, needle, ckpts):
+    import dataclasses
+
+    from fate.errors import ConfigError
+    from fate.model.config import ModelConfig
+
+    _, cfg = TM.load_fate_model(ckpts[arch])
+    text = json.loads(cfg.to_json())
+    assert ModelConfig.from_json(json.dumps(text)) == cfg  # the good one reads back
+    text[field] = value
+    with pytest.raises(ConfigError, match=needle):
+        ModelConfig.from_json(json.dumps(text))
+    with pytest.raises(ConfigError):
+        dataclasses.replace(cfg, **{field: value}).validate()
+
+
+UNSUPPORTED = [
+    ("deepseek_v2", dict(topk_method="noaux_tc"), "topk_method"),
+    ("deepseek_v2", dict(attention_bias=True), "attention_bias"),
+    ("ernie4_5_moe", dict(use_bias=True), "use_bias"),
+    ("ernie4_5_moe", dict(moe_num_experts=[8, 8]), "several expert groups"),
+]
+
+
+@pytest.mark.parametrize("arch,change,needle", UNSUPPORTED, ids=[n for _, _, n in UNSUPPORTED])
+def test_unsupported_variants_are_named(arch, change, needle, ckpts):
+    from fate.errors import UnsupportedArchitecture
+
+    hf = json.loads((ckpts[arch] / "config.json").read_text())
+    with pytest.raises(UnsupportedArchitecture, match=needle):
+        A.model_config({**hf, **change})

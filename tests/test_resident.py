@@ -27,7 +27,8 @@ def _ids(n: int, seed: int) -> torch.Tensor:
 
 def _plain(m, precision):
     """The reference: DenseExperts over ExpertStore.dense and BundleWeights, as the engine had them."""
-    experts = DenseExperts(lambda layer, e: m.store.dense(layer, e, precision, dtype=m.dtype, device=m.device))
+    experts = DenseExperts(lambda layer, e: m.store.dense(layer, e, precision, dtype=m.dtype, device=m.device),
+                           m.config.act)
     return experts, BundleWeights(m.bundle, m.dtype, m.device)
 
 
@@ -82,7 +83,7 @@ def test_logits_equal_dense_experts(arch, precision, models):
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral", "gpt_oss", "deepseek_v3"])
 def test_logits_equal_dense_experts_bf16(arch, precision, models):
     m = models(arch, precision, "bf16")
     experts, weights = _plain(m, precision)

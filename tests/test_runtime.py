@@ -34,13 +34,28 @@ def _rounded_checkpoint(ckpt: Path, dst: Path, bundle: Bundle, precision: str) -
     for name, (hf_name, _) in A.non_expert_tensors(spec, cfg).items():
         stored = bundle.tensors[name].dtype
         tensors[hf_name] = tensors[hf_name].to({"F16": torch.float16, "F32": torch.float32}[stored]).float()
-    qspec = Q.QuantSpec(precision, bundle.metadata[C.K_PRECISION_BITS.format(p=precision)],
-                        bundle.metadata[C.K_PRECISION_GROUP.format(p=precision)])
+    bits = bundle.metadata[C.K_PRECISION_BITS.format(p=precision)]
+    group = bundle.metadata[C.K_PRECISION_GROUP.format(p=precision)]
+    qspec = Q.QuantSpec(precision, bits, group)
+    down_spec = Q.QuantSpec(precision, bits, bundle.metadata.get(C.K_PRECISION_GROUP_DOWN.format(p=precision), group))
+
+    def rounded(w, s):
+        return w.half().float() if precision == "f16" else Q.hqq_reference_dequant(w, s)
+
     for i in cfg.moe_layer_ids:
+        kind, _ = A.expert_storage(spec, cfg, i, tensors.__contains__)
         for e in range(cfg.n_experts):
-            for n in A.expert_tensor_names(spec, i, e):
-                w = tensors[n].float()
-                tensors[n] = w.half().float() if precision == "f16" else Q.hqq_reference_dequant(w, qspec)
+            if kind == "per_expert":
+                for n, s in zip(A.expert_tensor_names(spec, i, e), (qspec, qspec, down_spec)):
+                    tensors[n] = rounded(tensors[n].float(), s)
+                continue
+            assert kind == "gpt_oss", kind  # stacked [E, H, 2F] with gate and up interleaved, [E, F, H]
+            gate, up, down = A.expert_weights(spec, cfg, i, e, kind, lambda n, j: tensors[n][j])[:3]
+            base = f"model.layers.{i}.mlp.experts."
+            gu = torch.empty(2 * cfg.expert_ffn, cfg.hidden_size)
+            gu[0::2], gu[1::2] = rounded(gate, qspec), rounded(up, qspec)
+            tensors[base + "gate_up_proj"][e] = gu.t()
+            tensors[base + "down_proj"][e] = rounded(down, down_spec).t()
     dst.mkdir(parents=True)
     for f in ckpt.iterdir():
         if not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":

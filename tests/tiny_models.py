@@ -8,9 +8,10 @@ downloaded), plus the oracles they are checked against.
 * :func:`load_fate_model` builds fate's :class:`~fate.model.transformer.MoEModel` straight from the
   checkpoint (through ``fate.model.arch``'s tensor mapping), with experts as plain tensors.
 
-Dimensions: hidden 64, 4 heads, 2 kv heads, expert FFN 64, 8 experts, top-2, vocab 384.  hidden and
-the expert FFN are multiples of 64 because the converter quantizes in groups of 64 along the input
-dimension.  Weights are drawn with a larger spread than transformers' default init so activations stay
+Dimensions: hidden 64, 4 heads, 2 kv heads, expert FFN 64, 8 experts, top-2, vocab 384 (the
+multi-head latent attention of DeepSeek-V2/V3: 4 heads, q/k heads of 16 + 8 rope dims, values 16, kv
+latent 32).  hidden and the expert FFN are multiples of 64, the converter's default q4 group size
+(checkpoints that are not convert with smaller groups; tests/test_convert.py has one).  Weights are drawn with a larger spread than transformers' default init so activations stay
 well away from zero, and router weights larger still so top-k choices are decisive (no near-ties that
 a different summation order could flip); the LM head is scaled up so greedy choices are decisive too.
 """
@@ -26,7 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-ARCHS = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek")
+ARCHS = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek", "gpt_oss", "deepseek_v2", "deepseek_v3",
+         "glm4_moe", "ernie4_5_moe")
 
 VOCAB = 384
 HIDDEN = 64
@@ -38,6 +40,8 @@ SHARED_FFN = 128
 EXPERTS = 8
 TOP_K = 2
 MAX_POS = 512
+WINDOW = 8  # gpt-oss's sliding window (128 in gpt-oss-20b): small, so prompts and generations pass it
+SWIGLU_LIMIT = 1.0  # gpt-oss's clamp (7.0 in gpt-oss-20b): small, so random activations reach it
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EOS = "<|im_end|>"
@@ -56,6 +60,8 @@ STD_ROUTER = 0.7
 STD_HEAD = 0.5
 STD_BIAS = 0.1
 STD_NORM = 0.1  # norms are 1 + N(0, STD_NORM)
+STD_SCORE_BIAS = 0.2  # expert score correction biases (sigmoid scores are in (0, 1)): they change choices
+STD_SINKS = 1.0
 
 _CORPUS_WORDS = (
     "the quick brown fox jumps over the lazy dog while experts stream from disk into a small cache "
@@ -124,6 +130,37 @@ def hf_config_kwargs(arch: str, n_layers: int) -> dict:
     if arch == "olmoe":
         return dict(common, intermediate_size=EXPERT_FFN, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
                     norm_topk_prob=False, clip_qkv=None)
+    if arch == "gpt_oss":
+        # gpt-oss-20b's rope: YaRN with factor 32 over 4096 positions; here a factor 4 over 128
+        rope = {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                "original_max_position_embeddings": 128, "rope_theta": 150000.0}
+        return dict(common, head_dim=16, intermediate_size=EXPERT_FFN, num_local_experts=EXPERTS,
+                    num_experts_per_tok=TOP_K, sliding_window=WINDOW, rms_norm_eps=1e-5, rope_parameters=rope,
+                    attention_bias=True, swiglu_limit=SWIGLU_LIMIT)
+    mla = dict(num_key_value_heads=HEADS, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+               v_head_dim=16, intermediate_size=DENSE_FFN, moe_intermediate_size=EXPERT_FFN,
+               n_routed_experts=EXPERTS, num_experts_per_tok=TOP_K, first_k_dense_replace=1)
+    if arch == "deepseek_v2":
+        # DeepSeek-V2-Lite's rope: YaRN with mscale = mscale_all_dim = 0.707 (the softmax scale changes too)
+        rope = {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707,
+                "mscale_all_dim": 0.707, "original_max_position_embeddings": 128, "rope_theta": 10000.0}
+        # groups ranked by their best expert bind only when fewer groups are kept than experts chosen
+        return dict(common, **mla, q_lora_rank=None, n_shared_experts=2, topk_method="group_limited_greedy",
+                    n_group=4, topk_group=1, routed_scaling_factor=1.5, rope_parameters=rope)
+    if arch == "deepseek_v3":
+        return dict(common, **mla, q_lora_rank=24, n_shared_experts=1, n_group=4, topk_group=2,
+                    norm_topk_prob=True, routed_scaling_factor=2.5, rope_interleave=True)
+    if arch == "glm4_moe":
+        # GLM-4.5-Air: half of each head rotated, q/k/v biases, no q/k norm, one expert group
+        return dict(common, head_dim=32, intermediate_size=DENSE_FFN, moe_intermediate_size=EXPERT_FFN,
+                    n_routed_experts=EXPERTS, num_experts_per_tok=TOP_K, n_shared_experts=1, first_k_dense_replace=1,
+                    n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0, use_qk_norm=False,
+                    attention_bias=True, rope_parameters={**_rope_params(), "partial_rotary_factor": 0.5})
+    if arch == "ernie4_5_moe":
+        return dict(common, intermediate_size=DENSE_FFN, moe_intermediate_size=EXPERT_FFN, moe_num_experts=EXPERTS,
+                    moe_k=TOP_K, moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_end_index=-1,
+                    moe_layer_interval=1, use_bias=False, tie_word_embeddings=True,
+                    rope_parameters=_rope_params(500000.0))
     raise ValueError(f"no transformers class for {arch!r}")
 
 
@@ -177,15 +214,23 @@ def _std_for(name: str) -> tuple[float, float]:
         return 0.0, STD_EMBED
     if name.endswith(".bias"):
         return 0.0, STD_BIAS
-    if name.endswith("mlp.gate.weight") or name.endswith("block_sparse_moe.gate.weight"):
+    if name.endswith("mlp.gate.weight") or name.endswith("block_sparse_moe.gate.weight") \
+            or name.endswith("mlp.router.weight"):
         return 0.0, STD_ROUTER
+    if name.endswith("e_score_correction_bias"):
+        return 0.0, STD_SCORE_BIAS
+    if name.endswith("self_attn.sinks"):
+        return 0.0, STD_SINKS
     return 0.0, STD_LINEAR
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
+    # DeepSeek-V3's and GLM's correction biases are buffers (saved with the weights), not parameters
+    tensors = dict(model.named_parameters())
+    tensors.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
+        for name, p in sorted(tensors.items()):
             mean, std = _std_for(name)
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std + mean)
 
@@ -282,13 +327,45 @@ def _write_tokenizer(out_dir: Path, vocab_size: int) -> None:
     }, indent=2))
 
 
+_FP4 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def mxfp4_encode(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., out, in] float weights → MXFP4 (blocks uint8 [..., out, in/32, 16], scales uint8 [..., out,
+    in/32]) as gpt-oss publishes them: per 32 values a power-of-two scale that brings the largest to at most
+    6, each value rounded to the nearest E2M1 code (low nibble first)."""
+    groups = w.float().reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
+    exp = torch.ceil(torch.log2(groups.abs().amax(-1).clamp_min(2.0 ** -100) / 6.0))
+    scaled = groups / torch.exp2(exp).unsqueeze(-1)
+    codes = (scaled.unsqueeze(-1) - torch.tensor(_FP4)).abs().argmin(-1).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks, (exp + 127).to(torch.uint8)
+
+
+def _to_mxfp4(out: Path, cfg: dict) -> None:
+    """Rewrite a saved gpt-oss checkpoint with its experts in MXFP4, as openai/gpt-oss-* are published."""
+    tensors = read_checkpoint_tensors(out)
+    for i in range(cfg["num_hidden_layers"]):
+        base = f"model.layers.{i}.mlp.experts."
+        for proj in ("gate_up_proj", "down_proj"):
+            # stored [E, in, out]; MXFP4 blocks run along `in` of [E, out, in]
+            blocks, scales = mxfp4_encode(tensors.pop(base + proj).transpose(1, 2))
+            tensors[base + proj + "_blocks"], tensors[base + proj + "_scales"] = blocks, scales
+    _write_shards(tensors, out, 1)
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
 def make_checkpoint(arch: str, out_dir: str | os.PathLike, *, seed: int = 0, n_layers: int = 3,
-                    dtype: torch.dtype = torch.float32, shards: int = 1, **overrides) -> dict:
+                    dtype: torch.dtype = torch.float32, shards: int = 1, mxfp4: bool = False,
+                    **overrides) -> dict:
     """Write a tiny random ``arch`` checkpoint to ``out_dir``; return its config dict (config.json).
 
     ``overrides`` are config keys (transformers' names; DeepSeekMoE's for ``deepseek``), e.g.
     ``tie_word_embeddings=True``, ``mlp_only_layers=[1]``, ``clip_qkv=0.5``, ``norm_topk_prob=True``,
-    ``rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}``.
+    ``rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}``.  ``mxfp4`` (gpt_oss
+    only): the experts are stored as MXFP4 blocks and scales, as gpt-oss is published.
     qwen2_moe/qwen3_moe/mixtral/olmoe are built with transformers' own classes and written with
     ``save_pretrained`` (per-expert tensor names); deepseek, which transformers lacks, is written by hand
     in DeepSeekMoE's naming.
@@ -311,6 +388,11 @@ def make_checkpoint(arch: str, out_dir: str | os.PathLike, *, seed: int = 0, n_l
             "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
             "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
             "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
+            "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM),
+            "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
+            "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
+            "glm4_moe": (transformers.Glm4MoeConfig, transformers.Glm4MoeForCausalLM),
+            "ernie4_5_moe": (transformers.Ernie4_5_MoeConfig, transformers.Ernie4_5_MoeForCausalLM),
         }[arch]
         hf_cfg = cls_cfg(**{**hf_config_kwargs(arch, n_layers), **overrides})
         model = cls_model(hf_cfg)
@@ -321,6 +403,10 @@ def make_checkpoint(arch: str, out_dir: str | os.PathLike, *, seed: int = 0, n_l
             tensors = read_checkpoint_tensors(out)
             _write_shards(tensors, out, shards)
         cfg = json.loads((out / "config.json").read_text())
+        if mxfp4:
+            if arch != "gpt_oss":
+                raise ValueError("only gpt-oss publishes MXFP4 experts")
+            _to_mxfp4(out, cfg)
         if arch == "qwen3_moe" and "num_local_experts" in cfg:
             # transformers 5 writes Qwen3-MoE's expert count as num_local_experts (its attribute_map);
             # released Qwen3-MoE checkpoints say num_experts.  Keep the released spelling.
@@ -370,9 +456,11 @@ def load_fate_model(ckpt_dir: str | os.PathLike, *, dtype: torch.dtype = torch.f
         bundle[name] = t
     experts: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
     for layer in cfg.moe_layer_ids:
+        kind, _ = A.expert_storage(spec, cfg, layer, raw.__contains__)
         for e in range(cfg.n_experts):
-            experts[layer, e] = tuple(raw[n].to(dtype) for n in A.expert_tensor_names(spec, layer, e))
-    model = MoEModel(cfg, DictWeights(bundle, dtype=dtype), DenseExperts(lambda l, e: experts[l, e]),
+            w = A.expert_weights(spec, cfg, layer, e, kind, lambda n, i: raw[n] if i is None else raw[n][i])
+            experts[layer, e] = tuple(t.to(dtype) for t in w)
+    model = MoEModel(cfg, DictWeights(bundle, dtype=dtype), DenseExperts(lambda l, e: experts[l, e], cfg.act),
                      dtype=dtype, observer=observer, max_ctx=max_ctx)
     return model, cfg
 
@@ -382,7 +470,8 @@ def load_fate_model(ckpt_dir: str | os.PathLike, *, dtype: torch.dtype = torch.f
 def load_oracle(arch: str, ckpt_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """A transformers model computing the same function as the checkpoint in ``ckpt_dir``.
 
-    qwen2_moe, qwen3_moe, mixtral, olmoe: the checkpoint loaded with ``AutoModelForCausalLM``.
+    Every architecture but deepseek: the checkpoint loaded with ``AutoModelForCausalLM`` (MXFP4 experts
+    dequantized by transformers itself).
 
     deepseek: transformers has no DeepSeekMoE (v1) class, so the oracle is an independent construction
     — an equivalent ``Qwen2MoeForCausalLM`` built from the raw DeepSeek tensors:
@@ -401,7 +490,10 @@ def load_oracle(arch: str, ckpt_dir: str | os.PathLike, dtype: torch.dtype = tor
     import transformers
 
     if arch != "deepseek":
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt_dir), dtype=dtype)
+        extra = {}
+        if "quantization_config" in json.loads((Path(ckpt_dir) / "config.json").read_text()):
+            extra["quantization_config"] = transformers.Mxfp4Config(dequantize=True)  # gpt-oss's MXFP4 experts
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt_dir), dtype=dtype, **extra)
         return model.eval()
 
     ds = json.loads((Path(ckpt_dir) / "config.json").read_text())

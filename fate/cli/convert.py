@@ -16,8 +16,10 @@ from fate.convert.pipeline import convert
 @click.option("--experts", default="q4,q2", show_default=True,
               help="Precisions to store every routed expert in: comma list of q4 (HQQ INT4), q2 (HQQ INT2), "
                    "f16 (unquantized copy).")
-@click.option("--group-size-q4", default=64, show_default=True, help="HQQ group size for INT4 (along the input dim).")
-@click.option("--group-size-q2", default=32, show_default=True, help="HQQ group size for INT2 (along the input dim).")
+@click.option("--group-size-q4", default=64, show_default=True,
+              help="HQQ group size for INT4 (along the input dim). A matrix whose input dim it does not divide uses "
+                   "the largest power of two >= 8 that does (said in the output, recorded in the bundle).")
+@click.option("--group-size-q2", default=32, show_default=True, help="HQQ group size for INT2 (same rule).")
 @click.option("--dtype", type=click.Choice(["f16", "bf16", "f32"]), default="f16", show_default=True,
               help="Storage type of non-expert tensors (norms and routers always stay f32).")
 @click.option("--calib", type=click.Path(path_type=str), default=None,
@@ -37,14 +39,16 @@ def main(model_dir, out, experts, group_size_q4, group_size_q2, dtype, calib, ca
     cross-layer prediction statistics are measured on calibration text; the tokenizer and chat
     template are included, so the bundle alone is enough to run.
 
-    Supported model_type: qwen2_moe, qwen3_moe, mixtral, olmoe, deepseek.
+    Supported model_type: qwen2_moe, qwen3_moe, mixtral, olmoe, deepseek, gpt_oss (MXFP4 experts are
+    dequantized), deepseek_v2, deepseek_v3, glm4_moe, ernie4_5_moe.
 
     Example: fate-convert ./Qwen1.5-MoE-A2.7B qwen-moe.gguf
     """
     with user_errors(debug):
         result = convert(model_dir, out, experts=experts, group_size_q4=group_size_q4,
                          group_size_q2=group_size_q2, dtype=dtype, calib=calib, calib_tokens=calib_tokens,
-                         no_calib=no_calib, force=force, threads=threads, progress=not quiet)
+                         no_calib=no_calib, force=force, threads=threads, progress=not quiet,
+                         log=lambda line: click.echo(line, err=True))
         click.echo(result.summary(), err=True)
     sys.exit(0)
 

@@ -2,7 +2,8 @@
 
 Per MoE layer: how many tokens each expert received (popularity).  Per MoE layer i: the mean cosine
 similarity between layer i's gate input and the input of its prediction, and the recall of the
-prediction — layer i's router applied to that input — with k, k+1, k+2 and k+4 candidates: the share
+prediction — layer i's router applied to that input, ranked by the family's own selection rule
+(:meth:`MoEModel.selection_scores`) — with k, k+1, k+2 and k+4 candidates: the share
 of the experts layer i really chose that were among the predicted ones.  The input is layer i-1's
 gate input (the paper's cross-layer prediction), and for layer 0 the token embedding through layer
 0's post-attention norm (:meth:`MoEModel.predictor_input`, what the runtime's prefetcher uses).
@@ -97,9 +98,10 @@ class _LayerWeights:
 
 def calibrate(ckpt: HFCheckpoint, spec: A.ArchSpec, cfg: ModelConfig, token_ids: list[int], seq_len: int,
               get_expert, progress=None) -> CalibStats:
-    """``get_expert(layer, e) -> (gate, up, down)`` float32 tensors of the original weights."""
+    """``get_expert(layer, e) -> (gate, up, down)`` float32 tensors of the original weights (and the two
+    biases for experts with biases)."""
     weights = _LayerWeights(ckpt, A.non_expert_tensors(spec, cfg))
-    model = MoEModel(cfg, weights, DenseExperts(get_expert), dtype=torch.float32, device="cpu")
+    model = MoEModel(cfg, weights, DenseExperts(get_expert, cfg.act), dtype=torch.float32, device="cpu")
     L, E, k = cfg.n_layers, max(cfg.n_experts, 1), cfg.top_k
     extras = C.RECALL_EXTRA
     popularity = torch.zeros(L, E, dtype=torch.int64)
@@ -128,9 +130,8 @@ def calibrate(ckpt: HFCheckpoint, spec: A.ArchSpec, cfg: ModelConfig, token_ids:
             if cfg.moe_layers[i]:
                 _, topk, _ = model.route(i, g)
                 popularity[i] = torch.bincount(topk.flatten(), minlength=E)
-                if prev_g is not None:
-                    router = weights.get(C.T_FFN_GATE_INP.format(i=i))
-                    order = F.linear(prev_g, router).argsort(dim=-1, descending=True, stable=True)
+                if prev_g is not None:  # ranked by the family's own selection rule
+                    order = model.selection_scores(i, prev_g).argsort(dim=-1, descending=True, stable=True)
                     for j, m in enumerate(extras):
                         cand = order[:, : min(k + m, E)]
                         hit = (topk.unsqueeze(-1) == cand.unsqueeze(1)).any(-1).sum(-1)
@@ -138,7 +139,7 @@ def calibrate(ckpt: HFCheckpoint, spec: A.ArchSpec, cfg: ModelConfig, token_ids:
                     cosine[i] = F.cosine_similarity(prev_g.double(), g.double(), dim=-1).mean().item()
                     rank_hit[0, i] = rank_hits(order, topk)
                     if prev2_g is not None:
-                        order2 = F.linear(prev2_g, router).argsort(dim=-1, descending=True, stable=True)
+                        order2 = model.selection_scores(i, prev2_g).argsort(dim=-1, descending=True, stable=True)
                         rank_hit[1, i] = rank_hits(order2, topk)
                     reuse[:, i] = reuse_curves(topk, order[:, :k], E, lengths)
             h = h + model.ffn(i, g)

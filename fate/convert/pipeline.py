@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata, resources
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tokenizers import Tokenizer
@@ -52,6 +53,7 @@ class ConvertResult:
     peak_rss_bytes: int
     calib_tokens: int
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what was adapted (group sizes), one line each
 
     def summary(self) -> str:
         gib = format_size
@@ -66,8 +68,10 @@ class ConvertResult:
 def convert(model_dir: str | os.PathLike, out: str | os.PathLike, *, experts: str | list[str] = "q4,q2",
             group_size_q4: int = 64, group_size_q2: int = 32, dtype: str = "f16", calib: str | None = None,
             calib_tokens: int = 4096, no_calib: bool = False, force: bool = False, threads: int | None = None,
-            progress: bool = True) -> ConvertResult:
-    """Convert ``model_dir`` into the bundle ``out`` (format from its extension); see fate-convert --help."""
+            progress: bool = True, log: Callable[[str], None] | None = None) -> ConvertResult:
+    """Convert ``model_dir`` into the bundle ``out`` (format from its extension); see fate-convert --help.
+    ``log`` receives each adaptation the conversion makes (a smaller group size), one line each, as it is
+    decided; they are also in the result's ``notes``."""
     t0 = time.perf_counter()
     out = Path(out)
     fmt = {".gguf": "gguf", ".safetensors": "safetensors"}.get(out.suffix.lower())
@@ -93,20 +97,21 @@ def convert(model_dir: str | os.PathLike, out: str | os.PathLike, *, experts: st
     ckpt = HFCheckpoint(model_dir)
     spec = A.spec_for(ckpt.config)
     cfg = A.model_config(ckpt.config)
+    quant = ckpt.config.get("quantization_config")
+    method = quant.get("quant_method") if isinstance(quant, dict) else quant
+    if method is not None and not (method == "mxfp4" and spec.fused == "gpt_oss"):
+        raise ConvertError(f"{ckpt.dir}: the checkpoint is quantized ({method!r}); fate converts float "
+                           "checkpoints (f32/bf16/f16) and gpt-oss's MXFP4 experts: convert from a float copy")
 
-    specs = {}
+    notes: list[str] = []
+    specs, down_groups = {}, {}
     for p in precisions:
-        s = Q.QuantSpec.default(p)
-        if p == "q4":
-            s = Q.QuantSpec("q4", 4, group_size_q4)
-        elif p == "q2":
-            s = Q.QuantSpec("q2", 2, group_size_q2)
-        for dim_name, dim in (("hidden_size", cfg.hidden_size), ("expert FFN size", cfg.expert_ffn)):
-            if s.group_size and (s.group_size <= 0 or dim % s.group_size):
-                raise ConvertError(
-                    f"{p} group size {s.group_size} does not divide the {dim_name} {dim}; "
-                    f"pass --group-size-{p} with a divisor of {dim} (e.g. {_divisor(dim, s.group_size)})")
-        specs[p] = s
+        requested = {"q4": group_size_q4, "q2": group_size_q2}.get(p)
+        try:
+            s = Q.QuantSpec.default(p, requested)
+        except ValueError as e:
+            raise ConvertError(f"--group-size-{p} {requested}: {e}") from None
+        specs[p], down_groups[p] = _fit_group_sizes(p, s, cfg, notes, log)
 
     # --- everything is checked before anything is written -----------------------------------------
     non_expert = A.non_expert_tensors(spec, cfg)
@@ -116,7 +121,7 @@ def convert(model_dir: str | os.PathLike, out: str | os.PathLike, *, experts: st
     tok_meta = _tokenizer_metadata(ckpt)
     calib_ids, calib_meta = ([], {}) if no_calib else _calibration_tokens(calib, tok_meta[C.K_TOKENIZER_HF_JSON], calib_tokens)
 
-    layouts = {p: Q.expert_blob_layout(cfg.hidden_size, cfg.expert_ffn, s) for p, s in specs.items()}
+    layouts = {p: cfg.expert_layout(s, down_groups[p]) for p, s in specs.items()}
     largest_blob = max(l.size for l in layouts.values())
     alignment = 4096 if largest_blob >= 64 * 1024 else 64
     strides = {p: -(-l.size // alignment) * alignment for p, l in layouts.items()}
@@ -177,8 +182,9 @@ def convert(model_dir: str | os.PathLike, out: str | os.PathLike, *, experts: st
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 for i in moe_layers:
                     def job(e, i=i):
-                        gate, up, down = expert_source(i, e)
-                        return e, {p: Q.pack_expert(gate, up, down, specs[p]) for p in precisions}
+                        w = expert_source(i, e)
+                        bias = (w[3], w[4]) if len(w) == 5 else None
+                        return e, {p: Q.pack_expert(w[0], w[1], w[2], layouts[p], bias) for p in precisions}
                     crcs = {p: [0] * cfg.n_experts for p in precisions}
                     for e, blobs in pool.map(job, range(cfg.n_experts)):
                         for p, blob in blobs.items():
@@ -216,7 +222,7 @@ def convert(model_dir: str | os.PathLike, out: str | os.PathLike, *, experts: st
 
     by_prec = {p: strides[p] * cfg.n_experts * len(moe_layers) for p in precisions}
     return ConvertResult(out, out.stat().st_size, by_prec, sum(pl.nbytes for pl in plans[: len(non_expert)]),
-                         time.perf_counter() - t0, peak_rss_bytes(), len(calib_ids), phase_seconds)
+                         time.perf_counter() - t0, peak_rss_bytes(), len(calib_ids), phase_seconds, notes)
 
 
 def _hqq_version() -> str:
@@ -254,9 +260,28 @@ def _remove_stale_parts(out: Path) -> None:
             continue
 
 
-def _divisor(n: int, near: int) -> int:
-    divs = [d for d in range(1, n + 1) if n % d == 0 and d % 8 == 0] or [n]
-    return min(divs, key=lambda d: abs(d - near))
+def _fit_group_sizes(p: str, s, cfg, notes: list[str], log) -> tuple:
+    """(gate/up spec, down's group size) for precision ``p`` asked for as ``s``: a group size that does not
+    divide a matrix's input dimension falls back to the largest power of two >= 8 that does and is no
+    larger (fate.quant.layout.fallback_group_size), said in one line; refused when there is none."""
+    if not s.is_quantized:
+        return s, None
+    got = {}
+    for what, dim_name, dim in (("gate/up", "hidden size", cfg.hidden_size), ("down", "expert FFN size", cfg.expert_ffn)):
+        g = Q.fallback_group_size(dim, s.group_size)
+        if g is None:
+            hint = Q.suggest_group_size(dim, s)
+            fix = f"pass --group-size-{p} {hint}" if hint else f"drop {p} from --experts (f16 needs no groups)"
+            raise ConvertError(f"{p}: no group size of 8 or more that divides the {dim_name} {dim} (the input of the "
+                               f"{what} matrices) is at most {s.group_size}; {fix}")
+        if g != s.group_size:
+            line = (f"{p}: group size {s.group_size} does not divide the {dim_name} {dim}; the {what} matrices use "
+                    f"group size {g}")
+            notes.append(line)
+            if log is not None:
+                log(line)
+        got[what] = g
+    return Q.QuantSpec(p, s.bits, got["gate/up"]), got["down"]
 
 
 def _check(ckpt: HFCheckpoint, hf_name: str, shape: tuple[int, ...]) -> None:
@@ -268,34 +293,25 @@ def _check(ckpt: HFCheckpoint, hf_name: str, shape: tuple[int, ...]) -> None:
 
 
 class _ExpertSource:
-    """Reads routed experts from the checkpoint, per-expert tensors or transformers-5 fused ones."""
+    """Reads routed experts from the checkpoint in whichever form it stores them (fate.model.arch's
+    ``expert_storage``: per-expert tensors, stacked ones, gpt-oss's interleaved or MXFP4 ones), one expert's
+    bytes at a time; every tensor's presence and shape is checked up front."""
 
     def __init__(self, ckpt: HFCheckpoint, spec: A.ArchSpec, cfg):
         self.ckpt, self.spec, self.cfg = ckpt, spec, cfg
-        H, Fd, E = cfg.hidden_size, cfg.expert_ffn, cfg.n_experts
-        self.fused: dict[int, bool] = {}
+        self.kind: dict[int, str] = {}
         for i in cfg.moe_layer_ids:
-            gu, dn = A.fused_expert_tensor_names(spec, i)
-            if gu in ckpt and dn in ckpt:
-                _check(ckpt, gu, (E, 2 * Fd, H))
-                _check(ckpt, dn, (E, H, Fd))
-                self.fused[i] = True
-                continue
-            for e in range(E):
-                g, u, d = A.expert_tensor_names(spec, i, e)
-                _check(ckpt, g, (Fd, H))
-                _check(ckpt, u, (Fd, H))
-                _check(ckpt, d, (H, Fd))
-            self.fused[i] = False
+            kind, names = A.expert_storage(spec, cfg, i, ckpt.__contains__)
+            for name, shape in names.items():
+                _check(ckpt, name, shape)
+            self.kind[i] = kind
+
+    def _read(self, name: str, e: int | None):
+        return self.ckpt.get(name) if e is None else self.ckpt.get_row(name, e)
 
     def __call__(self, layer: int, e: int):
-        if self.fused[layer]:
-            gu_name, dn_name = A.fused_expert_tensor_names(self.spec, layer)
-            gu = self.ckpt.get(gu_name)[e].float()
-            Fd = self.cfg.expert_ffn
-            return gu[:Fd].contiguous(), gu[Fd:].contiguous(), self.ckpt.get(dn_name)[e].float().contiguous()
-        g, u, d = A.expert_tensor_names(self.spec, layer, e)
-        return self.ckpt.get(g).float(), self.ckpt.get(u).float(), self.ckpt.get(d).float()
+        """float32 (gate, up, down) of expert ``e``, plus (gate_up bias, down bias) for experts with biases."""
+        return A.expert_weights(self.spec, self.cfg, layer, e, self.kind[layer], self._read)
 
 
 def _token_text(tok) -> str | None:
@@ -403,7 +419,7 @@ def _metadata(ckpt, cfg, specs, layouts, strides, alignment, tok_meta, calib_met
         k(C.K_HEAD_COUNT): cfg.n_heads,
         k(C.K_HEAD_COUNT_KV): cfg.n_kv_heads,
         k(C.K_KEY_LENGTH): cfg.head_dim,
-        k(C.K_VALUE_LENGTH): cfg.head_dim,
+        k(C.K_VALUE_LENGTH): cfg.value_dim,
         k(C.K_RMS_EPS): cfg.rms_eps,
         k(C.K_ROPE_FREQ_BASE): cfg.rope_theta,
         k(C.K_EXPERT_COUNT): cfg.n_experts,
@@ -433,6 +449,7 @@ def _metadata(ckpt, cfg, specs, layouts, strides, alignment, tok_meta, calib_met
     for p, s in specs.items():
         m[C.K_PRECISION_BITS.format(p=p)] = s.bits
         m[C.K_PRECISION_GROUP.format(p=p)] = s.group_size
+        m[C.K_PRECISION_GROUP_DOWN.format(p=p)] = layouts[p].down_group_size
         m[C.K_PRECISION_AXIS.format(p=p)] = 1
         m[C.K_PRECISION_BLOB_SIZE.format(p=p)] = layouts[p].size
         m[C.K_PRECISION_BLOB_STRIDE.format(p=p)] = strides[p]

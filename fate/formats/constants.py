@@ -19,6 +19,11 @@ LLAMA_CPP_ARCH = {
     "mixtral": "llama",  # llama.cpp runs Mixtral as a llama with experts
     "olmoe": "olmoe",
     "deepseek": "deepseek",
+    "gpt_oss": "gpt-oss",
+    "deepseek_v2": "deepseek2",
+    "deepseek_v3": "deepseek2",  # llama.cpp runs DeepSeek-V3 as deepseek2
+    "glm4_moe": "glm4moe",
+    "ernie4_5_moe": "ernie4_5-moe",
 }
 
 # --- general / llama.cpp hyper-parameter keys ({arch} is general.architecture) -------------------
@@ -69,7 +74,8 @@ K_HQQ_VERSION = "fate.quant.hqq_version"
 K_QUANT_METHOD = "fate.quant.method"
 K_PRECISIONS = "fate.experts.precisions"  # e.g. ["q4", "q2"]; order = order of the stored tensors
 K_PRECISION_BITS = "fate.quant.{p}.bits"
-K_PRECISION_GROUP = "fate.quant.{p}.group_size"
+K_PRECISION_GROUP = "fate.quant.{p}.group_size"  # gate and up (input dimension: hidden size)
+K_PRECISION_GROUP_DOWN = "fate.quant.{p}.group_size_down"  # down (input: expert FFN size); absent: = group_size
 K_PRECISION_AXIS = "fate.quant.{p}.axis"
 K_PRECISION_BLOB_SIZE = "fate.quant.{p}.blob_bytes"  # unpadded bytes of one expert blob
 K_PRECISION_BLOB_STRIDE = "fate.quant.{p}.blob_stride"  # padded bytes: distance between blobs
@@ -100,10 +106,21 @@ T_ATTN_Q_BIAS = "blk.{i}.attn_q.bias"
 T_ATTN_K_BIAS = "blk.{i}.attn_k.bias"
 T_ATTN_V_BIAS = "blk.{i}.attn_v.bias"
 T_ATTN_OUT = "blk.{i}.attn_output.weight"
+T_ATTN_OUT_BIAS = "blk.{i}.attn_output.bias"  # gpt-oss
+T_ATTN_SINKS = "blk.{i}.attn_sinks.weight"  # gpt-oss: one learned sink logit per head
+# multi-head latent attention (DeepSeek-V2/V3), llama.cpp's deepseek2 names
+T_ATTN_Q_A = "blk.{i}.attn_q_a.weight"  # [q_lora_rank, hidden]
+T_ATTN_Q_A_NORM = "blk.{i}.attn_q_a_norm.weight"
+T_ATTN_Q_B = "blk.{i}.attn_q_b.weight"  # [heads * head_dim, q_lora_rank]
+T_ATTN_KV_A_MQA = "blk.{i}.attn_kv_a_mqa.weight"  # [kv_lora_rank + rope_dim, hidden]
+T_ATTN_KV_A_NORM = "blk.{i}.attn_kv_a_norm.weight"
+T_ATTN_KV_B = "blk.{i}.attn_kv_b.weight"  # [heads * (nope + v_head_dim), kv_lora_rank]
 T_ATTN_Q_NORM = "blk.{i}.attn_q_norm.weight"
 T_ATTN_K_NORM = "blk.{i}.attn_k_norm.weight"
 T_FFN_NORM = "blk.{i}.ffn_norm.weight"  # post-attention norm: its output is the gate input
 T_FFN_GATE_INP = "blk.{i}.ffn_gate_inp.weight"  # router
+T_FFN_GATE_INP_BIAS = "blk.{i}.ffn_gate_inp.bias"  # router bias (gpt-oss)
+T_FFN_EXP_PROBS_B = "blk.{i}.exp_probs_b.bias"  # expert score correction bias, for choosing only
 T_FFN_GATE = "blk.{i}.ffn_gate.weight"  # dense layer MLP
 T_FFN_UP = "blk.{i}.ffn_up.weight"
 T_FFN_DOWN = "blk.{i}.ffn_down.weight"
@@ -152,6 +169,8 @@ def is_model_tensor(name: str) -> bool:
 
 
 def keeps_f32(name: str) -> bool:
-    """Norm weights and routers stay float32 whatever --dtype says: they are tiny, and routing decisions
-    (which experts run, what gets prefetched) are sensitive to their rounding."""
-    return name.endswith("norm.weight") or ".ffn_gate_inp" in name
+    """Norm weights, routers (and their biases), expert score correction biases and attention sinks stay
+    float32 whatever --dtype says: they are tiny, and routing decisions (which experts run, what gets
+    prefetched) and the sink logits are sensitive to their rounding."""
+    return (name.endswith("norm.weight") or ".ffn_gate_inp" in name or ".exp_probs_b." in name
+            or name.endswith(".attn_sinks.weight"))

@@ -149,6 +149,29 @@ class HFCheckpoint:
             return torch.empty(self.shape(name), dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(self.shape(name))
 
+    def get_row(self, name: str, index: int) -> torch.Tensor:
+        """``get(name)[index]`` reading only that entry's bytes (one expert of a stacked [E, ...] tensor)."""
+        if name not in self._where:
+            raise CheckpointError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
+        shape = self.shape(name)
+        if not shape or not 0 <= index < shape[0]:
+            raise CheckpointError(f"{self.dir}: tensor {name!r} of shape {list(shape)} has no row {index}")
+        shard = self._where[name]
+        info = self._info[name]
+        dtype = _TORCH_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{shard}: tensor {name!r} has dtype {info['dtype']}, which fate cannot read")
+        start, end = info["data_offsets"]
+        row = (end - start) // shape[0]
+        buf = bytearray(row)
+        with open(shard, "rb") as f:
+            f.seek(self._data_start[shard] + start + index * row)
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"{shard} is truncated: tensor {name!r} cannot be read whole")
+        if not buf:
+            return torch.empty(shape[1:], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape[1:])
+
     def largest_dtype_bytes(self) -> int:
         return max((_ST_DTYPES.get(i["dtype"], 4) for i in self._info.values()), default=4)
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fate.quant.expert import swiglu
+from fate.quant.layout import SWIGLU, ExpertAct
 
 Tensor = torch.Tensor
 
@@ -84,16 +85,21 @@ class ExpertRows:
 
 class DenseExperts:
     """The plain ExpertExecutor: experts as ordinary tensors from ``get_expert(layer, e) -> (gate [F, H],
-    up [F, H], down [H, F])`` (calibration over a checkpoint's own weights, and the tests' reference).
+    up [F, H], down [H, F])``, or ``(gate, up, down, gate_up_bias [2F], down_bias [H])`` for experts with
+    biases (calibration over a checkpoint's own weights, and the tests' reference); ``act`` is the experts'
+    activation (SwiGLU unless the model says otherwise: ``ModelConfig.act``).
 
     Only experts that received tokens run, each once on all of its tokens, combined by :class:`ExpertRows`
     as transformers' default experts path (``grouped_mm``) does."""
 
-    def __init__(self, get_expert: Callable[[int, int], tuple[Tensor, Tensor, Tensor]]):
+    def __init__(self, get_expert: Callable[[int, int], tuple[Tensor, ...]], act: ExpertAct = SWIGLU):
         self.get_expert = get_expert
+        self.act = act
 
     def moe(self, layer: int, x: Tensor, topk_ids: Tensor, topk_weights: Tensor) -> Tensor:
         rows = ExpertRows(x, topk_ids, topk_weights)
         for e in rows.experts:
-            rows.put(e, swiglu(rows.tokens(e), *self.get_expert(layer, e)))
+            w = self.get_expert(layer, e)
+            bias = (w[3], w[4]) if len(w) == 5 else None
+            rows.put(e, swiglu(rows.tokens(e), w[0], w[1], w[2], bias, self.act))
         return rows.combine()

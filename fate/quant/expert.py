@@ -1,6 +1,8 @@
 """One routed expert, computed: the primitive every executor uses.
 
-An expert is ``down(silu(gate(x)) * up(x))``.  Where its weights come from differs — a view of the memory
+An expert is ``down(act(gate(x), up(x)))``, ``act`` SwiGLU's ``silu(gate) * up`` or gpt-oss's clamped variant
+(:class:`fate.quant.layout.ExpertAct`, named by the layout), with biases added after each product where
+the layout has them.  Where its weights come from differs — a view of the memory
 map, a device cache slot, a copy in memory, one blob the timing profile holds — but how it is computed
 is decided here, once:
 
@@ -16,15 +18,20 @@ is decided here, once:
   one row's dot product, so blocks change no bit).
 
 Gate and up are multiplied as one ``[2F, H]`` matrix (gate's rows, then up's, as the blob stores them).
+Biases are added in place after the products (``mm`` then ``add_``, as transformers' experts do: a fused
+``addmm`` would round once instead of twice).  The native kernels compute plain SwiGLU experts of one
+group size only (:attr:`BlobLayout.plain`); every other expert takes the torch path.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 from fate.quant import kernels as K
-from fate.quant.layout import BlobLayout, QuantSpec, _dequantize, unpack_codes
+from fate.quant.layout import SWIGLU, BlobLayout, ExpertAct, QuantSpec, _dequantize, unpack_codes
 
 Tensor = torch.Tensor
 
@@ -35,9 +42,22 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 """Row-block size (float32 bytes) for one-token calls: a [512, 512]-expert (3 MiB) widens in one piece."""
 
 
-def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
-    """``down @ (silu(gate @ x) * (up @ x))`` — the MLP of every supported architecture."""
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, bias: tuple[Tensor, Tensor] | None = None,
+           act: ExpertAct = SWIGLU) -> Tensor:
+    """``down @ act(gate @ x, up @ x)`` — the MLP of every supported architecture (SwiGLU by default);
+    ``bias`` (gate_up [2F], down [H]) added in place after each product."""
+    g, u = F.linear(x, gate), F.linear(x, up)
+    if bias is not None:
+        f = gate.shape[0]
+        g.add_(bias[0][:f])
+        u.add_(bias[0][f:])
+    if act is SWIGLU:
+        y = F.linear(F.silu(g) * u, down)
+    else:
+        y = F.linear(act(g, u), down)
+    if bias is not None:
+        y.add_(bias[1])
+    return y
 
 
 def native_q4(spec: QuantSpec, device: str | torch.device, dtype: torch.dtype) -> bool:
@@ -60,7 +80,7 @@ class ExpertView:
     ``(packed, scale, zero)`` views of a quantized blob or the ``(weight,)`` view of an f16 one.  The blob
     (uint8, at least ``layout.size`` bytes; a view of the map, a slot or a copy) is only read."""
 
-    __slots__ = ("blob", "layout", "parts", "flat16")
+    __slots__ = ("blob", "layout", "parts", "flat16", "bias")
 
     def __init__(self, blob: Tensor, layout: BlobLayout):
         self.blob, self.layout = blob, layout
@@ -71,14 +91,17 @@ class ExpertView:
             self.parts = tuple((m.packed.view(blob),) for m in layout.matrices)
             # gate, up, down back to back: one flat view, where the blob's offset allows one (at an odd
             # byte the parts above are copies, and dequantize_into copies from them)
-            if layout.size == 6 * layout.hidden * layout.ffn and blob.storage_offset() % 2 == 0:
-                self.flat16 = blob[:layout.size].view(torch.float16)
+            if layout.matrices_contiguous and blob.storage_offset() % 2 == 0:
+                self.flat16 = blob[:6 * layout.hidden * layout.ffn].view(torch.float16)
+        # float32 (gate_up [2F], down [H]) views, or None
+        self.bias = None if layout.bias is None else tuple(p.view(blob) for p in layout.bias)
 
     @property
     def is_view(self) -> bool:
         """Whether every part is a view of the blob (else one was copied: a misaligned float16 part)."""
         base = self.blob.untyped_storage().data_ptr()
-        return all(t.untyped_storage().data_ptr() == base for p in self.parts for t in p)
+        tensors = [t for p in self.parts for t in p] + list(self.bias or ())
+        return all(t.untyped_storage().data_ptr() == base for t in tensors)
 
     def dequantize_into(self, out: Tensor, tmp32: Tensor, native: bool, start: int = 0, end: int | None = None) -> Tensor:
         """Weights ``start:end`` of the flat expert (gate, up, down back to back) into ``out`` (compute dtype,
@@ -96,7 +119,7 @@ class ExpertView:
                     K.q4_dequant(*part, out=dst.view(m.shape))
                 else:
                     packed, scale, zero = part
-                    _dequantize(packed, scale, zero, m.shape[0], m.shape[1], spec, torch.float32, dst.view(m.shape))
+                    _dequantize(packed, scale, zero, m.shape[0], m.shape[1], m.spec, torch.float32, dst.view(m.shape))
         elif self.flat16 is not None:
             tmp32.copy_(self.flat16[start:end] if (start, end) != (0, n) else self.flat16)
         else:  # parts with gaps between them: whole matrices only
@@ -110,9 +133,12 @@ class ExpertView:
         return out
 
     def widen(self) -> "WidenedExpert":
-        """The codes widened to one byte each, scales and zeros as float32 (quantized blobs only)."""
+        """The codes widened to one byte each, scales and zeros as float32 (quantized blobs only).  Groups
+        of matrices with different group sizes are split to the finest common one (their scale and zero
+        repeated), which changes no value."""
         spec, layout = self.layout.spec, self.layout
-        fh, g = layout.hidden * layout.ffn, spec.group_size
+        fh = layout.hidden * layout.ffn
+        g = math.gcd(*(m.spec.group_size for m in layout.matrices))
         n = 3 * fh
         codes = torch.empty(n, dtype=torch.uint8, device=self.blob.device)
         scale = torch.empty(n // g, dtype=torch.float32, device=self.blob.device)
@@ -120,24 +146,27 @@ class ExpertView:
         for j, (m, (packed, sc, ze)) in enumerate(zip(layout.matrices, self.parts)):
             unpack_codes(packed, spec.bits, out=codes[j * fh:(j + 1) * fh].view(m.shape))
             gs = slice(j * fh // g, (j + 1) * fh // g)
-            scale[gs].copy_(sc.reshape(-1))
-            zero[gs].copy_(ze.reshape(-1))
-        return WidenedExpert(codes.view(n // g, g), zero.view(n // g, 1), scale.view(n // g, 1))
+            rep = m.spec.group_size // g
+            scale[gs].copy_(sc.reshape(-1) if rep == 1 else sc.reshape(-1).repeat_interleave(rep))
+            zero[gs].copy_(ze.reshape(-1) if rep == 1 else ze.reshape(-1).repeat_interleave(rep))
+        bias = None if self.bias is None else tuple(b.to(dtype=torch.float32, copy=True) for b in self.bias)
+        return WidenedExpert(codes.view(n // g, g), zero.view(n // g, 1), scale.view(n // g, 1), bias)
 
 
 class WidenedExpert:
     """A quantized expert with one byte per code: ``codes`` [n/g, g] uint8, ``zero`` and ``scale`` [n/g, 1]
     float32 (gate, up, down back to back).  Dequantizes by ``copy_``, ``sub_``, ``mul_``: fate.quant's
-    ``(q - zero) * scale`` in float32, the same bits, for any group-aligned range."""
+    ``(q - zero) * scale`` in float32, the same bits, for any group-aligned range.  ``bias``: the float32
+    (gate_up, down) biases of an expert with biases, else None."""
 
-    __slots__ = ("codes", "zero", "scale")
+    __slots__ = ("codes", "zero", "scale", "bias")
 
-    def __init__(self, codes: Tensor, zero: Tensor, scale: Tensor):
-        self.codes, self.zero, self.scale = codes, zero, scale
+    def __init__(self, codes: Tensor, zero: Tensor, scale: Tensor, bias: tuple[Tensor, Tensor] | None = None):
+        self.codes, self.zero, self.scale, self.bias = codes, zero, scale, bias
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.zero, self.scale))
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.zero, self.scale) + (self.bias or ()))
 
     def dequantize_into(self, out: Tensor, tmp32: Tensor, native: bool = False, start: int = 0,
                         end: int | None = None) -> Tensor:
@@ -169,7 +198,9 @@ class ExpertCompute:
                  chunk_bytes: int | None = None):
         self.layout, self.dtype, self.device = layout, dtype, torch.device(device)
         self.spec = layout.spec
-        self.native = bool(native) and native_q4(layout.spec, self.device, dtype)
+        self.act = layout.act
+        # the kernels compute plain SwiGLU experts of one group size; anything else takes the torch path
+        self.native = bool(native) and layout.plain and native_q4(layout.spec, self.device, dtype)
         H, Fd = layout.hidden, layout.ffn
         self.H, self.F = H, Fd
         self.n = 3 * H * Fd
@@ -222,15 +253,30 @@ class ExpertCompute:
             if self.gu_blocks is not None and not (isinstance(src, ExpertView) and self.spec.is_quantized):
                 return self._in_blocks(src, x, out)
         gu, down = self.weights(src)
-        return self.apply(x, gu, down, out)
+        return self.apply(x, gu, down, out, bias=self.bias(src))
 
-    def apply(self, x: Tensor, gu: Tensor, down: Tensor, out: Tensor | None = None) -> Tensor:
-        """SwiGLU with weights already in the compute dtype (gate_up [2F, H], down [H, F])."""
+    def bias(self, src: ExpertView | WidenedExpert) -> tuple[Tensor, Tensor] | None:
+        """The expert's (gate_up [2F], down [H]) biases in the compute dtype, or None (no biases)."""
+        b = src.bias
+        if b is None or b[0].dtype == self.dtype:
+            return b
+        return b[0].to(self.dtype), b[1].to(self.dtype)
+
+    def apply(self, x: Tensor, gu: Tensor, down: Tensor, out: Tensor | None = None, *,
+              bias: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """The expert with weights already in the compute dtype (gate_up [2F, H], down [H, F]) and, for a
+        layout with biases, its ``bias`` (gate_up [2F], down [H])."""
         a = F.linear(x, gu)
-        h = F.silu(a[:, :self.F]) * a[:, self.F:]
-        if out is None:
-            return F.linear(h, down)
-        return torch.mm(h, down.t(), out=out)
+        if bias is not None:
+            a.add_(bias[0])
+        if self.act is SWIGLU:
+            h = F.silu(a[:, :self.F]) * a[:, self.F:]
+        else:
+            h = self.act(a[:, :self.F], a[:, self.F:])
+        y = F.linear(h, down) if out is None else torch.mm(h, down.t(), out=out)
+        if bias is not None:
+            y.add_(bias[1])
+        return y
 
     def _in_blocks(self, src, x: Tensor, out: Tensor | None) -> Tensor:
         """One expert on one token with gate_up and down widened and multiplied in row blocks."""
@@ -241,7 +287,10 @@ class ExpertCompute:
             n = (r1 - r0) * H
             buf = src.dequantize_into(self.one[:n], self.one32[:n], False, r0 * H, r1 * H).view(r1 - r0, H)
             torch.mm(x, buf.t(), out=a[:, r0:r1])
-        h = F.silu(a[:, :Fd]) * a[:, Fd:]
+        bias = self.bias(src)
+        if bias is not None:
+            a.add_(bias[0])
+        h = F.silu(a[:, :Fd]) * a[:, Fd:] if self.act is SWIGLU else self.act(a[:, :Fd], a[:, Fd:])
         if out is None:
             out = torch.empty((1, H), dtype=x.dtype, device=x.device)
         for r0, r1 in self.down_blocks:
@@ -249,4 +298,6 @@ class ExpertCompute:
             buf = src.dequantize_into(self.one[:n], self.one32[:n], False, 2 * fh + r0 * Fd,
                                       2 * fh + r1 * Fd).view(r1 - r0, Fd)
             torch.mm(h, buf.t(), out=out[:, r0:r1])
+        if bias is not None:
+            out.add_(bias[1])
         return out

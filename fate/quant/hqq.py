@@ -12,7 +12,8 @@ import warnings
 import numpy as np
 import torch
 
-from fate.quant.layout import QuantizedWeight, QuantSpec, check_group_size, expert_blob_layout, pack_codes
+from fate.quant.layout import (BlobLayout, QuantizedWeight, QuantSpec, check_group_size, expert_blob_layout,
+                               pack_codes)
 
 __all__ = ["quantize_weight", "pack_expert", "hqq_reference_dequant"]
 
@@ -75,24 +76,37 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, what: str = "weight") -> Q
     return QuantizedWeight(pack_codes(codes, spec.bits), scale, zero, (out_f, in_f), spec)
 
 
-def pack_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, spec: QuantSpec) -> np.ndarray:
+def pack_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, spec: QuantSpec | BlobLayout,
+                bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> np.ndarray:
     """Quantize (hqq) or cast (f16) one expert's gate [F, H], up [F, H], down [H, F] weights and lay
-    them out as a blob: a numpy uint8 array of ``expert_blob_layout(H, F, spec).size`` bytes, gaps
-    zero-filled."""
+    them out as a blob: a numpy uint8 array of the layout's ``size`` bytes, gaps zero-filled.
+
+    ``spec``: a QuantSpec (the plain layout ``expert_blob_layout(H, F, spec)``) or the BlobLayout itself
+    (a different group size for down, biases).  ``bias``: (gate_up [2F], down [H]) when the layout has
+    biases; they are stored as float32."""
     if gate.dim() != 2:
         raise ValueError(f"gate must be 2-D [ffn, hidden], got shape {tuple(gate.shape)}")
     ffn, hidden = (int(d) for d in gate.shape)
     for name, t, want in (("up", up, (ffn, hidden)), ("down", down, (hidden, ffn))):
         if tuple(t.shape) != want:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {want} (gate is {(ffn, hidden)})")
-    layout = expert_blob_layout(hidden, ffn, spec)
+    layout = spec if isinstance(spec, BlobLayout) else expert_blob_layout(hidden, ffn, spec)
+    if (layout.hidden, layout.ffn) != (hidden, ffn):
+        raise ValueError(f"the layout is for hidden {layout.hidden}, ffn {layout.ffn}; the expert is {hidden}, {ffn}")
+    if (bias is None) != (layout.bias is None):
+        raise ValueError("biases must be given exactly when the layout has them")
     blob = np.zeros(layout.size, dtype=np.uint8)
     for m, w in zip(layout.matrices, (gate, up, down)):
-        qw = quantize_weight(w, spec, what=m.name)
-        arrays = (qw.packed, qw.scale, qw.zero) if spec.is_quantized else (qw.packed,)
+        qw = quantize_weight(w, m.spec, what=m.name)
+        arrays = (qw.packed, qw.scale, qw.zero) if m.spec.is_quantized else (qw.packed,)
         for part, arr in zip(m.parts, arrays):
             a = arr.contiguous().numpy().astype(part.numpy_dtype, copy=False)
             blob[part.offset : part.end] = a.reshape(-1).view(np.uint8)
+    if bias is not None:
+        for part, b in zip(layout.bias, bias):
+            if tuple(b.shape) != part.shape:
+                raise ValueError(f"a bias has shape {tuple(b.shape)}, expected {part.shape}")
+            blob[part.offset : part.end] = b.detach().to(torch.float32).contiguous().numpy().view(np.uint8)
     return blob
 
 

@@ -59,6 +59,16 @@ Because the packing runs along rows and groups are byte aligned, it is equally "
 Float16 blob (``f16``): ``gate``, ``up``, ``down`` as float16 row-major ``[out, in]``, each part at a
 64-byte aligned offset.
 
+Group sizes: gate and up (input dimension H) use the precision's group size g; down (input dimension F)
+uses its own, ``g_down`` (the same unless g does not divide F, see ``fallback_group_size``).
+
+Biases (experts with biases only, gpt-oss), after the three matrices, each at a 64-byte aligned offset::
+
+    gate_up_bias  float32 [2F]   gate's F biases, then up's F
+    down_bias     float32 [H]
+
+float32 holds a bfloat16 or float16 checkpoint's biases exactly; a blob without biases is unchanged.
+
 Example: q4, g = 64, a [128, 64] matrix takes 128 * 32 = 4096 bytes of codes, then 128 groups * 2 bytes
 of scale at offset 4096 (256 bytes), then 256 bytes of zero at offset 4352.
 
@@ -101,18 +111,23 @@ __all__ = [
     "ALIGNMENT",
     "PRECISIONS",
     "QuantSpec",
+    "ExpertAct",
+    "SWIGLU",
     "QuantizedWeight",
     "TensorPart",
     "MatrixLayout",
     "BlobLayout",
     "align_up",
     "check_group_size",
+    "fallback_group_size",
+    "suggest_group_size",
     "pack_codes",
     "unpack_codes",
     "dequantize_weight",
     "expert_blob_layout",
     "blob_views",
     "unpack_expert",
+    "unpack_bias",
 ]
 
 ALIGNMENT = 64
@@ -124,7 +139,8 @@ PRECISIONS = ("q4", "q2", "f16")
 _DEFAULTS = {"q4": (4, 64), "q2": (2, 32), "f16": (16, 0)}
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
-_TORCH_DTYPES = {"uint8": torch.uint8, "float16": torch.float16}
+_TORCH_DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32}
+_NUMPY_DTYPES = {"uint8": np.dtype("u1"), "float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
 
 def align_up(n: int, alignment: int = ALIGNMENT) -> int:
@@ -205,6 +221,61 @@ def check_group_size(in_features: int, spec: QuantSpec, what: str = "weight") ->
         f"{spec.name} group_size {spec.group_size} does not divide the input dimension of {what} "
         f"(in={in_features}); {hint}"
     )
+
+
+def fallback_group_size(dim: int, requested: int) -> Optional[int]:
+    """The group size to use for a matrix whose input dimension is ``dim`` when ``requested`` was asked
+    for: ``requested`` itself when it divides ``dim``, else the largest power of two of at least 8 that
+    divides ``dim`` and does not exceed ``requested`` (whole bytes per group at 4 and 2 bits), else None."""
+    if requested > 0 and dim % requested == 0:
+        return requested
+    g = 1
+    while g * 2 <= requested:
+        g *= 2
+    while g >= 8:
+        if dim % g == 0:
+            return g
+        g //= 2
+    return None
+
+
+def suggest_group_size(dim: int, spec: QuantSpec) -> Optional[int]:
+    """A byte-aligned group size that divides ``dim`` (for an error message), or None."""
+    return _suggest_group_size(dim, spec) if spec.is_quantized else None
+
+
+# --------------------------------------------------------------------------------------------------
+# The expert's activation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExpertAct:
+    """What an expert computes between its gate/up products and its down product.
+
+    ``silu`` (SwiGLU, every family but gpt-oss): ``silu(gate) * up``.
+    ``clamped`` (gpt-oss): ``gate`` clamped above at ``limit``, ``up`` to ``[-limit, limit]``, then
+    ``(up + 1) * (gate * sigmoid(gate * alpha))`` — the order of operations of transformers' GptOssExperts,
+    so every rounding happens where it does there."""
+
+    kind: str = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("silu", "clamped"):
+            raise ValueError(f"unknown expert activation {self.kind!r}; expected silu or clamped")
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.kind == "silu":
+            return torch.nn.functional.silu(gate) * up
+        gate = gate.clamp(min=None, max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
+SWIGLU = ExpertAct()
+"""The activation of every family but gpt-oss."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,7 +440,7 @@ def _dequantize(packed, scale, zero, out_f: int, in_f: int, spec: QuantSpec, dty
 @dataclass(frozen=True)
 class TensorPart:
     """One array inside an expert blob: byte ``offset`` from the blob start, ``nbytes``, logical
-    ``shape`` and element ``dtype`` ("uint8" or "float16")."""
+    ``shape`` and element ``dtype`` ("uint8", "float16" or "float32")."""
 
     offset: int
     nbytes: int
@@ -389,7 +460,7 @@ class TensorPart:
     @property
     def numpy_dtype(self) -> np.dtype:
         """The element dtype as a little-endian numpy dtype."""
-        return np.dtype("u1") if self.dtype == "uint8" else np.dtype("<f2")
+        return _NUMPY_DTYPES[self.dtype]
 
     def view(self, blob: torch.Tensor, flat: bool = False) -> torch.Tensor:
         """This part of flat uint8 ``blob`` as a tensor of ``dtype`` and ``shape`` (1-D if ``flat``);
@@ -409,13 +480,15 @@ class MatrixLayout:
     """Where one matrix (``name`` "gate"/"up"/"down", logical ``shape`` (out, in)) lives in a blob.
 
     q4/q2: ``packed`` (uint8 codes), ``scale`` and ``zero`` (float16).  f16: ``packed`` is the float16
-    weight itself and ``scale``/``zero`` are None."""
+    weight itself and ``scale``/``zero`` are None.  ``spec``: the precision as this matrix is stored (its
+    group size may be smaller than the blob's nominal one when that does not divide its input dimension)."""
 
     name: str
     shape: Tuple[int, int]
     packed: TensorPart
     scale: Optional[TensorPart]
     zero: Optional[TensorPart]
+    spec: Optional[QuantSpec] = None
 
     @property
     def parts(self) -> Tuple[TensorPart, ...]:
@@ -426,7 +499,9 @@ class MatrixLayout:
 @dataclass(frozen=True)
 class BlobLayout:
     """Byte layout of one expert blob for (hidden, ffn, spec); ``size`` is the unpadded byte count
-    (end of the last part)."""
+    (end of the last part).  ``spec`` is gate's and up's precision (input dimension: hidden); down's may
+    have a smaller group size (``down.spec``).  ``bias``: the float32 (gate_up [2F], down [H]) bias parts
+    of experts with biases (gpt-oss), after the matrices; ``act``: the activation the expert computes."""
 
     spec: QuantSpec
     hidden: int
@@ -435,6 +510,8 @@ class BlobLayout:
     gate: MatrixLayout
     up: MatrixLayout
     down: MatrixLayout
+    bias: Optional[Tuple[TensorPart, TensorPart]] = None
+    act: ExpertAct = SWIGLU
 
     @property
     def matrices(self) -> Tuple[MatrixLayout, MatrixLayout, MatrixLayout]:
@@ -444,29 +521,59 @@ class BlobLayout:
     @property
     def parts(self) -> Tuple[TensorPart, ...]:
         """Every part of the blob in storage order."""
-        return tuple(p for m in self.matrices for p in m.parts)
+        return tuple(p for m in self.matrices for p in m.parts) + (self.bias or ())
+
+    @property
+    def down_group_size(self) -> int:
+        """Group size of the down matrix (input dimension: ffn)."""
+        return self.down.spec.group_size
+
+    @property
+    def uniform(self) -> bool:
+        """Whether all three matrices share one group size."""
+        return self.down.spec == self.spec
+
+    @property
+    def plain(self) -> bool:
+        """A SwiGLU expert without biases in one group size: what the native kernels compute."""
+        return self.uniform and self.bias is None and self.act == SWIGLU
+
+    @property
+    def matrices_contiguous(self) -> bool:
+        """Whether gate, up and down (f16) lie back to back from offset 0 (one flat float16 view)."""
+        n = self.hidden * self.ffn * 2
+        return (not self.spec.is_quantized
+                and [m.packed.offset for m in self.matrices] == [0, n, 2 * n])
 
     def stride(self, alignment: int = ALIGNMENT) -> int:
         """``size`` rounded up to ``alignment``: a natural distance between consecutive blobs."""
         return align_up(self.size, alignment)
 
 
-def expert_blob_layout(hidden: int, ffn: int, spec: QuantSpec) -> BlobLayout:
+def expert_blob_layout(hidden: int, ffn: int, spec: QuantSpec, *, down_group_size: Optional[int] = None,
+                       bias: bool = False, act: ExpertAct = SWIGLU) -> BlobLayout:
     """Compute the blob layout of an expert with gate/up [ffn, hidden] and down [hidden, ffn].
 
-    Raises ``ValueError`` if the group size divides neither dimension it has to (hidden for
-    gate/up, ffn for down)."""
+    ``down_group_size``: down's group size when it differs from ``spec``'s (None: the same).  ``bias``:
+    the blob also holds float32 biases, gate_up [2 * ffn] (gate's, then up's) and down [hidden], each at an
+    aligned offset after the matrices (a blob without biases is byte for byte what it always was).
+    Raises ``ValueError`` if a group size does not divide the dimension it has to (hidden for gate/up,
+    ffn for down)."""
     hidden, ffn = int(hidden), int(ffn)
     if hidden <= 0 or ffn <= 0:
         raise ValueError(f"hidden and ffn must be positive, got {hidden}, {ffn}")
+    down_spec = spec
+    if down_group_size is not None and spec.is_quantized and down_group_size != spec.group_size:
+        down_spec = QuantSpec(spec.name, spec.bits, int(down_group_size))
     check_group_size(hidden, spec, "gate/up (hidden size)")
-    check_group_size(ffn, spec, "down (expert ffn size)")
+    check_group_size(ffn, down_spec, "down (expert ffn size)")
     offset = 0
     mats = []
     for name, (o, i) in (("gate", (ffn, hidden)), ("up", (ffn, hidden)), ("down", (hidden, ffn))):
+        mspec = down_spec if name == "down" else spec
         if spec.is_quantized:
             width = i * spec.bits // 8
-            n_groups = i // spec.group_size
+            n_groups = i // mspec.group_size
             parts = []
             for shape, dtype, nbytes in (
                 ((o, width), "uint8", o * width),
@@ -476,13 +583,21 @@ def expert_blob_layout(hidden: int, ffn: int, spec: QuantSpec) -> BlobLayout:
                 offset = align_up(offset)
                 parts.append(TensorPart(offset, nbytes, shape, dtype))
                 offset += nbytes
-            mats.append(MatrixLayout(name, (o, i), *parts))
+            mats.append(MatrixLayout(name, (o, i), *parts, spec=mspec))
         else:
             offset = align_up(offset)
             part = TensorPart(offset, o * i * 2, (o, i), "float16")
             offset += part.nbytes
-            mats.append(MatrixLayout(name, (o, i), part, None, None))
-    return BlobLayout(spec, hidden, ffn, offset, *mats)
+            mats.append(MatrixLayout(name, (o, i), part, None, None, spec=mspec))
+    biases = None
+    if bias:
+        parts = []
+        for n in (2 * ffn, hidden):
+            offset = align_up(offset)
+            parts.append(TensorPart(offset, 4 * n, (n,), "float32"))
+            offset += 4 * n
+        biases = (parts[0], parts[1])
+    return BlobLayout(spec, hidden, ffn, offset, *mats, bias=biases, act=act)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -515,6 +630,8 @@ def blob_views(blob, layout: BlobLayout) -> dict:
             part = getattr(m, field)
             if part is not None:
                 views[f"{m.name}.{field}"] = part.view(b)
+    if layout.bias is not None:
+        views["gate_up.bias"], views["down.bias"] = (p.view(b) for p in layout.bias)
     return views
 
 
@@ -539,10 +656,10 @@ def unpack_expert(
             raise ValueError("out must hold three tensors (gate, up, down)")
         for o, m in zip(out, layout.matrices):
             _check_out(o, m.shape, dtype, b.device)
-    spec = layout.spec
     result = []
     for k, m in enumerate(layout.matrices):
         o = None if out is None else out[k]
+        spec = m.spec
         if spec.is_quantized:
             packed = b[m.packed.offset : m.packed.end]  # flat views: fewer ops on the hot path
             scale, zero = m.scale.view(b, flat=True), m.zero.view(b, flat=True)
@@ -550,3 +667,15 @@ def unpack_expert(
             packed, scale, zero = m.packed.view(b, flat=True), None, None
         result.append(_dequantize(packed, scale, zero, m.shape[0], m.shape[1], spec, dtype, o))
     return tuple(result)
+
+
+def unpack_bias(blob, layout: BlobLayout, dtype: torch.dtype = torch.float32
+                ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The expert's (gate_up [2F], down [H]) biases as fresh ``dtype`` tensors, or None when the layout
+    has none."""
+    if layout.bias is None:
+        return None
+    b = _as_uint8_tensor(blob)
+    if b.numel() < layout.size:
+        raise ValueError(f"blob has {b.numel()} bytes, layout needs {layout.size}")
+    return tuple(p.view(b).to(dtype=dtype, copy=True) for p in layout.bias)  # type: ignore[return-value]

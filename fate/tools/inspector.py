@@ -18,7 +18,10 @@ JSON keys (``--json``); sizes are bytes, shares are fractions in [0, 1], absent 
   ``name``, ``n_layers``, ``moe_layers`` / ``dense_layers`` (layer ids), ``hidden_size``, ``n_heads``,
   ``n_kv_heads``, ``head_dim``, ``vocab_size``, ``context_length``, ``n_experts``, ``top_k``,
   ``expert_ffn``, ``dense_ffn``, ``shared_ffn``, ``shared_gate``, ``norm_topk_prob``, ``qk_norm``,
-  ``qkv_bias``, ``clip_qkv``, ``tie_embeddings``, ``rope_theta``, ``rope_scaling``
+  ``qkv_bias``, ``clip_qkv``, ``tie_embeddings``, ``rope_theta``, ``rope_scaling``, ``attention``
+  (``gqa`` / ``mla``), ``q_lora_rank``, ``kv_lora_rank``, ``v_head_dim``, ``rope_dim``, ``rope_style``,
+  ``layer_windows`` (per layer sliding window, 0 full; [] none), ``attn_sinks``, ``router`` (the routing
+  rule), ``n_group``, ``topk_group``, ``routed_scaling``, ``score_bias``, ``expert_act``, ``expert_bias``
 * ``params``: ``non_expert`` (elements of every non-expert tensor), ``routed_experts``
   (3 x hidden x expert_ffn per expert), ``total``, ``active`` (non-expert + top_k routed experts per
   MoE layer: what one token computes with)
@@ -27,7 +30,8 @@ JSON keys (``--json``); sizes are bytes, shares are fractions in [0, 1], absent 
   ``other`` (header, metadata and alignment padding: the rest of the file)
 * ``precisions``: stored precisions in file order
 * ``quant``: ``method``, ``hqq_version``, ``alignment``, ``checksum``, and ``by_precision``:
-  {precision: ``bits``, ``group_size``, ``axis``, ``blob_bytes``, ``blob_stride``}
+  {precision: ``bits``, ``group_size`` (gate and up), ``group_size_down`` (down, whose input is the
+  expert FFN; smaller when the group size does not divide it), ``axis``, ``blob_bytes``, ``blob_stride``}
 * ``tokenizer``: ``vocab_size`` (ids the tokenizer can produce), ``bos_token``, ``bos_token_id``,
   ``eos_token``, ``eos_token_ids``, ``pad_token_id``, ``add_bos_token``, ``special_tokens``
   ([{``id``, ``content``}] of the added special tokens), ``error`` (why the tokenizer did not load, else
@@ -211,6 +215,8 @@ def _report(b: Bundle, top_n: int, template_lines: int) -> dict:
         quant["by_precision"][p] = {
             "bits": b.get(C.K_PRECISION_BITS.format(p=p)),
             "group_size": b.get(C.K_PRECISION_GROUP.format(p=p)),
+            # down's input is the expert FFN: its group size may be smaller (bundles before it: the same)
+            "group_size_down": b.get(C.K_PRECISION_GROUP_DOWN.format(p=p), b.get(C.K_PRECISION_GROUP.format(p=p))),
             "axis": b.get(C.K_PRECISION_AXIS.format(p=p)),
             "blob_bytes": b.get(C.K_PRECISION_BLOB_SIZE.format(p=p)),
             "blob_stride": b.get(C.K_PRECISION_BLOB_STRIDE.format(p=p)),
@@ -239,6 +245,11 @@ def _report(b: Bundle, top_n: int, template_lines: int) -> dict:
             "norm_topk_prob": cfg.norm_topk_prob, "qk_norm": cfg.qk_norm, "qkv_bias": cfg.qkv_bias,
             "clip_qkv": cfg.clip_qkv, "tie_embeddings": cfg.tie_embeddings, "rope_theta": cfg.rope_theta,
             "rope_scaling": dict(cfg.rope_scaling or {}),
+            "attention": cfg.attention, "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank,
+            "v_head_dim": cfg.value_dim, "rope_dim": cfg.rotary_dim, "rope_style": cfg.rope_style,
+            "layer_windows": list(cfg.layer_windows), "attn_sinks": cfg.attn_sinks, "router": cfg.router,
+            "n_group": cfg.n_group, "topk_group": cfg.topk_group, "routed_scaling": cfg.routed_scaling,
+            "score_bias": cfg.score_bias, "expert_act": cfg.expert_act, "expert_bias": cfg.expert_bias,
         },
         "params": {"non_expert": non_expert_elems, "routed_experts": routed, "total": non_expert_elems + routed,
                    "active": non_expert_elems + per_expert * cfg.top_k * n_moe},
@@ -355,11 +366,32 @@ def format_report(r: dict) -> str:
     if a["dense_ffn"] and dense:
         line += f"; dense FFN {a['dense_ffn']}"
     out.append(line)
-    scaling = a["rope_scaling"]
+    scaling = dict(sorted(a["rope_scaling"].items(), key=lambda kv: kv[0] != "type"))  # the kind first
     out.append(f"  rope theta {a['rope_theta']:g}, scaling "
                + (", ".join(f"{k}={v}" for k, v in scaling.items()) if scaling else "none")
                + f"; qk norm {a['qk_norm']}; qkv bias {_yes(a['qkv_bias'])}; top-k renormalized "
                f"{_yes(a['norm_topk_prob'])}; tied embeddings {_yes(a['tie_embeddings'])}")
+    line = f"  attention {a['attention']}"
+    if a["attention"] == "mla":
+        line += (f" (kv latent {a['kv_lora_rank']}, q rank {a['q_lora_rank'] or '-'}, v head {a['v_head_dim']})")
+    line += f"; rope {a['rope_style']} on {a['rope_dim']} of {a['head_dim']} dims"
+    windows = a["layer_windows"]
+    if any(windows):
+        line += (f"; sliding window {max(windows)} on layers "
+                 + ",".join(str(i) for i, w in enumerate(windows) if w))
+    if a["attn_sinks"]:
+        line += "; attention sinks"
+    out.append(line)
+    line = f"  router {a['router']}"
+    if a["n_group"] > 1:
+        line += f" ({a['n_group']} groups, {a['topk_group']} chosen)"
+    if a["score_bias"]:
+        line += ", correction bias"
+    if a["routed_scaling"] != 1.0:
+        line += f", weights x{a['routed_scaling']:g}"
+    line += f"; experts {'clamped SwiGLU' if a['expert_act'] == 'clamped' else 'SwiGLU'}" \
+            + (" with biases" if a["expert_bias"] else "")
+    out.append(line)
     pr = r["params"]
     out.append(f"params        {_num(pr['total'])} total, {_num(pr['active'])} active per token "
                f"(non-expert {_num(pr['non_expert'])}, routed experts {_num(pr['routed_experts'])})")
@@ -373,7 +405,8 @@ def format_report(r: dict) -> str:
     out.append("  precision  bits  group  axis  blob bytes  stride  stored")
     for p in r["precisions"]:
         s = q["by_precision"][p]
-        group = s["group_size"] if s["group_size"] else "-"
+        group = "-" if not s["group_size"] else s["group_size"] if s["group_size_down"] == s["group_size"] \
+            else f"{s['group_size']}/{s['group_size_down']}"  # gate and up / down
         out.append(f"  {p:<9} {s['bits']!s:>5} {group!s:>6} {s['axis']!s:>5} {s['blob_bytes']!s:>11} "
                    f"{s['blob_stride']!s:>7}  {format_size(by['experts_by_precision'].get(p, 0))}")
     if tok["error"]:

@@ -190,6 +190,7 @@ class ResidentExperts:
         for e in rows.experts:
             w = dense.get((layer, e))
             xs = rows.tokens(e)
-            rows.put(e, compute.swiglu(self.source(layer, e), xs, one_token=rows.T == 1) if w is None
-                     else compute.apply(xs, *w))
+            src = self.source(layer, e)
+            rows.put(e, compute.swiglu(src, xs, one_token=rows.T == 1) if w is None
+                     else compute.apply(xs, *w, bias=compute.bias(src)))
         return rows.combine()

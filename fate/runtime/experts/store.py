@@ -22,7 +22,9 @@ FLOAT_DTYPES = ("F16", "BF16", "F32")
 _LAYER_TENSORS = (C.T_ATTN_NORM, C.T_ATTN_Q, C.T_ATTN_K, C.T_ATTN_V, C.T_ATTN_Q_BIAS, C.T_ATTN_K_BIAS, C.T_ATTN_V_BIAS,
                   C.T_ATTN_OUT, C.T_ATTN_Q_NORM, C.T_ATTN_K_NORM, C.T_FFN_NORM, C.T_FFN_GATE_INP, C.T_FFN_GATE,
                   C.T_FFN_UP, C.T_FFN_DOWN, C.T_FFN_GATE_SHEXP, C.T_FFN_UP_SHEXP, C.T_FFN_DOWN_SHEXP,
-                  C.T_FFN_GATE_INP_SHEXP)
+                  C.T_FFN_GATE_INP_SHEXP, C.T_ATTN_OUT_BIAS, C.T_ATTN_SINKS, C.T_ATTN_Q_A, C.T_ATTN_Q_A_NORM,
+                  C.T_ATTN_Q_B, C.T_ATTN_KV_A_MQA, C.T_ATTN_KV_A_NORM, C.T_ATTN_KV_B, C.T_FFN_GATE_INP_BIAS,
+                  C.T_FFN_EXP_PROBS_B)
 
 
 def check_bundle_config(bundle: Bundle, cfg: ModelConfig) -> None:
@@ -39,7 +41,7 @@ def check_bundle_config(bundle: Bundle, cfg: ModelConfig) -> None:
     first_moe = next((i for i, m in enumerate(cfg.moe_layers) if m), cfg.n_layers)
     exact = {C.K_CONTEXT_LENGTH: cfg.max_position, C.K_EMBEDDING_LENGTH: cfg.hidden_size,
              C.K_BLOCK_COUNT: cfg.n_layers, C.K_HEAD_COUNT: cfg.n_heads, C.K_HEAD_COUNT_KV: cfg.n_kv_heads,
-             C.K_KEY_LENGTH: cfg.head_dim, C.K_VALUE_LENGTH: cfg.head_dim, C.K_EXPERT_COUNT: cfg.n_experts,
+             C.K_KEY_LENGTH: cfg.head_dim, C.K_VALUE_LENGTH: cfg.value_dim, C.K_EXPERT_COUNT: cfg.n_experts,
              C.K_EXPERT_USED_COUNT: cfg.top_k, C.K_EXPERT_FFN_LENGTH: cfg.expert_ffn, C.K_VOCAB_SIZE: cfg.vocab_size,
              C.K_LEADING_DENSE_BLOCKS: first_moe, C.K_FEED_FORWARD_LENGTH: cfg.dense_ffn,
              C.K_EXPERT_SHARED_FFN_LENGTH: cfg.shared_ffn,
@@ -109,12 +111,13 @@ class ExpertStore:
         for p in precisions:
             bits = bundle.require(C.K_PRECISION_BITS.format(p=p))
             group = bundle.require(C.K_PRECISION_GROUP.format(p=p))
-            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (bits, group)):
+            down_group = bundle.get(C.K_PRECISION_GROUP_DOWN.format(p=p), group)  # older bundles: one group size
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (bits, group, down_group)):
                 raise BundleMetadataError(f"{bundle.path}: quantization settings of {p!r} are not integers "
-                                          f"(bits {bits!r}, group size {group!r})")
+                                          f"(bits {bits!r}, group sizes {group!r}, {down_group!r})")
             try:
                 spec = Q.QuantSpec(p, bits, group)
-                layout = Q.expert_blob_layout(cfg.hidden_size, cfg.expert_ffn, spec)
+                layout = cfg.expert_layout(spec, down_group)
             except (ValueError, TypeError) as e:
                 raise BundleMetadataError(f"{bundle.path}: quantization settings of {p} are invalid ({e})") from None
             size = bundle.require(C.K_PRECISION_BLOB_SIZE.format(p=p))
@@ -158,8 +161,12 @@ class ExpertStore:
         return view
 
     def dense(self, layer: int, expert: int, precision: str, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              device: str | torch.device = "cpu") -> tuple[torch.Tensor, ...]:
+        """(gate, up, down) in ``dtype``, and (gate_up bias, down bias) for experts with biases — what
+        :class:`fate.model.experts.DenseExperts` takes."""
         blob = self.blob(layer, expert, precision)
         if torch.device(device).type != "cpu":
             blob = blob.to(device, non_blocking=True)
-        return Q.unpack_expert(blob, self.layouts[precision], dtype=dtype)
+        layout = self.layouts[precision]
+        bias = Q.unpack_bias(blob, layout, dtype)
+        return Q.unpack_expert(blob, layout, dtype=dtype) + (bias or ())
