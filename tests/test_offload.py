@@ -87,13 +87,21 @@ class _Recorder:
 
     def on_gate_input(self, layer, g):
         self.g[layer] = g.clone()
-        r = self.m.weights.get(C.T_FFN_GATE_INP.format(i=layer + 1))
-        if r is not None and g.shape[0] == 1:
-            self.named[layer + 1] = set((g.float() @ r.float().T)[0].topk(self.k).indices.tolist())
+        j, cfg = layer + 1, self.m.config
+        if j not in cfg.moe_layer_ids or g.shape[0] != 1:
+            return
+        if cfg.router_ranks_by_logits:  # the next router's own product, by hand
+            r = self.m.weights.get(C.T_FFN_GATE_INP.format(i=j))
+            self.named[j] = set((g.float() @ r.float().T)[0].topk(self.k).indices.tolist())
+        else:  # a bias, groups or a sigmoid: what the next layer's router would select for this input
+            self.named[j] = set(self.m.model.route(j, g)[1][0].tolist())
 
 
-def test_prefetch_recall_matches_an_independent_count(converted):
-    path = converted["qwen3_moe"][1]
+# qwen3: softmax over logits; the others order experts by more than their router's product (gpt-oss's
+# bias, DeepSeek-V3/GLM's sigmoid plus correction in groups, ERNIE's correction)
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe", "ernie4_5_moe"])
+def test_prefetch_recall_matches_an_independent_count(converted, arch):
+    path = converted[arch][1]
     ref = fate.load(path, experts="q4")
     cfg = ref.config
     rec = _Recorder(ref, cfg.top_k)

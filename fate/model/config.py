@@ -93,6 +93,13 @@ class ModelConfig:
     swiglu_limit: float = 7.0
 
     @property
+    def router_ranks_by_logits(self) -> bool:
+        """Whether the router's top-k is its projection's top-k (a softmax of it, or the logits themselves):
+        then a predictor ranks by one stacked product; otherwise by the model's selection scores."""
+        return (self.router in ("softmax", "softmax_topk") and not self.router_bias) or (
+            self.router == "softmax_group" and self.n_group == 1)
+
+    @property
     def moe_layer_ids(self) -> list[int]:
         return [i for i, m in enumerate(self.moe_layers) if m]
 

@@ -142,6 +142,8 @@ class FateModel:
         self.experts = experts
         self.model = MoEModel(cfg, self.weights, experts, dtype=self.dtype, device=self.device, observer=observer,
                               max_ctx=self.context)
+        if self.offloading is not None and self.offloading.predicts and not cfg.router_ranks_by_logits:
+            self.offloading.executor.predictor.select = self.model.selection_scores
         self.load_seconds = time.perf_counter() - t0
         self.last_stats: GenerationStats | None = None
 

@@ -75,8 +75,11 @@ class Predictor:
     most tokens first, the least popular as INT2 (:func:`.hybrid.hybrid_precisions`)."""
 
     def __init__(self, cfg, routers: dict[int, torch.Tensor], chances: torch.Tensor, *, decode_precision: str,
-                 low_precision: str | None, int2_share: float, ahead: tuple[int, ...] = AHEAD):
+                 low_precision: str | None, int2_share: float, ahead: tuple[int, ...] = AHEAD, select=None):
         self.cfg = cfg
+        # routers whose order is not their logits' (a bias, a sigmoid plus correction, expert groups) rank by
+        # the model's own selection scores: ``select(j, g)`` -> [T, E] (MoEModel.selection_scores)
+        self.select = select
         self.chances = chances.tolist()  # [ahead][layer][rank]: plain floats on the hot path
         self.decode_precision, self.low_precision, self.int2_share = decode_precision, low_precision, int2_share
         E = cfg.n_experts
@@ -102,6 +105,9 @@ class Predictor:
         targets = self._targets.get(layer)
         if not targets:
             return []
+        if self.select is not None:
+            scores = torch.cat([self.select(j, g).detach().to("cpu", torch.float32) for j in targets], dim=1)
+            return self.rank(layer, scores, limit)
         x = g if g.dtype == torch.float32 and g.device.type == "cpu" else g.detach().to("cpu", torch.float32)
         if x.shape[0] == 1:  # the decode hot path: one product, one ranking per layer ahead, in numpy
             scores = self._stack_np[layer] @ x.numpy()[0]
@@ -123,8 +129,9 @@ class Predictor:
         return out
 
     def rank(self, layer: int, logits: torch.Tensor, limit: dict[int, int]) -> list[Prediction]:
-        """Predictions from the stacked routers' logits ``[T, len(targets(layer)) * E]`` (what :meth:`predict`
-        computes; the trace simulator passes recorded ones)."""
+        """Predictions from the layers ahead's scores ``[T, len(targets(layer)) * E]`` (the stacked routers'
+        logits, or their selection scores: what :meth:`predict` computes; the trace simulator passes recorded
+        ones)."""
         targets = self._targets.get(layer)
         if not targets:
             return []

@@ -22,7 +22,8 @@ from fate.runtime.experts.prefetch import AHEAD
 class RoutingTrace:
     """``ids[t, l]``: the top-k experts of token t in layer l (-1 in dense layers); ``logits[l]``: for the
     prediction made at layer l's gate input (index ``l + 1``: -1 is the embedding), the stacked routers'
-    logits of the layers ahead, ``[T, len(targets) * E]`` float32 — what :meth:`Predictor.rank` ranks."""
+    logits of the layers ahead (their selection scores where the router does not rank by logits),
+    ``[T, len(targets) * E]`` float32 — what :meth:`Predictor.rank` ranks."""
 
     n_layers: int
     n_experts: int
@@ -48,9 +49,11 @@ class _Recorder:
         self.inner = inner
         self.ids: dict[int, torch.Tensor] = {}
         self.gates: dict[int, torch.Tensor] = {}
+        self.raw: dict[int, torch.Tensor] = {}  # as the model gave them (its dtype and device)
 
     def on_gate_input(self, layer: int, g: torch.Tensor) -> None:
         self.gates[layer] = g.detach().to("cpu", torch.float32).clone()
+        self.raw[layer] = g.detach().clone()
 
     def moe(self, layer, x, topk_ids, topk_weights):
         self.ids[layer] = topk_ids.detach().to("cpu").clone()
@@ -77,7 +80,13 @@ def record_trace(model, token_ids, ahead: tuple[int, ...] = AHEAD) -> RoutingTra
     logits = {}
     for i in range(-1, L - 1):
         targets = [i + a for a in ahead if i + a < L and (i + a) in routers]
-        if targets and i in rec.gates:
+        if not targets or i not in rec.gates:
+            continue
+        if cfg.router_ranks_by_logits:
             w = torch.cat([routers[j].detach().to("cpu", torch.float32) for j in targets])
             logits[i] = rec.gates[i] @ w.T
+        else:  # what the engine's predictor ranks for this router (Predictor.select)
+            with torch.inference_mode():
+                logits[i] = torch.cat([model.selection_scores(j, rec.raw[i]).to("cpu", torch.float32)
+                                       for j in targets], dim=1)
     return RoutingTrace(L, E, k, list(cfg.moe_layers), ids, logits)
