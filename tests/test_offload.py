@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -290,4 +291,37 @@ def test_prefetches_queue_after_the_layers_own_loads(converted, policy):
     ex.on_gate_input(0, g)  # dense layer 0 names layer 1's: queued at once
     assert rec.jobs and {j[0] for j in rec.jobs} == {1}
     rec.real.close()
+    m.close()
+
+
+def test_native_one_token_ranking_equals_numpy(converted, monkeypatch):
+    """The native one-token prediction (product and partial sort in one call) names the same experts in the
+    same order as the numpy path: ties go to the lower id, as numpy's stable argsort gives them."""
+    from fate.runtime.experts import copier
+    from fate.runtime.experts.prefetch import Predictor, rank_chances
+
+    rank = copier.rank_topn()
+    if rank is None:
+        pytest.skip(f"native extension not built: {copier.why}")
+    gen = torch.Generator().manual_seed(0)
+    for groups, E, H, n in ((2, 16, 128, 6), (2, 60, 2048, 8), (1, 64, 96, 64), (2, 32, 7, 3)):
+        w = torch.randn(groups * E, H, generator=gen)
+        w[1] = w[0]  # a tie
+        x = torch.randn(1, H, generator=gen)
+        ref = np.argsort(-(w.numpy() @ x.numpy()[0]).reshape(groups, E), axis=1, kind="stable")[:, :n].tolist()
+        assert rank(w.data_ptr(), x.data_ptr(), groups, E, H, n) == ref
+    m = fate.load(converted["qwen3_moe"][1], experts="q4", device="cpu")
+    cfg = m.config
+    routers = {i: m.weights.get(C.T_FFN_GATE_INP.format(i=i)) for i in cfg.moe_layer_ids}
+    limit = {j: cfg.top_k + 2 for j in range(cfg.n_layers)}
+
+    def named(native):
+        p = Predictor(cfg, routers, rank_chances(m.bundle, cfg), decode_precision="q4", low_precision=None,
+                      int2_share=0.0)
+        if not native:
+            p._rank_native = None  # the numpy path
+        g = torch.randn(1, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+        return [(q.layer, q.experts, q.chances) for i in range(-1, cfg.n_layers - 1) for q in p.predict(i, g, limit)]
+
+    assert named(True) == named(False) and named(True)
     m.close()

@@ -17,7 +17,8 @@ from fate.tools.bench import (DEFAULT_POLICIES, DEFAULT_LINKS, DEFAULT_MEMS, DEF
 @click.command(context_settings=CONTEXT)
 @click.argument("bundle", required=False, type=click.Path(path_type=str))
 @click.option("--policies", default=",".join(DEFAULT_POLICIES), show_default=True,
-              help="Comma-separated policies: ondemand, lru, fate, resident.")
+              help="Comma-separated policies: ondemand (load on demand), lru (caching alone), paper (the Fate "
+                   "paper's prefetch rule), fate (prefetch by expected value), resident.")
 @click.option("--mem", "mems", default=",".join(DEFAULT_MEMS), show_default=True,
               help="Comma-separated memory budgets (P% of experts, or sizes like 512MiB).")
 @click.option("--link", "links", default=",".join(DEFAULT_LINKS), show_default=True,

@@ -7,11 +7,12 @@ threads cost as much again on a loaded machine (the copy thread, descheduled whi
 model's thread wait: 40 µs a submission, 8 ms at worst).  This extension runs one C++ thread with a
 priority queue of memcpy jobs between tensors the caller keeps alive, fed through a lock-free ring (the
 model's thread never blocks on the copy thread), with ticket states the two threads compare-exchange; it
-emulates one
-serial link itself (a copy of n bytes occupies it for n / rate seconds after the previous one, non-
+emulates one serial link itself (a copy of n bytes occupies it for n / rate seconds after the previous one, non-
 preemptively), so inline copies (:meth:`Copier.copy_now`, on the calling thread with the GIL released)
 and queued ones share one link timeline.  Python never waits for the GIL of the copy thread: it asks
-whether a ticket is done, or waits for it with the GIL released.
+whether a ticket is done, or waits for it with the GIL released.  The model's thread waits by spinning (a
+sleeping thread's CPU halts, and a virtual one then runs the next microseconds of work several times
+slower), as a CUDA event synchronize does by default.
 
 Built on first use with torch's cpp_extension (g++; a few seconds, once per machine); where it cannot be
 built, :func:`available` is False and the TransferEngine keeps its Python worker.
@@ -23,16 +24,18 @@ import os
 import shutil
 import threading
 
-_NAME = "fate_copier_v2"  # change with the source: torch caches builds by name
+_NAME = "fate_copier_v5"  # change with the source: torch caches builds by name
 
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <atomic>
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <queue>
 #include <thread>
 #include <vector>
+#include <pybind11/stl.h>
 
 // Lock-free between the two threads: the model's thread only ever stores into the submission ring and
 // compare-exchanges ticket states, so it never blocks on the copy thread (which a loaded machine may have
@@ -42,9 +45,28 @@ static int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+static inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// The model's thread waits by spinning, as a CUDA event synchronize does by default: a thread that sleeps
+// lets its (virtual) CPU halt, and what it runs next runs 2-5x slower for a while (cold caches and
+// predictors; measured on the 2-core VM: a 0.5 ms sleep makes the next 6 us of numpy take 16 us).
+static void spin_until_ns(int64_t t) {
+  while (now_ns() < t) cpu_relax();
+}
+
+// The copy thread sleeps, but wakes a little early and spins the rest, so the emulated link's copies
+// land on time (a sleep's wake-up comes 50-100 us late on a loaded VM).
 static void sleep_until_ns(int64_t t) {
-  int64_t left = t - now_ns();
+  constexpr int64_t EARLY = 150000;
+  int64_t left = t - now_ns() - EARLY;
   if (left > 0) std::this_thread::sleep_for(std::chrono::nanoseconds(left));
+  spin_until_ns(t);
 }
 
 enum State : int { FREE = 0, QUEUED = 1, RUNNING = 2, DONE = 3, CANCELLED = 4 };
@@ -60,34 +82,46 @@ class Copier {
   static constexpr int64_t RING = 1 << 12, STATES = 1 << 16;
 
  public:
-  explicit Copier(double bytes_per_s) : rate_(bytes_per_s), ring_(RING), state_(STATES) {
+  // idle_spin_s: how long the idle copy thread polls for work before it sleeps.  Waking a sleeping
+  // thread costs the submitting one a futex call and, on a VM, an interrupt to the other CPU (10-30 us
+  // measured on the 2-core VM, per prefetch); a thread that polls needs no wake-up but holds a core.
+  Copier(double bytes_per_s, double idle_spin_s)
+      : rate_(bytes_per_s), idle_spin_ns_((int64_t)(idle_spin_s * 1e9)), ring_(RING), state_(STATES) {
     for (auto& s : state_) s.store(FREE);
     worker_ = std::thread([this] { run(); });
   }
   ~Copier() { close(); }
 
-  int64_t submit(torch::Tensor src, torch::Tensor dst, double priority) {
-    TORCH_CHECK(src.is_contiguous() && dst.is_contiguous() && src.nbytes() == dst.nbytes(), "src/dst: contiguous, same size");
+  // addresses, not tensors: the caller keeps both buffers alive (the store's cached blob views, the
+  // engine's slot buffers) and a pointer crosses pybind in a fraction of a tensor's cost
+  int64_t submit(int64_t src, int64_t dst, int64_t n, double priority) {
     int64_t h = head_.load(std::memory_order_relaxed);
     TORCH_CHECK(h - tail_.load(std::memory_order_acquire) < RING, "the copy queue is full");
     int64_t t = next_ticket_++;
     TORCH_CHECK(state_[t % STATES].load() >= DONE || state_[t % STATES].load() == FREE, "too many copies outstanding");
     state_[t % STATES].store(QUEUED, std::memory_order_release);
-    queued_ns_.fetch_add(duration_ns(src.nbytes()));
-    ring_[h % RING] = Job{priority, h, t, (uint8_t*)src.data_ptr(), (uint8_t*)dst.data_ptr(), (int64_t)src.nbytes()};
+    queued_ns_.fetch_add(duration_ns(n));
+    ring_[h % RING] = Job{priority, h, t, (uint8_t*)src, (uint8_t*)dst, n};
     head_.store(h + 1, std::memory_order_release);
-    work_.fetch_add(1, std::memory_order_release);
-    work_.notify_one();
+    work_.fetch_add(1);
+    if (sleeping_.load()) work_.notify_one();  // a polling (or copying) thread finds the job itself
     return t;
   }
 
   // a copy on the calling thread, after whatever is on the link, ahead of everything queued
-  void copy_now(torch::Tensor src, torch::Tensor dst) {
-    TORCH_CHECK(src.is_contiguous() && dst.is_contiguous() && src.nbytes() == dst.nbytes(), "src/dst: contiguous, same size");
-    int64_t done = occupy(duration_ns(src.nbytes()));
+  void copy_now(int64_t src, int64_t dst, int64_t n) {
+    int64_t done = occupy(duration_ns(n));
     pybind11::gil_scoped_release nogil;
-    std::memcpy(dst.data_ptr(), src.data_ptr(), src.nbytes());
-    sleep_until_ns(done);
+    std::memcpy((void*)dst, (const void*)src, n);
+    spin_until_ns(done);
+  }
+
+  // of the tickets given, those done
+  std::vector<int64_t> done_of(const std::vector<int64_t>& tickets) {
+    std::vector<int64_t> out;
+    for (int64_t t : tickets)
+      if (state_[t % STATES].load(std::memory_order_acquire) >= DONE) out.push_back(t);
+    return out;
   }
 
   bool done(int64_t t) { return state_[t % STATES].load(std::memory_order_acquire) >= DONE; }
@@ -95,6 +129,9 @@ class Copier {
   void wait(int64_t t) {
     pybind11::gil_scoped_release nogil;
     auto& s = state_[t % STATES];
+    // spin (see spin_until_ns) for as long as a few copies take; block beyond that (a stuck link)
+    int64_t give_up = now_ns() + 20000000;
+    while (s.load(std::memory_order_acquire) < DONE && now_ns() < give_up) cpu_relax();
     for (int v = s.load(std::memory_order_acquire); v < DONE; v = s.load(std::memory_order_acquire)) s.wait(v);
   }
 
@@ -103,8 +140,6 @@ class Copier {
     int expected = QUEUED;
     return state_[t % STATES].compare_exchange_strong(expected, CANCELLED);
   }
-
-  void forget(int64_t t) {}
 
   double free_at() {  // when the link will have moved everything queued so far, in seconds
     int64_t base = std::max(now_ns(), link_free_.load());
@@ -139,7 +174,12 @@ class Copier {
       tail_.store(h, std::memory_order_release);
       if (closed_.load()) return;
       if (q.empty()) {
-        work_.wait(seen);
+        int64_t until = now_ns() + idle_spin_ns_;
+        while (work_.load(std::memory_order_acquire) == seen && now_ns() < until) cpu_relax();
+        if (work_.load() != seen) continue;
+        sleeping_.store(true);  // then re-check: a submit either sees the flag or changed work_ first
+        if (work_.load() == seen) work_.wait(seen);
+        sleeping_.store(false);
         continue;
       }
       Job j = q.top();
@@ -158,24 +198,65 @@ class Copier {
   }
 
   double rate_;
+  int64_t idle_spin_ns_;
   std::vector<Job> ring_;
   std::vector<std::atomic<int>> state_;
   std::atomic<int64_t> head_{0}, tail_{0}, link_free_{0}, queued_ns_{0};
   std::atomic<int> work_{0};
-  std::atomic<bool> closed_{false};
+  std::atomic<bool> closed_{false}, sleeping_{false};
   int64_t next_ticket_ = 1;
   std::thread worker_;
 };
 
+// The one-token prediction (fate.runtime.experts.prefetch): scores = W x for the stacked routers W
+// [groups * E, H] (float32, row-major) and x [H], then each group's top n experts by score, ties to the
+// lower id (numpy's stable argsort of -scores) — one call instead of a product, a sort and their copies.
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+static void scores_of(const float* W, const float* x, int64_t rows, int64_t H, float* s) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* w = W + r * H;
+    float acc[16] = {0};
+    int64_t h = 0;
+    for (; h + 16 <= H; h += 16)
+      for (int i = 0; i < 16; ++i) acc[i] += w[h + i] * x[h + i];
+    float t = 0;
+    for (; h < H; ++h) t += w[h] * x[h];
+    for (int i = 0; i < 16; ++i) t += acc[i];
+    s[r] = t;
+  }
+}
+
+static std::vector<std::vector<int64_t>> rank_topn(int64_t w_ptr, int64_t x_ptr, int64_t groups, int64_t E,
+                                                   int64_t H, int64_t n) {
+  const float* W = (const float*)w_ptr;
+  const float* x = (const float*)x_ptr;
+  std::vector<float> s(groups * E);
+  scores_of(W, x, groups * E, H, s.data());
+  n = std::min(n, E);
+  std::vector<std::vector<int64_t>> out(groups);
+  std::vector<int64_t> idx(E);
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* sg = s.data() + g * E;
+    for (int64_t e = 0; e < E; ++e) idx[e] = e;
+    std::partial_sort(idx.begin(), idx.begin() + n, idx.end(),
+                      [sg](int64_t a, int64_t b) { return sg[a] > sg[b] || (sg[a] == sg[b] && a < b); });
+    out[g].assign(idx.begin(), idx.begin() + n);
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rank_topn", &rank_topn);
   pybind11::class_<Copier>(m, "Copier")
-      .def(pybind11::init<double>())
+      .def(pybind11::init<double, double>())
       .def("submit", &Copier::submit)
       .def("copy_now", &Copier::copy_now)
       .def("done", &Copier::done)
       .def("wait", &Copier::wait)
       .def("cancel", &Copier::cancel)
-      .def("forget", &Copier::forget)
+      .def("done_of", &Copier::done_of)
       .def("free_at", &Copier::free_at)
       .def("close", &Copier::close);
 }
@@ -202,7 +283,7 @@ def _load():
         try:
             from torch.utils import cpp_extension as X  # pulls in setuptools: only when the copier loads
 
-            _module = X.load_inline(_NAME, cpp_sources=_SOURCE, extra_cflags=["-O2", "-std=c++20"], verbose=False)
+            _module = X.load_inline(_NAME, cpp_sources=_SOURCE, extra_cflags=["-O3", "-std=c++20"], verbose=False)
         except Exception as e:  # no ninja, a broken toolchain, ...: the Python worker serves
             why = f"the copier did not build ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             _module = None
@@ -213,6 +294,14 @@ def available() -> bool:
     return _load() is not None
 
 
-def Copier(bytes_per_s: float):  # noqa: N802 - the native class
-    """A native copy thread over one emulated link of ``bytes_per_s`` (0: as fast as memcpy)."""
-    return _load().Copier(float(bytes_per_s))
+def Copier(bytes_per_s: float, idle_spin_s: float = 0.0):  # noqa: N802 - the native class
+    """A native copy thread over one emulated link of ``bytes_per_s`` (0: as fast as memcpy) that polls
+    for work ``idle_spin_s`` before it sleeps (use it where a core is free: no wake-up per copy)."""
+    return _load().Copier(float(bytes_per_s), float(idle_spin_s))
+
+
+def rank_topn():
+    """The native one-token ranking ``rank_topn(w_ptr, x_ptr, groups, E, H, n) -> [[expert, ...], ...]``
+    (see the source), or None where the extension is not built."""
+    mod = _load()
+    return None if mod is None else mod.rank_topn

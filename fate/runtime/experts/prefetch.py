@@ -11,7 +11,8 @@ ranked r by the prediction was among the k the router chose).  The policy (:mod:
 chance against what a copy costs.
 
 This module only predicts: one matrix product for both layers ahead (their routers stacked) and one
-ranking, on a CPU copy of the gate input; it reserves no slot and moves no byte.
+ranking, on a CPU copy of the gate input — for one token a single native call (product and partial sort,
+:func:`.copier.rank_topn`), numpy where it is not built; it reserves no slot and moves no byte.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from fate.formats import constants as C
+from fate.runtime.experts import copier as native
 from fate.runtime.experts.hybrid import hybrid_precisions
 
 AHEAD = (1, 2)  # layers ahead the predictor names experts for
@@ -93,7 +95,9 @@ class Predictor:
                 # one product names every layer ahead: their routers stacked, [len(targets) * E, H]
                 self._stack[i] = torch.cat([routers[j].detach().to("cpu", torch.float32) for j in targets])
                 self._stack_np[i] = self._stack[i].numpy()
-        self.E = E
+        self._addr = {i: w.data_ptr() for i, w in self._stack.items()}
+        self.E, self.H = E, (next(iter(self._stack.values())).shape[1] if self._stack else 0)
+        self._rank_native = False  # resolved on the first one-token prediction (the extension builds once)
 
     def targets(self, layer: int) -> list[int]:
         """The layers a prediction at ``layer``'s gate input names experts for."""
@@ -108,8 +112,18 @@ class Predictor:
         if self.select is not None:
             scores = torch.cat([self.select(j, g).detach().to("cpu", torch.float32) for j in targets], dim=1)
             return self.rank(layer, scores, limit)
-        x = g if g.dtype == torch.float32 and g.device.type == "cpu" else g.detach().to("cpu", torch.float32)
-        if x.shape[0] == 1:  # the decode hot path: one product, one ranking per layer ahead, in numpy
+        x = g if g.dtype is torch.float32 and g.is_cpu else g.detach().to("cpu", torch.float32)
+        if x.shape[0] == 1:  # the decode hot path: one product, one ranking per layer ahead
+            if self._rank_native is False:
+                self._rank_native = native.rank_topn()
+            if self._rank_native is not None:
+                n = min(self.E, max(limit.get(j, 0) for j in targets))
+                if n <= 0:
+                    return []
+                if not x.is_contiguous():
+                    x = x.contiguous()
+                order = self._rank_native(self._addr[layer], x.data_ptr(), len(targets), self.E, self.H, n)
+                return self._predictions(layer, targets, order, n, limit)
             scores = self._stack_np[layer] @ x.numpy()[0]
             return self._rank_one(layer, targets, scores, limit)
         return self.rank(layer, x @ self._stack[layer].T, limit)
@@ -120,6 +134,10 @@ class Predictor:
         if n <= 0:
             return []
         order = np.argsort(-scores.reshape(len(targets), E), axis=1, kind="stable")[:, :n].tolist()
+        return self._predictions(layer, targets, order, n, limit)
+
+    def _predictions(self, layer: int, targets: list[int], order: list[list[int]], n: int,
+                     limit: dict[int, int]) -> list[Prediction]:
         out = []
         for j, ranked in zip(targets, order):
             m = min(n, limit.get(j, 0))

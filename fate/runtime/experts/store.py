@@ -101,6 +101,7 @@ class ExpertStore:
     def __init__(self, bundle: Bundle, cfg: ModelConfig, verify: bool = True):
         self.bundle, self.cfg, self.verify = bundle, cfg, verify
         self._views: dict[tuple[int, int, str], torch.Tensor] = {}
+        self._addresses: dict[tuple[int, int, str], tuple[int, int]] = {}
         check_bundle_config(bundle, cfg)
         precisions = bundle.require(C.K_PRECISIONS)
         if not isinstance(precisions, list) or not precisions or not all(isinstance(p, str) for p in precisions):
@@ -159,6 +160,16 @@ class ExpertStore:
         if view is None:
             view = self._views[key] = self.bundle.expert_blob(layer, precision, expert, verify=self.verify)
         return view
+
+    def blob_address(self, layer: int, expert: int, precision: str) -> tuple[int, int]:
+        """(address, bytes) of the expert's blob (:meth:`blob`'s view, which the store keeps alive): what the
+        native copy thread takes."""
+        key = (layer, expert, precision)
+        addr = self._addresses.get(key)
+        if addr is None:
+            view = self.blob(layer, expert, precision)
+            addr = self._addresses[key] = (view.data_ptr(), view.numel())
+        return addr
 
     def dense(self, layer: int, expert: int, precision: str, dtype: torch.dtype = torch.float32,
               device: str | torch.device = "cpu") -> tuple[torch.Tensor, ...]:

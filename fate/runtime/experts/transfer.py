@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import threading
 import time
 
@@ -35,6 +36,14 @@ from fate.runtime.experts import copier as native_copier
 from fate.runtime.experts.residency import ExpertCache
 
 _QUEUED, _RUNNING, _VOID = 0, 1, 2
+IDLE_SPIN_SECONDS = 2e-3  # a few layers' compute: the copy thread stays awake through a decode step
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class TransferEngine:
@@ -50,11 +59,15 @@ class TransferEngine:
         self._cuda = device.type == "cuda"
         self.inline = not self._cuda  # CPU: a one-token step copies its demand loads itself
         self._native = None
-        self._tickets: dict[tuple[int, int], tuple[int, int, torch.Tensor]] = {}  # (layer, slot) -> (ticket, gen, src)
+        self._tickets: dict[tuple[int, int], tuple[int, int, int]] = {}  # (layer, slot) -> (ticket, gen, nbytes)
+        self._base = {i: b.data_ptr() for i, b in self.buffers.items()}  # slot s of layer i: base + s * slot_bytes
         self._outstanding: list[set[int]] = [set() for _ in cache.n_slots]  # slots with a native copy not seen done
         if not self._cuda and native_copier.available():
             rate = throttle.spec.bytes_per_s if throttle is not None and throttle.active else 0.0
-            self._native = native_copier.Copier(rate)
+            # where the model's threads leave a core free, the copy thread polls for work between layers
+            # rather than sleeping (a wake-up per prefetch costs the model's thread 10-30 µs on a VM)
+            spare = _cpus() > torch.get_num_threads()
+            self._native = native_copier.Copier(rate, IDLE_SPIN_SECONDS if spare else 0.0)
         # what one copy takes: the profile's measurement (memcpy) or the emulated link's, whichever is slower
         self._copy_s = dict(copy_seconds or {})
         self._heap: list = []  # (priority, seq, layer, slot, gen)
@@ -151,25 +164,25 @@ class TransferEngine:
             return
         out = self._outstanding[layer]
         if out:
-            done = self._native.done
-            for slot in [s for s in out if done(self._tickets[(layer, s)][0])]:
+            tickets = self._tickets
+            landed = set(self._native.done_of([tickets[(layer, s)][0] for s in out]))
+            for slot in [s for s in out if tickets[(layer, s)][0] in landed]:
                 self._settle(layer, slot)
 
     def _settle(self, layer: int, slot: int) -> None:
-        ticket, gen, src = self._tickets.pop((layer, slot))
+        ticket, gen, nbytes = self._tickets.pop((layer, slot))
         self._outstanding[layer].discard(slot)
-        self._native.forget(ticket)
         if self.cache.gen[layer][slot] == gen:
             self.cache.landed(layer, slot, gen)
             if self.stats is not None:
-                self.stats.moved(self.cache.precision_at[layer][slot], src.numel())
+                self.stats.moved(self.cache.precision_at[layer][slot], nbytes)
 
     def _push(self, priority: float, layer: int, slot: int, gen: int) -> None:
         if self._native is not None:
             cache = self.cache
-            src = self.store.blob(layer, cache.expert_at[layer][slot], cache.precision_at[layer][slot])
-            ticket = self._native.submit(src, self.buffers[layer][slot, :src.numel()], priority)
-            self._tickets[(layer, slot)] = (ticket, gen, src)
+            src, n = self.store.blob_address(layer, cache.expert_at[layer][slot], cache.precision_at[layer][slot])
+            ticket = self._native.submit(src, self._base[layer] + slot * self.slot_bytes, n, priority)
+            self._tickets[(layer, slot)] = (ticket, gen, n)
             self._outstanding[layer].add(slot)
             return
         with self._cv:
@@ -268,13 +281,19 @@ class TransferEngine:
     def _copy(self, layer: int, slot: int, gen: int, inline: bool = False) -> None:
         cache = self.cache
         expert, precision = cache.expert_at[layer][slot], cache.precision_at[layer][slot]
+        t = time.perf_counter()
+        if self._native is not None:  # inline: on this thread, on the native link's timeline
+            src, n = self.store.blob_address(layer, expert, precision)  # crc32 checked on first read
+            self._native.copy_now(src, self._base[layer] + slot * self.slot_bytes, n)
+            self.copy_seconds_total += time.perf_counter() - t
+            if self.stats is not None:
+                self.stats.moved(precision, n)
+            cache.landed(layer, slot, gen)  # only ever inline: the copy thread's own copies settle in poll()
+            return
         blob = self.store.blob(layer, expert, precision)  # crc32 checked on first read
         n = blob.numel()
-        t = time.perf_counter()
         dst = self.buffers[layer][slot, :n]
-        if self._native is not None:  # inline: on this thread, on the native link's timeline
-            self._native.copy_now(blob, dst)
-        elif self._cuda:
+        if self._cuda:
             i = self._next_staging
             self._next_staging = (i + 1) % len(self._staging)
             busy = self._staging_free[i]
