@@ -317,8 +317,8 @@ def plan_budget(cfg: ModelConfig, *, mem: str | int | None, non_expert_bytes: in
     if n_moe and slot_bytes <= 0:
         raise BudgetError("plan_budget: slot_bytes must be positive for a model with routed experts")
     if alloc == "recall" and recall is None:
-        raise BudgetError("--alloc recall needs the bundle's calibration statistics, and this bundle has none "
-                          "(converted with --no-calib); use --alloc shallow4 or even")
+        raise BudgetError("--cache-alloc recall needs the bundle's calibration statistics, and this bundle has none "
+                          "(converted with --no-calib); use --cache-alloc shallow4 or even")
     curves = _reuse_curves(cfg, reuse, link_copies)
     if alloc == "reuse" and curves is None:
         raise BudgetError("--cache-alloc reuse needs the bundle's reuse statistics (fate.calib.reuse), and this "
