@@ -59,13 +59,19 @@ def models(converted):
 @pytest.mark.parametrize("precision", ["f16", "q4"])
 def test_logits_and_greedy_tokens_match_transformers(converted, tmp_path, arch, precision, device):
     ckpt, path = converted[arch]
-    model = fate.load(path, experts=precision, device=device, compute_dtype="fp32")
+    # f16 experts with the default kernels; q4 with float32 activations (the reference: 8-bit activations,
+    # fate-run's default, are checked against it in tests/test_kernels.py and below)
+    kernels = "int8" if precision == "f16" else "fp32"
+    model = fate.load(path, experts=precision, device=device, compute_dtype="fp32", kernels=kernels)
     oracle = load_oracle(arch, _rounded_checkpoint(ckpt, tmp_path / "rounded", model.bundle, precision))
     ids = model.encode_prompt(PROMPT)
     with torch.no_grad():
         want = oracle(torch.tensor([ids])).logits[0].float()
         got = model.model.forward(torch.tensor(ids, device=model.device), None).cpu()
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+    if precision == "q4" and device == "cpu":  # 8-bit activations: within ~1% of the logits
+        fast = fate.load(path, experts=precision, device=device).logits(ids).cpu()
+        assert float((fast - want).norm() / want.norm()) < 0.02
     if precision == "f16":
         oracle.generation_config.eos_token_id = None
         with torch.no_grad():

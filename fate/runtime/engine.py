@@ -38,7 +38,7 @@ from fate.runtime.sampling import Sampler, SamplingParams
 from fate.runtime.stats import GenerationStats
 from fate.runtime.tokenizer import BundleTokenizer
 from fate.runtime.weights import BundleWeights, ResidentWeights, verified_non_expert_tensors
-from fate.sysinfo import peak_rss_bytes
+from fate.sysinfo import default_threads, peak_rss_bytes
 
 __all__ = ["FateModel", "GenerationResult", "GenerationStats", "EngineOptions", "load"]
 
@@ -75,8 +75,9 @@ class FateModel:
         self.options = opts = EngineOptions.of(options, **overrides)
         if opts.compute_dtype is not None and opts.compute_dtype not in _DTYPES:
             raise RequestError(f"--compute-dtype {opts.compute_dtype!r}: use one of fp32, fp16, bf16")
-        if opts.threads:
-            torch.set_num_threads(opts.threads)
+        # torch's intra-op pool also runs fate's kernels (fate.quant.kernels): one count for both, no
+        # second pool to oversubscribe the cores
+        torch.set_num_threads(opts.threads or default_threads())
         self.device = _resolve_device(opts.device)
         self.dtype = _DTYPES[opts.compute_dtype or ("fp32" if self.device.type == "cpu" else "fp16")]
         self.policy = opts.policy
@@ -96,7 +97,7 @@ class FateModel:
             # projections stay in their stored f16/bf16 and are widened per call: decode reads half
             # the bytes, with the same results (fate.runtime.weights)
             self.weights = ResidentWeights(verified_non_expert_tensors(self.bundle, opts.verify), self.dtype,
-                                           self.device)
+                                           self.device, kernels=opts.kernels)
         else:
             self.weights = BundleWeights(self.bundle, self.dtype, self.device, verify=opts.verify)
         kv_bytes = KVCache.bytes_needed(cfg, self.context, self.dtype)
@@ -131,7 +132,7 @@ class FateModel:
             # --no-mmap every expert is read into memory now (like llama.cpp's), RSS = all experts; on a
             # GPU always (resident means in device memory, not a copy per use from the map)
             experts = ResidentExperts(self.store, self.precision, self.dtype, self.device, 0,
-                                      mapped=not opts.no_mmap and self.device.type == "cpu", native=True)
+                                      mapped=not opts.no_mmap and self.device.type == "cpu", kernels=opts.kernels)
         else:
             experts = None
         self.experts = experts

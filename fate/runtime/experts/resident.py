@@ -76,11 +76,13 @@ class ResidentExperts:
     ``dense_cache_bytes``: bound on the dense (compute-dtype) copies of experts (``None``: every
     expert, ``0``: none); ``dense_bytes`` / ``dense_entries`` report what it holds and
     ``resident_bytes`` the stored-precision copies.  ``chunk_bytes``: row-block size of one-token calls.
+    ``kernels``: how experts are computed (:data:`fate.quant.expert.KERNELS`; the default ``torch`` gives
+    DenseExperts' bits, the engine passes ``fate-run --kernels``).
     """
 
     def __init__(self, store: ExpertStore, precision: str, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", dense_cache_bytes: int | None = None, *,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, mapped: bool = False, native: bool = False):
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, mapped: bool = False, kernels: str = "torch"):
         if dense_cache_bytes is not None and dense_cache_bytes < 0:
             raise ValueError(f"dense_cache_bytes must be ≥ 0 or None, got {dense_cache_bytes}")
         if mapped and torch.device(device).type != "cpu":
@@ -94,7 +96,7 @@ class ResidentExperts:
         self.dtype = dtype
         self.device = torch.device(device)
         cpu = self.device.type == "cpu"
-        self.compute = ExpertCompute(self.layout, dtype, self.device, native=native,
+        self.compute = ExpertCompute(self.layout, dtype, self.device, kernels=kernels,
                                      chunk_bytes=int(chunk_bytes) if cpu else None)
         self.native = self.compute.native
         self.chunk_bytes = int(chunk_bytes) if cpu else 1 << 62
@@ -118,7 +120,7 @@ class ResidentExperts:
     def _form(self, blob: Tensor) -> ExpertView | WidenedExpert:
         view = ExpertView(blob, self.layout)
         if self.native or not self.spec.is_quantized:
-            return view  # read as stored: the kernel takes packed codes, f16 widens in one copy
+            return view  # read as stored: the kernels take packed codes, f16 widens in one copy
         return view.widen()  # unpacking 4/2-bit codes on every call would cost ~1.5x per matrix
 
     def _load_layer(self, layer: int) -> None:
