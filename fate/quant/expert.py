@@ -215,8 +215,9 @@ class ExpertCompute:
                  native_kind(self.spec, self.device, dtype, kernels, Fd))
         self.kind = kinds[0] if kinds[0] == kinds[1] else None  # gate/up and down on the same kernel
         self.native = self.kind is not None
-        # batched calls: 8-bit products tile a prefill's tokens over the packed codes; else dequantize + matmul
-        self.batched_native = self.kind in (K.Q4_I8, K.Q2_I8)
+        # batched calls: the 8-bit and f16 products tile a prefill's tokens over the stored weights like a GEMM;
+        # the float32-activation INT4 product (the reference) serves one token, batches dequantize + matmul
+        self.batched_native = self.kind in (K.Q4_I8, K.Q2_I8, K.F16)
         # whole-expert dequantization by the native one-pass copy of fate.quant's (bit for bit)
         self.native_dequant = (kernels != "torch" and native_q4(self.spec, self.device, dtype))
         # the float32 intermediate: dequantization (and f16 -> bfloat16, which torch does faster via

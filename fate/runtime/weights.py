@@ -94,9 +94,10 @@ class ResidentWeights:
     float32 on the CPU — float16/bfloat16, or q8 codes and scales — and computes them in its ``linear``
     (which :class:`~fate.model.transformer.MoEModel` uses) under ``kernels`` (:data:`KERNELS`):
 
-    * ``int8`` / ``fp32``: one-token float16 products by the native kernel (weights widened in registers,
-      float32 activations; ~1e-7 from F.linear's sums); q8 products on 8-bit activations under ``int8``;
-    * otherwise (``torch``, bfloat16, batched f16 calls, q8 under ``fp32``): widened per call — one-token
+    * ``int8`` / ``fp32``: float16 products by the native kernel (weights widened in registers, float32
+      activations; ~1e-7 from F.linear's sums; batched calls tiled like a GEMM, twice torch's widen + matmul
+      on the CPU measured); q8 products on 8-bit activations under ``int8``;
+    * otherwise (``torch``, bfloat16, q8 under ``fp32``): widened per call — one-token
       calls in row blocks of at most ``chunk_bytes`` (float32) through cached scratch, batched calls
       (compute-bound) the whole matrix into a second scratch buffer (grown to the largest matrix used so) —
       and multiplied by torch: for f16, BundleWeights' bits.
@@ -173,7 +174,7 @@ class ResidentWeights:
 
     @property
     def native_names(self) -> list[str]:
-        """Names of the matrices the native kernels compute (one-token f16 calls, every q8 call)."""
+        """Names of the matrices the native kernels compute."""
         return list(self._kind)
 
     def get(self, name: str) -> Tensor | None:
@@ -203,7 +204,7 @@ class ResidentWeights:
                 raise KeyError(f"the model's weights have no tensor {name!r}")
             return F.linear(x, t, b)
         kind = self._kind.get(name)
-        if kind == K.Q8_I8 or (kind == K.F16 and x.shape[0] == 1):
+        if kind is not None:
             y = K.mm(x.contiguous(), (self._q8[name] if kind == K.Q8_I8 else (self._narrow[name],),), kind)
             return y if b is None else y.add_(b)
         if x.shape[0] != 1:
