@@ -258,18 +258,25 @@ def test_f16_product_equals_linear():
 
 @needs_kernel
 def test_kernels_keep_one_thread_pool():
-    """The products run on torch's intra-op pool: no thread is started per call."""
+    """The products run on one persistent pool: no thread is started per call, whatever the thread count."""
     import threading
 
     g = torch.Generator().manual_seed(1)
     parts, *_ = _random_weights(K.Q4_I8, 512, 1024, g)
     x = torch.randn(3, 1024, generator=g)
-    K.mm(x, [parts], K.Q4_I8)
-    tasks = len(os.listdir("/proc/self/task"))
-    for _ in range(50):
-        K.mm(x, [parts], K.Q4_I8)
-        K.mm(x[:1].contiguous(), [parts], K.Q4_I8)
-    assert len(os.listdir("/proc/self/task")) == tasks
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        want = K.mm(x, [parts], K.Q4_I8)
+        tasks = len(os.listdir("/proc/self/task"))
+        for _ in range(50):
+            assert torch.equal(K.mm(x, [parts], K.Q4_I8), want)
+            K.mm(x[:1].contiguous(), [parts], K.Q4_I8)
+        torch.set_num_threads(1)
+        assert torch.equal(K.mm(x, [parts], K.Q4_I8), want)
+        assert len(os.listdir("/proc/self/task")) == tasks
+    finally:
+        torch.set_num_threads(before)
     assert threading.active_count() >= 1
 
 

@@ -31,9 +31,13 @@ dequantized weights); the rounding errors are independent and centred, so the ty
 inside a block of 32 (measured: tests/test_kernels.py; perplexity on the trained demo: docs/BENCHMARKS.md).
 Every other difference from the float32 products is float32 summation order (~1e-7 relative).
 
-Threads: every product splits its rows over torch's intra-op pool (``at::parallel_for``, the OpenMP team torch
-keeps alive between calls), so the kernels add no threads and ``torch.set_num_threads`` (fate-run ``-t``)
-governs both; each output is one row's sum computed by one thread, so the thread count changes no bit.
+Threads: every product splits its rows into units (about eight per thread) that a persistent pool claims as it
+gets to them, the calling thread included (``csrc/pool.h``): a thread the scheduler has not run yet leaves its
+share to the others instead of holding the product at a barrier, which torch's OpenMP team would do (on a core
+another process keeps busy that costs a time slice per product: two threads decoded slower than one).  The pool
+takes ``torch.get_num_threads()`` threads per product (fate-run ``-t`` sets it), started once; torch's
+intra-op threads and the pool's run in turn, never both at once.  Each output is one row's sum computed by one
+thread, so the thread count changes no bit.
 
 Instruction sets: :func:`isa` is the widest this CPU has (``avx512vnni`` with AVX512F/BW/VL/VNNI, else
 ``avxvnni``, else ``avx2``); ``FATE_NATIVE=avx2`` (or ``avxvnni``) forces a narrower one, ``FATE_NATIVE=0`` turns
@@ -67,7 +71,7 @@ ISAS = ("avx2", "avxvnni", "avx512vnni")
 _LAYOUT = {Q4_I8: 1, Q2_I8: 2, Q8_I8: 0}
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = ("fate_kernels.cpp", "isa_avx2.cpp", "isa_avxvnni.cpp", "isa_avx512vnni.cpp", "isa_avx512f.cpp")
+_SOURCES = ("fate_kernels.cpp", "isa_avx2.cpp", "isa_avxvnni.cpp", "isa_avx512vnni.cpp", "isa_avx512f.cpp")  # + .h
 _NEEDS = {"avx2": {"avx2", "f16c", "fma"}, "avxvnni": {"avx2", "f16c", "fma", "avx_vnni"},
           "avx512vnni": {"avx2", "f16c", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}}
 
@@ -145,6 +149,13 @@ def _built(name: str) -> bool:
         return False
 
 
+def _required():
+    module = _load()
+    if module is None:
+        raise RuntimeError(f"fate's native kernels are unavailable here: {_why}")
+    return module
+
+
 def available() -> bool:
     """Whether the kernels run here (builds them on the first call)."""
     return _load() is not None
@@ -171,15 +182,15 @@ def mm(x: torch.Tensor, mats, kind: int, out: torch.Tensor | None = None) -> tor
     """``x`` [T, K] float32 (contiguous) times each matrix of ``mats`` transposed, the outputs side by side:
     [T, sum N] float32 (into ``out`` when given).  A matrix is ``(codes, scale, zero)`` for Q4/Q2 (as
     :class:`fate.quant.expert.ExpertView` gives them), ``(codes int8 [N, K], scale)`` for Q8, ``(weight,)``
-    float16 [N, K] for F16.  Call :func:`available` first."""
-    return _module.mm(x, [list(m) for m in mats], kind, out)
+    float16 [N, K] for F16.  Raises RuntimeError where the kernels are unavailable (:func:`available`)."""
+    return (_module or _required()).mm(x, mats, kind, out)
 
 
 def quantize(x: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The 8-bit activations a product of ``kind`` (Q4_I8, Q2_I8, Q8_I8) computes with: ``(q, d, gs)`` with q
     [T, K] int8 laid out for the codes' packing, d [T, K/32] the block scales, gs the quantized sums per weight
     group (what the zero points meet).  For tests and the documentation of the arithmetic."""
-    return tuple(_module.quantize(x, _LAYOUT[kind]))
+    return tuple((_module or _required()).quantize(x, _LAYOUT[kind]))
 
 
 def q4_matvec(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -187,8 +198,9 @@ def q4_matvec(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: 
     """The reference INT4 product: ``x`` [T, K] float32 times the INT4 matrix (``packed`` [N, K/2] uint8,
     ``scale``/``zero`` float16 with N * K / 64 elements), transposed, with float32 activations: [T, N].
     ``wide``: AVX-512 (True) or 256-bit (False) rows; default what this CPU has."""
+    module = _module or _required()
     wide = _wide if wide is None else wide
-    return _module.mm(x, [[packed, scale, zero]], Q4_F32_512 if wide else Q4_F32, None)
+    return module.mm(x, [(packed, scale, zero)], Q4_F32_512 if wide else Q4_F32, None)
 
 
 def q4_swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
@@ -200,5 +212,5 @@ def q4_swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
 def q4_dequant(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """The INT4 matrix as float32 into ``out`` ([N, K], contiguous): fate.quant's ``(q - zero) * scale``,
     bit for bit, in one pass (batched calls multiply it as usual)."""
-    _module.q4_dequant(packed, scale, zero, out)
+    (_module or _required()).q4_dequant(packed, scale, zero, out)
     return out

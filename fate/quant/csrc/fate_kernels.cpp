@@ -1,12 +1,16 @@
 // fate's native CPU kernels: the torch-facing glue.  It checks arguments, quantizes activations, lays them out
-// for the weights' packing and splits the rows of a product over torch's intra-op thread pool (at::parallel_for:
-// the OpenMP team torch already keeps, so fate adds no threads of its own and -t sets both).  The arithmetic
-// lives in isa_body.h, compiled once per instruction set; set_isa picks the one this CPU runs.
+// for the weights' packing and splits the rows of a product over fate's pool (pool.h: as many threads as torch
+// is set to use, at::get_num_threads(), which fate-run -t sets).  The arithmetic lives in isa_body.h, compiled
+// once per instruction set; set_isa picks the one this CPU runs.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cstring>
+#include <pthread.h>
 #include <vector>
 
+#include "pool.h"
 #include "isa.h"
 
 namespace {
@@ -87,7 +91,7 @@ Act8 quantize_into(const float* x, int64_t T, int64_t K, int64_t layout, ActBuf&
       }
     }
   };
-  if (T > 1) at::parallel_for(0, T, 1, work);
+  if (T > 1) fate::parallel(at::get_num_threads(), T, [&](int64_t t) { work(t, t + 1); });
   else work(0, T);
   Act8 a;
   a.q = layout == PLAIN ? b.plain.data() : b.q.data();
@@ -170,12 +174,15 @@ torch::Tensor mm(torch::Tensor x, std::vector<std::vector<torch::Tensor>> mats, 
   float* yp = y.data_ptr<float>();
   Act8 a{};
   if (kind <= Q8_I8) a = quantize_into(xp, T, K, kind == Q4_I8 ? L_Q4 : (kind == Q2_I8 ? L_Q2 : PLAIN), t_act);
-  // rows in units of 4 (the one-token kernels take four rows at a time); a unit of work is worth splitting
-  // over threads only above ~64K multiply-adds
-  const int64_t units = (R + 3) / 4;
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, 4 * K * T));
-  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
-    const int64_t r0 = u0 * 4, r1 = std::min(R, u1 * 4);
+  // rows in units that are a multiple of 4 (the one-token kernels take four rows at a time): about eight per
+  // thread, so that a thread that starts late leaves its share to the others, and none below ~32K multiply-adds
+  const int threads = at::get_num_threads();
+  const int64_t quads = (R + 3) / 4;
+  const int64_t min_quads = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, 4 * K * T));
+  const int64_t per = std::max(min_quads, (quads + 8 * threads - 1) / (8 * threads));
+  const int64_t units = (quads + per - 1) / per;
+  fate::parallel(threads, units, [&](int64_t u) {
+    const int64_t r0 = u * per * 4, r1 = std::min(R, (u + 1) * per * 4);
     for (size_t j = 0; j < ms.size(); ++j) {
       const int64_t lo = std::max(r0, first[j]), hi = std::min(r1, first[j + 1]);
       if (lo >= hi) continue;
@@ -221,7 +228,9 @@ void q4_dequant(torch::Tensor packed, torch::Tensor scale, torch::Tensor zero, t
   Mat m{packed.data_ptr(), half_ptr(scale), half_ptr(zero), N, K};
   float* op = out.data_ptr<float>();
   const Isa& isa = ISAS[g_isa];
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { isa.q4_dequant(m, n0, n1, op); });
+  const int64_t units = (N + 63) / 64;
+  fate::parallel(at::get_num_threads(), units,
+                 [&](int64_t u) { isa.q4_dequant(m, u * 64, std::min(N, (u + 1) * 64), op); });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {

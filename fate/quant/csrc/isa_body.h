@@ -112,6 +112,8 @@ inline void q4_rows(const Act8& a, const Mat& m, int64_t n, float* out) {
   for (int64_t g = 0; g < G; ++g) {
     const __m256i xe = loadu(a.q + g * 64), xo = loadu(a.q + g * 64 + 32);
     const __m256 dv = _mm256_loadu_ps(a.d8 + g * 8);
+    if (g % 2 == 0)  // the next rows' codes, one block ahead: short row streams defeat the hardware prefetcher
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(W + (2 * R + r) * ldw + g * 32), _MM_HINT_T0);
     for (int r = 0; r < R; ++r) {
       const __m256i w = loadu(W + r * ldw + g * 32);
       const __m256i p = dot2(_mm256_and_si256(w, low), xe, _mm256_and_si256(_mm256_srli_epi16(w, 4), low), xo);
@@ -228,6 +230,8 @@ inline void q8_rows(const Act8& a, const Mat& m, int64_t n, float* out) {
   for (int64_t b = 0; b < G; ++b) {
     const __m256i x = loadu(a.q + b * 32);
     const __m256 dv = _mm256_set1_ps(a.d[b]);
+    if (b % 2 == 0)
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(W + (2 * R + r) * K + b * 32), _MM_HINT_T0);
     for (int r = 0; r < R; ++r) {
       const __m256i w = loadu(W + r * K + b * 32);
       const __m256i p = dot1(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
@@ -245,6 +249,8 @@ inline void f16_rows(const float* x, const uint16_t* W, int64_t K, float* out) {
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+    if (k % 32 == 0)  // 64 bytes a row: the next rows' line, two blocks ahead
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(W + (2 * R + r) * K + k), _MM_HINT_T0);
     for (int r = 0; r < R; ++r) {
       const uint16_t* w = W + r * K + k;
       a0[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))), x0, a0[r]);
