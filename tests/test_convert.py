@@ -379,7 +379,9 @@ def test_dtype_q8_stores_projections_in_8_bits(tmp_path, arch):
     ids = ref.encode_prompt("the quick brown fox jumps over")
     want = ref.logits(ids)
     got = {k: fate.load(q8, kernels=k).logits(ids) for k in ("torch", "fp32", "int8")}
-    assert torch.equal(got["torch"], got["fp32"])
+    # fp32 computes a q8 bundle's prefill with torch too (float32 activations, q8 widened), up to the
+    # summation order of torch's own products at the thread counts each load set
+    torch.testing.assert_close(got["torch"], got["fp32"], rtol=1e-5, atol=1e-5)
     for k, v in got.items():
         assert float((v - want).norm() / want.norm()) < 0.03, k
     bw = BundleWeights(b, torch.float32, torch.device("cpu"))

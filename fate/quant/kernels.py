@@ -35,9 +35,12 @@ Threads: every product splits its rows into units (about eight per thread) that 
 gets to them, the calling thread included (``csrc/pool.h``): a thread the scheduler has not run yet leaves its
 share to the others instead of holding the product at a barrier, which torch's OpenMP team would do (on a core
 another process keeps busy that costs a time slice per product: two threads decoded slower than one).  The pool
-takes ``torch.get_num_threads()`` threads per product (fate-run ``-t`` sets it), started once; torch's
-intra-op threads and the pool's run in turn, never both at once.  Each output is one row's sum computed by one
-thread, so the thread count changes no bit.
+takes :func:`set_threads` threads per product (by default ``torch.get_num_threads()``), started once.  The engine
+gives it fate-run's ``-t`` and sets torch's own intra-op count to 1 while the kernels compute the model's
+products: two pools both sized to the cores would spin on each other's cores (measured: a 64-token prefill at
+2 threads ran 4x slower than at 1 while torch's OpenMP team and this pool alternated), and what torch still
+computes in a decode step (norms, attention over the cache, routing) is too small to split.  Each output is one
+row's sum computed by one thread, so the thread count changes no bit.
 
 Instruction sets: :func:`isa` is the widest this CPU has (``avx512vnni`` with AVX512F/BW/VL/VNNI, else
 ``avxvnni``, else ``avx2``); ``FATE_NATIVE=avx2`` (or ``avxvnni``) forces a narrower one, ``FATE_NATIVE=0`` turns
@@ -58,7 +61,7 @@ import torch
 
 from fate.sysinfo import cpu_flags
 
-__all__ = ["available", "unavailable_reason", "isa", "mm", "quantize", "q4_matvec", "q4_swiglu", "q4_dequant",
+__all__ = ["available", "unavailable_reason", "isa", "mm", "set_threads", "threads", "quantize", "q4_matvec", "q4_swiglu", "q4_dequant",
            "GROUP", "Q4_I8", "Q2_I8", "Q8_I8", "F16", "Q4_F32", "Q4_F32_512", "ISAS", "Q8_GROUP"]
 
 GROUP = 64  # the q4 group size the kernels handle (q4's default)
@@ -170,6 +173,16 @@ def isa() -> str:
     """The instruction set the kernels use here (``""`` when they are unavailable)."""
     _load()
     return _isa if _module is not None else ""
+
+
+def set_threads(n: int) -> None:
+    """Threads per product from now on (``0``: follow ``torch.get_num_threads()``, the default)."""
+    (_module or _required()).set_threads(int(n))
+
+
+def threads() -> int:
+    """Threads a product takes now."""
+    return int((_module or _required()).get_threads())
 
 
 def fits(kind: int, k: int) -> bool:

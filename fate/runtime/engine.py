@@ -26,6 +26,7 @@ from fate.formats.bundle import Bundle
 from fate.model.config import ModelConfig
 from fate.model.kv import KVCache
 from fate.model.transformer import MoEModel
+from fate.quant import kernels as K
 from fate.runtime.chat import render_chat
 from fate.runtime.experts import offloading
 from fate.runtime.experts.budget import BudgetPlan
@@ -68,16 +69,16 @@ class FateModel:
     ``context``, ``tokenizer``, ``chat_template``, ``generation_defaults``, ``weights``, ``kv``, ``model``,
     ``link`` (NO_LINK unless one was asked for), ``plan`` (None without --mem), ``timing`` (None unless
     measured), ``offloading`` (None when every expert is resident), ``last_stats`` (None before the first
-    generation)."""
+    generation), ``threads`` (the -t in use), ``native`` (whether fate's kernels compute the products: then they
+    take the threads and torch's intra-op count is 1)."""
 
     def __init__(self, path, options: EngineOptions | None = None, **overrides):
         t0 = time.perf_counter()
         self.options = opts = EngineOptions.of(options, **overrides)
         if opts.compute_dtype is not None and opts.compute_dtype not in _DTYPES:
             raise RequestError(f"--compute-dtype {opts.compute_dtype!r}: use one of fp32, fp16, bf16")
-        # torch's intra-op pool also runs fate's kernels (fate.quant.kernels): one count for both, no
-        # second pool to oversubscribe the cores
-        torch.set_num_threads(opts.threads or default_threads())
+        self.threads = opts.threads or default_threads()
+        torch.set_num_threads(self.threads)
         self.device = _resolve_device(opts.device)
         self.dtype = _DTYPES[opts.compute_dtype or ("fp32" if self.device.type == "cpu" else "fp16")]
         self.policy = opts.policy
@@ -138,8 +139,20 @@ class FateModel:
         self.experts = experts
         self.model = MoEModel(cfg, self.weights, experts, dtype=self.dtype, device=self.device, observer=observer,
                               max_ctx=self.context)
+        self.native = self._share_threads()
         self.load_seconds = time.perf_counter() - t0
         self.last_stats: GenerationStats | None = None
+
+    def _share_threads(self) -> bool:
+        """When fate's kernels compute the model's products, they get the -t threads and torch keeps one (two
+        pools sized to the cores would spin on each other's: fate.quant.kernels); else torch gets them.
+        Returns whether the kernels serve."""
+        w = self.weights
+        native = bool(getattr(w, "native_names", None)) or bool(getattr(self.experts, "native", False))
+        if native:
+            K.set_threads(self.threads)
+            torch.set_num_threads(1)
+        return native
 
     def _load_tokenizer(self) -> None:
         b = self.bundle

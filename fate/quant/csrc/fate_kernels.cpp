@@ -32,6 +32,12 @@ struct Isa {
   Isa { NS::quant_rows, NS::q4_i8, NS::q2_i8, NS::q8_i8, NS::f16_f32, NS::q4_f32, NS::q4_dequant }
 const Isa ISAS[3] = {FATE_ISA_TABLE(fate_avx2), FATE_ISA_TABLE(fate_avxvnni), FATE_ISA_TABLE(fate_avx512vnni)};
 int g_isa = 0;  // index into ISAS, set once by the Python side from the CPU's flags
+std::atomic<int> g_threads{0};  // threads per product (set_threads); 0: torch's intra-op count
+
+int threads() {
+  const int n = g_threads.load(std::memory_order_relaxed);
+  return n > 0 ? n : at::get_num_threads();
+}
 
 // 8-bit activations of one call; the buffers belong to the calling thread and are reused by its next call
 struct ActBuf {
@@ -91,7 +97,7 @@ Act8 quantize_into(const float* x, int64_t T, int64_t K, int64_t layout, ActBuf&
       }
     }
   };
-  if (T > 1) fate::parallel(at::get_num_threads(), T, [&](int64_t t) { work(t, t + 1); });
+  if (T > 1) fate::parallel(threads(), T, [&](int64_t t) { work(t, t + 1); });
   else work(0, T);
   Act8 a;
   a.q = layout == PLAIN ? b.plain.data() : b.q.data();
@@ -144,6 +150,14 @@ std::vector<Mat> matrices(const std::vector<std::vector<torch::Tensor>>& mats, i
 
 }  // namespace
 
+// threads per product from now on (0: follow torch's intra-op count)
+void set_threads(int64_t n) {
+  TORCH_CHECK(n >= 0 && n <= 1024, "threads: 0 (torch's count) to 1024");
+  g_threads.store(static_cast<int>(n), std::memory_order_relaxed);
+}
+
+int64_t get_threads() { return threads(); }
+
 void set_isa(int64_t isa) {
   TORCH_CHECK(isa >= 0 && isa < 3, "isa: 0 avx2, 1 avxvnni, 2 avx512vnni");
   g_isa = static_cast<int>(isa);
@@ -176,12 +190,12 @@ torch::Tensor mm(torch::Tensor x, std::vector<std::vector<torch::Tensor>> mats, 
   if (kind <= Q8_I8) a = quantize_into(xp, T, K, kind == Q4_I8 ? L_Q4 : (kind == Q2_I8 ? L_Q2 : PLAIN), t_act);
   // rows in units that are a multiple of 4 (the one-token kernels take four rows at a time): about eight per
   // thread, so that a thread that starts late leaves its share to the others, and none below ~32K multiply-adds
-  const int threads = at::get_num_threads();
+  const int nt = threads();
   const int64_t quads = (R + 3) / 4;
   const int64_t min_quads = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, 4 * K * T));
-  const int64_t per = std::max(min_quads, (quads + 8 * threads - 1) / (8 * threads));
+  const int64_t per = std::max(min_quads, (quads + 8 * nt - 1) / (8 * nt));
   const int64_t units = (quads + per - 1) / per;
-  fate::parallel(threads, units, [&](int64_t u) {
+  fate::parallel(nt, units, [&](int64_t u) {
     const int64_t r0 = u * per * 4, r1 = std::min(R, (u + 1) * per * 4);
     for (size_t j = 0; j < ms.size(); ++j) {
       const int64_t lo = std::max(r0, first[j]), hi = std::min(r1, first[j + 1]);
@@ -229,12 +243,13 @@ void q4_dequant(torch::Tensor packed, torch::Tensor scale, torch::Tensor zero, t
   float* op = out.data_ptr<float>();
   const Isa& isa = ISAS[g_isa];
   const int64_t units = (N + 63) / 64;
-  fate::parallel(at::get_num_threads(), units,
-                 [&](int64_t u) { isa.q4_dequant(m, u * 64, std::min(N, (u + 1) * 64), op); });
+  fate::parallel(threads(), units, [&](int64_t u) { isa.q4_dequant(m, u * 64, std::min(N, (u + 1) * 64), op); });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("set_isa", &set_isa);
+  mod.def("set_threads", &set_threads);
+  mod.def("get_threads", &get_threads);
   mod.def("mm", &mm, pybind11::arg("x"), pybind11::arg("mats"), pybind11::arg("kind"),
           pybind11::arg("out") = pybind11::none());
   mod.def("quantize", &quantize);

@@ -199,7 +199,9 @@ inline void q2_tokens(const Act8& a, const uint8_t* w_row, const float* S, const
 }
 
 // ---- q8: int8 weights, one half scale per 32 ---------------------------------------------------------------
-// |w| meets the activations with w's sign moved onto them (maddubs multiplies unsigned by signed bytes).
+// maddubs multiplies unsigned by signed bytes: one side enters as its absolute value, the other with that side's
+// sign moved onto it (one token: |x| against sign(x) * w, so |x| is taken once for every row; a batch: |w| once
+// per row against sign(w) * x).  Weights are in [-127, 127] as the converter writes them.
 
 template <int RT>
 inline void q8_tokens(const Act8& a, const int8_t* w_row, const float* S, int64_t t0, float* out, int64_t ldo) {
@@ -223,19 +225,21 @@ template <int R>
 inline void q8_rows(const Act8& a, const Mat& m, int64_t n, float* out) {
   const int64_t K = m.K, G = K / 32;
   const int8_t* W = static_cast<const int8_t*>(m.codes) + n * K;
-  float S[R][MAX_GROUPS];
-  for (int r = 0; r < R; ++r) halves(m.scale + (n + r) * G, nullptr, G, S[r], nullptr);
+  float SD[R][MAX_GROUPS];  // weight scale times activation scale, per block
+  for (int r = 0; r < R; ++r) {
+    halves(m.scale + (n + r) * G, nullptr, G, SD[r], nullptr);
+    for (int64_t b = 0; b < G; ++b) SD[r][b] *= a.d[b];
+  }
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < G; ++b) {
-    const __m256i x = loadu(a.q + b * 32);
-    const __m256 dv = _mm256_set1_ps(a.d[b]);
+    // |x| once for every row, the sign of x moved onto each row's weights
+    const __m256i x = loadu(a.q + b * 32), ax = _mm256_abs_epi8(x);
     if (b % 2 == 0)
       for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(W + (2 * R + r) * K + b * 32), _MM_HINT_T0);
     for (int r = 0; r < R; ++r) {
-      const __m256i w = loadu(W + r * K + b * 32);
-      const __m256i p = dot1(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(_mm256_set1_ps(S[r][b]), dv), acc[r]);
+      const __m256i p = dot1(ax, _mm256_sign_epi8(loadu(W + r * K + b * 32), x));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(SD[r][b]), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) out[n + r] = hsum(acc[r]);

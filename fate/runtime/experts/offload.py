@@ -40,13 +40,14 @@ class OffloadedExperts:
 
     def __init__(self, cfg, store, cache: ExpertCache, transfer: TransferEngine, stats: ExpertStats, *, dtype,
                  device, decode_precision: str = "q4", low_precision: str | None = None, int2_share: float = 0.3,
-                 keep: bool = True, predictor: Predictor | None = None, max_new: int | None = None):
+                 keep: bool = True, predictor: Predictor | None = None, max_new: int | None = None,
+                 kernels: str = "int8"):
         self.cfg, self.store, self.cache, self.transfer, self.stats = cfg, store, cache, transfer, stats
         self.dtype, self.device = dtype, torch.device(device)
         self.decode_precision, self.low_precision, self.int2_share = decode_precision, low_precision, int2_share
         self.keep, self.predictor, self.max_new = keep, predictor, max_new
         # one compute (scratch + native decision) per precision a slot can hold
-        self._compute = {p: ExpertCompute(store.layouts[p], dtype, self.device) for p in store.precisions}
+        self._compute = {p: ExpertCompute(store.layouts[p], dtype, self.device, kernels=kernels) for p in store.precisions}
         # the views of a slot are the same whatever expert it holds: made once per (layer, slot, precision)
         self._views: dict[tuple[int, int, str], ExpertView] = {}
         self._predicted: dict[int, set[int]] = {}  # layer -> experts its prediction named

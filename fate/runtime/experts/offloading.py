@@ -100,6 +100,7 @@ def build(cfg, bundle, store, weights, opts, plan_: BudgetPlan, precision: str, 
                               int2_share=opts.int2_share)
     executor = OffloadedExperts(cfg, store, cache, transfer, stats, dtype=dtype, device=device,
                                 decode_precision=precision, low_precision=low, int2_share=opts.int2_share,
-                                keep=policy != "ondemand", predictor=predictor, max_new=max_new)
+                                keep=policy != "ondemand", predictor=predictor, max_new=max_new,
+                                kernels=opts.kernels)
     off = Offloading(plan_, link, timing, cache, transfer, stats, executor, extra)
     return off
