@@ -164,6 +164,37 @@ def test_cli_generates_with_timings_and_stats_json(converted, tmp_path):
     assert len(d["generated_token_ids"]) == 8 and d["decode"]["tokens"] == 7 and d["peak_rss_bytes"] > 0
 
 
+def test_cli_kernels_and_threads(converted, tmp_path):
+    """--kernels picks the products (each runs, the torch path included), -t the threads; a bad value is
+    refused; the engine gives fate's kernels the threads and torch one while they serve."""
+    from fate.quant import kernels as K
+
+    path = converted["qwen2_moe"][1]
+    tokens = {}
+    for k in ("int8", "fp32", "torch"):
+        stats = tmp_path / f"{k}.json"
+        res = _run([path, "-p", PROMPT, "-n", 6, "--temp", 0, "--ignore-eos", "--kernels", k, "-t", 2,
+                    "--stats-json", stats])
+        assert res.exit_code == 0, res.output
+        tokens[k] = json.loads(stats.read_text())["generated_token_ids"]
+    assert len(tokens["int8"]) == len(tokens["torch"]) == 6
+    res = _run([path, "-p", "x", "--kernels", "int4"])  # click's choice check, like --policy's
+    assert res.exit_code == 2 and "'--kernels': 'int4' is not one of" in res.output
+    with pytest.raises(RequestError, match="--kernels 'int4'"):
+        fate.load(path, kernels="int4")
+    before = torch.get_num_threads()
+    try:
+        m = fate.load(path, threads=2, kernels="torch")
+        assert not m.native and torch.get_num_threads() == 2
+        m = fate.load(path, threads=2)
+        if K.available():
+            assert m.native and K.threads() == 2 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+        if K.available():
+            K.set_threads(0)
+
+
 def test_bad_bundles(converted, tmp_path):
     good = converted["olmoe"][1]
     junk = tmp_path / "junk.gguf"
