@@ -159,9 +159,6 @@ class FateRun:
         self.once()  # first use: pages of the map, scratch, the kernels' build
 
     def once(self) -> dict[str, float]:
-        import torch
-
-        torch.set_num_threads(self.threads)
         for _ in self.m.generate_ids(self.prompt, GEN, self.params, stop_at_eos=False):
             pass
         s = self.m.last_stats
@@ -188,7 +185,7 @@ def measure(args, bin_dir: Path, bundles: dict[str, Path], files: dict[str, Path
             for name, f in order:
                 for metric, v in f().items():
                     rows[name][metric].append(v)
-            log(f"threads {t} round {r + 1}/{args.reps}: " + ", ".join(
+            log(f"threads {t} round {r + 1}/{args.reps} (load {os.getloadavg()[0]:.1f}): " + ", ".join(
                 f"{n} {v['prefill'][-1]:.0f}/{v['decode'][-1]:.1f}" for n, v in rows.items()))
         results[t] = rows
         for f in fates.values():

@@ -139,20 +139,28 @@ class FateModel:
         self.experts = experts
         self.model = MoEModel(cfg, self.weights, experts, dtype=self.dtype, device=self.device, observer=observer,
                               max_ctx=self.context)
-        self.native = self._share_threads()
+        self._share_threads()
         self.load_seconds = time.perf_counter() - t0
         self.last_stats: GenerationStats | None = None
 
     def _share_threads(self) -> bool:
-        """When fate's kernels compute the model's products, they get the -t threads and torch keeps one (two
-        pools sized to the cores would spin on each other's: fate.quant.kernels); else torch gets them.
-        Returns whether the kernels serve."""
+        """Whether fate's kernels compute the model's products (then :meth:`use_threads` gives them the -t
+        threads and torch one); applies the split."""
         w = self.weights
-        native = bool(getattr(w, "native_names", None)) or bool(getattr(self.experts, "native", False))
-        if native:
+        self.native = bool(getattr(w, "native_names", None)) or bool(getattr(self.experts, "native", False))
+        self.use_threads()
+        return self.native
+
+    def use_threads(self) -> None:
+        """This model's thread split, for the process (thread counts are per process; every generation and
+        ``logits`` call applies it, so models loaded with different -t take turns correctly): fate's kernels
+        get -t threads and torch one while the kernels compute the products (two pools sized to the cores
+        would spin on each other's: fate.quant.kernels); else torch gets them."""
+        torch_threads = 1 if self.native else self.threads
+        if self.native and K.threads() != self.threads:
             K.set_threads(self.threads)
-            torch.set_num_threads(1)
-        return native
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
 
     def _load_tokenizer(self) -> None:
         b = self.bundle
@@ -189,6 +197,7 @@ class FateModel:
         """Logits [T, V] (float32, on the device) of token ids run from scratch: positions from 0, no KV
         cache — one window of fate-perplexity."""
         ids = torch.as_tensor(ids, dtype=torch.long)
+        self.use_threads()
         with torch.inference_mode():
             return self.model.forward(ids.to(self.device), None)
 
@@ -234,6 +243,7 @@ class FateModel:
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
         sampler = Sampler(sampling or self.sampling_params())
+        self.use_threads()
         stats = GenerationStats(prompt_token_ids=list(prompt_ids), load_seconds=self.load_seconds)
         self.last_stats = stats
         self.kv.reset()
