@@ -18,11 +18,13 @@ output is there, so a rerun only measures):
    is bypassed: the generated tokenizer is in no list) to f16, then ``llama-quantize ... Q4_0`` twice: with
    ``--tensor-type attn=f16 --tensor-type shexp=f16 --output-tensor-type f16 --token-embedding-type f16``
    (INT4 experts, f16 for the rest: fate's default storage) and plainly (all Q4_0).
-5. **measure**, for each thread count: ``--reps`` rounds, each running llama-bench (``-p 64 -n 32 -r 1``) on
-   both files and fate on both bundles right after one another, alternating which goes first.  fate runs
+5. **measure**: ``--reps`` rounds, each running, for every thread count, llama-bench (``-p 64 -n 32 -r 1``) on
+   both files and fate on both bundles right after one another, alternating which goes first (and which thread
+   count).  fate runs
    in this process through ``fate.load`` (what fate-run uses, default options: ``--kernels int8``) and
    times a 64-token prefill and 32 decoded tokens as fate-run reports them.  Ratios are taken within a
-   round; the table shows medians of the tokens/s and the median (min-max) of the round ratios.
+   round (fate against llama.cpp, 2 threads against 1); the table shows medians of the tokens/s and the
+   median (min-max) of the round ratios.
 
 The rows: fate (f16 non-experts) against llama.cpp with the same storage; fate ``--dtype q8`` against
 llama.cpp all-Q4_0; fate at 2 threads against fate at 1.
@@ -170,16 +172,19 @@ def median_range(xs: list[float]) -> str:
 
 
 def measure(args, bin_dir: Path, bundles: dict[str, Path], files: dict[str, Path]) -> dict:
-    results = {}
-    for t in args.threads:
-        fates = {k: FateRun(bundles[k], t) for k in ("f16", "q8")}
-        rows: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in
-                                                    ("llama q4e", "llama q4", "fate f16", "fate q8")}
-        for r in range(args.reps):
+    """{threads: {system: {"prefill": [tok/s per round], "decode": [...]}}}: every round runs every system at
+    every thread count back to back (the thread counts' order alternates too), so that the ratios between
+    systems and between thread counts are both taken side by side."""
+    fates = {(k, t): FateRun(bundles[k], t) for t in args.threads for k in ("f16", "q8")}
+    results = {t: {k: {"prefill": [], "decode": []} for k in ("llama q4e", "llama q4", "fate f16", "fate q8")}
+               for t in args.threads}
+    for r in range(args.reps):
+        for t in (args.threads if r % 2 == 0 else args.threads[::-1]):
+            rows = results[t]
             order = [("llama q4e", lambda: llama_bench(bin_dir, files["q4e"], t)),
-                     ("fate f16", fates["f16"].once),
+                     ("fate f16", fates["f16", t].once),
                      ("llama q4", lambda: llama_bench(bin_dir, files["q4"], t)),
-                     ("fate q8", fates["q8"].once)]
+                     ("fate q8", fates["q8", t].once)]
             if r % 2:
                 order = order[1::-1] + order[:1:-1]  # fate first in odd rounds
             for name, f in order:
@@ -187,9 +192,8 @@ def measure(args, bin_dir: Path, bundles: dict[str, Path], files: dict[str, Path
                     rows[name][metric].append(v)
             log(f"threads {t} round {r + 1}/{args.reps} (load {os.getloadavg()[0]:.1f}): " + ", ".join(
                 f"{n} {v['prefill'][-1]:.0f}/{v['decode'][-1]:.1f}" for n, v in rows.items()))
-        results[t] = rows
-        for f in fates.values():
-            f.m.close()
+    for f in fates.values():
+        f.m.close()
     return results
 
 
@@ -215,8 +219,8 @@ def report(args, results: dict) -> str:
         lines.append("")
         for name in ("fate f16", "fate q8", "llama q4e", "llama q4"):
             d1, d2 = results[1][name]["decode"], results[2][name]["decode"]
-            lines.append(f"{name}: decode at 2 threads / 1 thread = {statistics.median(d2) / statistics.median(d1):.2f}x "
-                         f"(medians)")
+            lines.append(f"{name}: decode at 2 threads / 1 thread = {median_range([b / a for a, b in zip(d1, d2)])} "
+                         "(per round)")
     return "\n".join(lines)
 
 

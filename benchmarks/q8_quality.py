@@ -27,7 +27,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import fate  # noqa: E402
