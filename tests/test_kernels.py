@@ -318,3 +318,21 @@ def test_torch_path_when_the_kernels_are_off(converted):
                          env={**os.environ, "FATE_NATIVE": "0"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "4"
+
+
+@needs_kernel
+def test_a_forked_child_computes_with_its_own_workers():
+    g = torch.Generator().manual_seed(4)
+    parts, *_ = _random_weights(K.Q8_I8, 256, 512, g)
+    x = torch.randn(3, 512, generator=g)
+    K.set_threads(2)
+    try:
+        want = K.mm(x, [parts], K.Q8_I8)  # the parent's workers exist now
+        pid = os.fork()
+        if pid == 0:  # the child: none of the parent's threads, the same results
+            ok = all(torch.equal(K.mm(x, [parts], K.Q8_I8), want) for _ in range(20))
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        K.set_threads(0)

@@ -20,11 +20,14 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <pthread.h>
+
 #include <atomic>
 #include <chrono>
 #include <climits>
 #include <cstdint>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -35,7 +38,7 @@ class Pool {
   using Fn = void (*)(void* ctx, int64_t unit);
 
   static Pool& get() {
-    static Pool* pool = new Pool();  // never destroyed: workers may outlive static destruction at exit
+    static Pool* pool = make();  // never destroyed: workers may outlive static destruction at exit
     return *pool;
   }
 
@@ -64,6 +67,20 @@ class Pool {
 
  private:
   Pool() = default;
+
+  static Pool* make() {
+    Pool* p = new Pool();
+    // a forked child has none of the workers: it starts its own on its first product (until then the caller
+    // works alone, which is correct, just not parallel)
+    pthread_atfork(nullptr, nullptr, [] { get().forget_workers(); });
+    return p;
+  }
+
+  void forget_workers() {
+    new (&job_) std::mutex();  // the parent's may have been held by the forking thread
+    threads_.clear();
+    sleepers_.store(0, std::memory_order_relaxed);
+  }
 
   // claim and run units of job `gen` until none is left
   void work(uint64_t gen) {
