@@ -117,7 +117,7 @@ class ResidentWeights:
         self.tensors: dict[str, Tensor] = {}
         self._narrow: dict[str, Tensor] = {}  # f16/bf16 projections as stored
         self._q8: dict[str, tuple[Tensor, Tensor]] = {}  # q8 projections: codes, scale as stored
-        self._q8_scale32: dict[str, Tensor] = {}  # their scales as float32 [N, K / g, 1] (the torch path)
+        self._q8_scale32: dict[str, Tensor] = {}  # their scales as float32 [N, K / g, 1] (the torch path, lazily)
         widen = dtype == torch.float32 and self.device.type == "cpu"
         q8, rest = _q8_pairs(tensors)
         for name, t in rest.items():
@@ -129,8 +129,6 @@ class ResidentWeights:
             if widen:
                 codes, scale = codes.to(self.device, copy=True).contiguous(), scale.to(self.device, copy=True)
                 self._q8[name] = (codes, scale.contiguous())
-                n, k = codes.shape
-                self._q8_scale32[name] = scale.float().view(n, k // C.Q8_GROUP, 1)
             else:
                 self.tensors[name] = dequantize_q8(codes, scale).to(device=self.device, dtype=dtype)
         native = kernels != "torch" and widen and K.available()
@@ -190,10 +188,14 @@ class ResidentWeights:
         w = self._narrow.get(name)
         if w is not None:
             return buf.copy_(w[r0:r1])
-        codes = self._q8[name][0][r0:r1]
+        codes, scale = self._q8[name]
+        s32 = self._q8_scale32.get(name)
+        if s32 is None:  # the torch path's float32 scales, made on its first use (the kernels read the f16 ones)
+            with torch.inference_mode(False):
+                s32 = self._q8_scale32[name] = scale.float().view(codes.shape[0], -1, 1)
         b3 = buf.view(r1 - r0, -1, C.Q8_GROUP)
-        b3.copy_(codes.view(b3.shape))
-        return b3.mul_(self._q8_scale32[name][r0:r1]).view(buf.shape)
+        b3.copy_(codes[r0:r1].view(b3.shape))
+        return b3.mul_(s32[r0:r1]).view(buf.shape)
 
     def linear(self, x: Tensor, name: str, bias: str | None = None) -> Tensor:
         b = None if bias is None else self.tensors.get(bias)
