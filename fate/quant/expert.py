@@ -228,11 +228,6 @@ class ExpertCompute:
         self.gu_blocks = row_blocks(2 * Fd, H, chunk_bytes) if blocked else None
         self.down_blocks = row_blocks(H, Fd, chunk_bytes) if blocked else None
 
-    @property
-    def native_q4(self) -> bool:
-        """Whether q4 experts go through a native kernel (kept packed as stored)."""
-        return self.native and self.spec.name == "q4"
-
     def _scratch(self) -> tuple[Tensor, Tensor]:
         if self._one is None:
             with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
