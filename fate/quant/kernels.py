@@ -9,7 +9,8 @@ no torch header, so nothing compiled for one CPU can run on another).  It is bui
 
 ``Q4_I8`` / ``Q2_I8``
     HQQ INT4 / INT2 codes (:mod:`fate.quant.layout`) against **8-bit activations**: each token's activations
-    are quantized in blocks of 32 (``d = max|x| / 127``, ``q = round(x / d)``, ``|q| <= 127``), the codes meet
+    are quantized in blocks of 32 (``d = max|x| / 127``, ``q = round(x * (127 / max|x|))`` half to even,
+    ``|q| <= 127``), the codes meet
     them in integer dot products (AVX2 ``maddubs``; ``vpdpbusd`` with AVX-VNNI or AVX512-VNNI) and HQQ's affine
     form is applied per group: ``sum_k s (c_k - z) x_k ~= s * sum_b d_b (sum_k c_k q_k - z sum_k q_k)`` — the
     zero point meets the same quantized activations, so only the activations' rounding differs from the
@@ -44,8 +45,10 @@ row's sum computed by one thread, so the thread count changes no bit.
 
 Instruction sets: :func:`isa` is the widest this CPU has (``avx512vnni`` with AVX512F/BW/VL/VNNI, else
 ``avxvnni``, else ``avx2``); ``FATE_NATIVE=avx2`` (or ``avxvnni``) forces a narrower one, ``FATE_NATIVE=0`` turns
-the kernels off.  Where the CPU lacks AVX2/F16C/FMA (Arm, older x86), there is no compiler, or the build fails,
-:func:`available` is False and callers keep the torch path.
+the kernels off.  The VNNI units differ from the AVX2 one in the dot-product step alone; tests/test_kernels.py
+runs every unit the CPU has against the same integer arithmetic (the machine they were written on had AVX2
+only, so the VNNI units are compiled there but not run).  Where the CPU lacks AVX2/F16C/FMA (Arm, older x86),
+there is no compiler, or the build fails, :func:`available` is False and callers keep the torch path.
 """
 
 from __future__ import annotations
