@@ -185,19 +185,19 @@ class FateSystem:
         else:
             want = None if "dense" in mods else 0
             mapped = m.device.type == "cpu" and not ({"dense", "nommap"} & set(mods))
-            native = "torch" not in mods
+            kernels = "torch" if "torch" in mods else m.options.kernels
             ex = m.model.experts
             if (not isinstance(ex, ResidentExperts) or ex.dense_cache_bytes != want
-                    or getattr(ex, "mapped", False) != mapped or (ex.native and not native)):
+                    or getattr(ex, "mapped", False) != mapped or ex.compute.kernels != kernels):
                 ex = m.model.experts = ResidentExperts(m.store, precision, m.dtype, m.device, want, mapped=mapped,
-                                                       native=native)
+                                                       kernels=kernels)
             if mapped:
                 how = "read from the map on first use (fate-run's default, " + (
                     "f16 in place)" if precision == "f16" else "codes widened to a byte then)")
             else:
                 how = f"{ex.resident_bytes / 2**20:.0f} MiB resident (fate-run --no-mmap)"
             self.describe = (f"{precision} experts: ResidentExperts, {how}, dense cache {ex.dense_bytes / 2**20:.0f} MiB"
-                             + ("; one-token q4 products by fate.quant.kernels" if ex.native else ""))
+                             + (f"; products by fate.quant.kernels ({kernels})" if ex.native else ""))
         if m.device.type != "cpu":
             self.describe += f"; non-expert weights: {type(m.model.weights).__name__} ({dtype} on {device})"
         elif "fp32w" in mods or "plain" in mods:
@@ -374,8 +374,12 @@ def kernels(args) -> int:
     from fate.quant import kernels as K
 
     if K.available():
-        table.append(("q4 packed, fate.quant.kernels native product (fate's one-token q4 path)", q4,
+        table.append(("q4 packed, fate.quant.kernels float32-activation product (--kernels fp32)", q4,
                       lambda it: K.q4_matvec(x, it[1], it[2], it[3]), exact_q))
+        table.append(("q4 packed, fate.quant.kernels 8-bit-activation product (fate's default)", q4,
+                      lambda it: K.mm(x, [(it[1], it[2], it[3])], K.Q4_I8), exact_q))
+        table.append(("q2 packed, fate.quant.kernels 8-bit-activation product (fate's default)", q2,
+                      lambda it: K.mm(x, [(it[1], it[2], it[3])], K.Q2_I8), exact_q))
     else:
         print(f"(fate.quant.kernels unavailable: {K.unavailable_reason()})", file=sys.stderr)
     if args.compile:

@@ -36,3 +36,21 @@ def cpu_count() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """Threads a run uses unless told: one per physical core this process may run on (SMT siblings share a
+    core's vector units, and a product that is bound by memory bandwidth or by those units gains nothing from
+    a second thread on the same core; measured in docs/BENCHMARKS.md, issue 12)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return cpu_count()
+    cores = set()
+    for c in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(c))
+    return max(1, len(cores))

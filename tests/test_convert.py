@@ -436,3 +436,87 @@ def test_other_quantized_checkpoints_are_refused(small_ckpt, tmp_path):
     cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
     (d / "config.json").write_text(json.dumps(cfg))
     assert_one_line_error(_cli([d, tmp_path / "o.gguf"]), "quantized ('fp8')", "float copy")
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "olmoe"])
+def test_dtype_q8_stores_projections_in_8_bits(tmp_path, arch):
+    """--dtype q8: every projection as I8 codes with an F16 scale per 32 (the documented rounding), the rest
+    F16; fate-inspect says so; the model runs under every kernel choice close to the f16 bundle's."""
+    from fate.cli.inspect import main as inspect_main
+    from fate.quant.q8 import dequantize_q8, quantize_q8
+    from fate.runtime.weights import BundleWeights
+
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint(arch, ckpt, n_layers=2)
+    f16, q8 = tmp_path / "f16.gguf", tmp_path / "q8.gguf"
+    fate.convert(ckpt, f16, experts="q4", no_calib=True, progress=False)
+    res = _cli([ckpt, q8, "--experts", "q4", "--dtype", "q8", "--no-calib", "-q"])
+    assert res.exit_code == 0, res.output
+    a, b = Bundle(f16), Bundle(q8)
+    assert b.metadata[C.K_NON_EXPERT_DTYPE] == "q8" and b.metadata[C.K_Q8_GROUP] == 32
+    projections = [n for n in a.tensors if C.is_projection(n)]
+    assert projections and C.T_OUTPUT in projections
+    for name in a.tensors:
+        if name in projections:
+            codes, scale = b.tensor(name), b.tensor(C.q8_scale_name(name))
+            assert b.tensors[name].dtype == "I8" and b.tensors[C.q8_scale_name(name)].dtype == "F16"
+            w = a.tensor(name).float()  # the f16 bundle's matrix: the checkpoint rounded to f16
+            want_codes, want_scale = quantize_q8(read_checkpoint_f32(ckpt, arch, name))
+            assert torch.equal(codes, want_codes) and torch.equal(scale, want_scale)
+            step = scale.float().repeat_interleave(32, 1)
+            assert ((dequantize_q8(codes, scale) - w).abs() <= step / 2 + w.abs() * 2 ** -10).all()
+        elif C.is_model_tensor(name):
+            assert b.tensors[name].dtype == a.tensors[name].dtype  # F16 / F32 as before
+            assert torch.equal(b.tensor(name), a.tensor(name))
+    assert torch.equal(a.tensor(C.T_EXPERTS.format(i=0, p="q4")), b.tensor(C.T_EXPERTS.format(i=0, p="q4")))
+    out = CliRunner().invoke(inspect_main, [str(q8)]).output
+    assert f"non-expert q8: {len(projections)} projection matrices as 8-bit codes" in out
+    assert "non-expert f16" in CliRunner().invoke(inspect_main, [str(f16)]).output
+    # the model: q8 projections dequantized exactly by the torch path; int8 products within ~1 %
+    ref = fate.load(f16, kernels="torch")
+    ids = ref.encode_prompt("the quick brown fox jumps over")
+    want = ref.logits(ids)
+    got = {k: fate.load(q8, kernels=k).logits(ids) for k in ("torch", "fp32", "int8")}
+    # fp32 computes a q8 bundle's prefill with torch too (float32 activations, q8 widened), up to the
+    # summation order of torch's own products at the thread counts each load set
+    torch.testing.assert_close(got["torch"], got["fp32"], rtol=1e-5, atol=1e-5)
+    for k, v in got.items():
+        assert float((v - want).norm() / want.norm()) < 0.03, k
+    bw = BundleWeights(b, torch.float32, torch.device("cpu"))
+    assert torch.equal(bw.get(projections[0]), dequantize_q8(b.tensor(projections[0]), b.tensor(C.q8_scale_name(projections[0]))))
+    m = fate.load(q8)
+    assert set(m.weights.native_names) == set(projections)  # the int8 kernels compute every q8 projection
+    assert len(m.generate(ids, 4, temperature=0.0, stop_at_eos=False).token_ids) == 4
+
+
+def read_checkpoint_f32(ckpt, arch, name):
+    """The checkpoint's float32 matrix behind bundle tensor ``name``."""
+    from fate.model import arch as A
+    from tests.tiny_models import read_checkpoint_tensors
+
+    hf = json.loads((ckpt / "config.json").read_text())
+    hf_name = A.non_expert_tensors(A.spec_for(hf), A.model_config(hf))[name][0]
+    return read_checkpoint_tensors(ckpt)[hf_name].float()
+
+
+def test_q8_bundle_without_its_scales_is_refused(tmp_path):
+    from fate.errors import BundleStructureError
+    from fate.model.config import ModelConfig
+    from fate.runtime.experts.store import check_bundle_config
+
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint("mixtral", ckpt, n_layers=1)
+    q8 = tmp_path / "q8.gguf"
+    fate.convert(ckpt, q8, experts="q4", dtype="q8", no_calib=True, progress=False)
+    b = Bundle(q8)
+    cfg = ModelConfig.from_json(b.metadata[C.K_MODEL_CONFIG])
+    check_bundle_config(b, cfg)
+    name = C.T_ATTN_Q.format(i=0)
+    scale = b.tensors.pop(C.q8_scale_name(name))
+    with pytest.raises(BundleStructureError, match="I8 \\(q8\\) but blk.0.attn_q.scale"):
+        check_bundle_config(b, cfg)
+    b.tensors[C.q8_scale_name(name)] = scale
+    b.tensors[name] = b.tensors[C.T_TOKEN_EMBD]  # wrong shape is still the first thing named
+    with pytest.raises(BundleStructureError, match="shape"):
+        check_bundle_config(b, cfg)
+    b.close()

@@ -19,7 +19,7 @@ from fate.cli import inspect as inspect_cli
 from fate.tools import inspector as I
 from tests.tiny_models import ARCHS, make_checkpoint
 
-TOP_KEYS = {"path", "container", "file_bytes", "format_version", "architecture", "params", "bytes", "precisions",
+TOP_KEYS = {"path", "container", "file_bytes", "format_version", "architecture", "params", "bytes", "non_expert_storage", "precisions",
             "quant", "tokenizer", "chat_template", "calibration", "provenance", "top_n", "layers"}
 LAYER_KEYS = {"layer", "kind", "popularity", "assignments", "top_share", "max_share", "unused_experts", "cosine",
               "recall"}

@@ -24,7 +24,7 @@ def _tokens(path, n=16, **opts):
     m = fate.load(path, experts="q4", **opts)
     if opts.get("policy") == "resident" and opts.get("device") == "cuda":
         # the plain executor: the offloaded one's math (on CPU the engine's resident default already is:
-        # one-token q4 products through fate.quant.kernels on both sides)
+        # q4 products through fate.quant.kernels, --kernels int8, on both sides)
         m.model.experts = DenseExperts(lambda layer, e: m.store.dense(layer, e, "q4", dtype=m.dtype, device=m.device),
                                        m.config.act)
     out = m.generate(PROMPT, n, temperature=0.0, stop_at_eos=False)
@@ -54,13 +54,13 @@ def test_offloaded_logits_equal_resident_under_slot_reuse(converted, device):
     experts wanted): on cuda the copy into a slot must wait for the device's last read of it."""
     path = converted["qwen2_moe"][1]
     ids = list(range(3, 40))
-    ref = fate.load(path, experts="q4", policy="resident", device=device)
+    ref = fate.load(path, experts="q4", policy="resident", device=device, kernels="torch")
     ref.model.experts = DenseExperts(lambda layer, e: ref.store.dense(layer, e, "q4", dtype=ref.dtype, device=ref.device),
                                      ref.config.act)
     want = ref.model.forward(torch.tensor(ids, device=ref.device), None).float().cpu()
     for policy in ("ondemand", "fate"):
         m = fate.load(path, experts="q4", mem="25%", policy=policy, int2_share=0.0, device=device,
-                      prefetch_extra=4)
+                      prefetch_extra=4, kernels="torch")  # the reference's arithmetic: torch's, bit for bit
         for _ in range(3):
             m.kv.reset()
             got = m.model.forward(torch.tensor(ids, device=m.device), m.kv).float().cpu()

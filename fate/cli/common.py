@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from fate.errors import UserError
+from fate.quant.expert import KERNELS
 from fate.runtime.options import ALLOCS, EVICTIONS, POLICIES, EngineOptions
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -64,7 +65,8 @@ ENGINE_OPTIONS = {
                             help="Stored expert precision to compute with: f16, q4 or q2."),
     "context": click.option("-c", "--ctx-size", "context", type=int, default=None,
                             help="Context size in tokens [default: min(4096, model's)]."),
-    "threads": click.option("-t", "--threads", "threads", type=int, default=None, help="CPU threads."),
+    "threads": click.option("-t", "--threads", "threads", type=int, default=None,
+                            help="CPU threads [default: one per physical core]."),
     "device": click.option("--device", default=None, help="cpu or cuda [default: cuda when available]."),
     "compute_dtype": click.option("--compute-dtype", default=None,
                                   help="fp32, fp16 or bf16 [default: fp32 on cpu, fp16 on cuda]."),
@@ -74,6 +76,10 @@ ENGINE_OPTIONS = {
                             help="Read every expert into memory at load (RSS holds all experts from the start). By "
                                  "default each expert is read from the memory map when first used, which decodes "
                                  "as fast once warm. Ignored when experts are offloaded."),
+    "kernels": click.option("--kernels", type=click.Choice(KERNELS), default="int8", show_default=True,
+                            help="CPU products: int8 (8-bit activations against q4/q2/q8 weights: fastest, ~0.3% "
+                                 "error per product), fp32 (float32 activations: the reference), torch (torch "
+                                 "operations only: plain dequantize-then-matmul, bit for bit)."),
     "mem": click.option("--mem", default=None,
                         help="Device memory budget for the whole model: 6GiB, 512MiB, or P% (resident weights + KV "
                              "+ P% of all experts). Default: everything resident."),

@@ -20,8 +20,10 @@ from fate.convert.pipeline import convert
               help="HQQ group size for INT4 (along the input dim). A matrix whose input dim it does not divide uses "
                    "the largest power of two >= 8 that does (said in the output, recorded in the bundle).")
 @click.option("--group-size-q2", default=32, show_default=True, help="HQQ group size for INT2 (same rule).")
-@click.option("--dtype", type=click.Choice(["f16", "bf16", "f32"]), default="f16", show_default=True,
-              help="Storage type of non-expert tensors (norms and routers always stay f32).")
+@click.option("--dtype", type=click.Choice(["f16", "bf16", "f32", "q8"]), default="f16", show_default=True,
+              help="Storage type of non-expert tensors (norms and routers always stay f32). q8: attention, "
+                   "shared-expert/dense MLP and LM head matrices as 8-bit codes with a float16 scale per 32 "
+                   "weights (half the bytes of f16; the rest f16).")
 @click.option("--calib", type=click.Path(path_type=str), default=None,
               help="Calibration text file (UTF-8). Default: varied text shipped with fate.")
 @click.option("--calib-tokens", default=4096, show_default=True, help="Calibration tokens to run.")

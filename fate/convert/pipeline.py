@@ -34,11 +34,16 @@ from fate.formats.bundle import metadata_crc32
 from fate.formats.hf import HFCheckpoint
 from fate.formats.writer import BundleWriter, TensorPlan
 from fate.convert.calibrate import calibrate
+from fate.quant.q8 import quantize_q8
 from fate.model import arch as A
 from fate.sysinfo import peak_rss_bytes
 from fate.units import format_size
 
-DTYPES = {"f16": ("F16", torch.float16), "bf16": ("BF16", torch.bfloat16), "f32": ("F32", torch.float32)}
+DTYPES = {"f16": ("F16", torch.float16), "bf16": ("BF16", torch.bfloat16), "f32": ("F32", torch.float32),
+          "q8": ("F16", torch.float16)}
+"""--dtype → (storage of the non-expert matrices, torch dtype).  q8 stores every projection matrix
+(fate.formats.constants.is_projection) as 8-bit codes with a float16 scale per 32 (fate.quant.q8) and
+everything else as F16."""
 PRECISIONS = ("q4", "q2", "f16")
 BUILTIN_CALIB = "builtin:calib.txt"
 
@@ -127,13 +132,22 @@ def convert(model_dir: str | os.PathLike, out: str | os.PathLike, *, experts: st
     strides = {p: -(-l.size // alignment) * alignment for p, l in layouts.items()}
     st_dtype, torch_dtype = DTYPES[dtype]
 
-    plans = [TensorPlan(n, "F32" if C.keeps_f32(n) else st_dtype, shape) for n, (_, shape) in non_expert.items()]
+    q8 = {n for n, (_, shape) in non_expert.items()
+          if dtype == "q8" and C.is_projection(n) and len(shape) == 2 and shape[1] % C.Q8_GROUP == 0}
+    plans = []
+    for n, (_, shape) in non_expert.items():
+        if n in q8:  # the codes under the matrix's own name, then its scales
+            plans += [TensorPlan(n, "I8", shape), TensorPlan(C.q8_scale_name(n), "F16", (shape[0], shape[1] // C.Q8_GROUP))]
+        else:
+            plans.append(TensorPlan(n, "F32" if C.keeps_f32(n) else st_dtype, shape))
+    stored_names = [pl.name for pl in plans]
+    n_stored = len(plans)
     moe_layers = cfg.moe_layer_ids
     for i in moe_layers:
         for p in precisions:
             plans.append(TensorPlan(C.T_EXPERTS.format(i=i, p=p), "I8", (cfg.n_experts, strides[p])))
             plans.append(TensorPlan(C.T_EXPERTS_CRC.format(i=i, p=p), "I64", (cfg.n_experts,)))
-    plans.append(TensorPlan(C.T_NON_EXPERT_CRC, "I64", (len(non_expert),)))
+    plans.append(TensorPlan(C.T_NON_EXPERT_CRC, "I64", (n_stored,)))
     if calib_ids:
         plans += [TensorPlan(C.T_CALIB_POPULARITY, "I64", (cfg.n_layers, cfg.n_experts)),
                   TensorPlan(C.T_CALIB_COSINE, "F32", (cfg.n_layers,)),
@@ -141,7 +155,8 @@ def convert(model_dir: str | os.PathLike, out: str | os.PathLike, *, experts: st
                   TensorPlan(C.T_CALIB_RANK_HIT, "F32", (2, cfg.n_layers, cfg.n_experts)),
                   TensorPlan(C.T_CALIB_REUSE, "F32", (2, cfg.n_layers, cfg.n_experts + 1))]
 
-    meta = _metadata(ckpt, cfg, specs, layouts, strides, alignment, tok_meta, calib_meta, model_dir, list(non_expert))
+    meta = _metadata(ckpt, cfg, specs, layouts, strides, alignment, tok_meta, calib_meta, model_dir, stored_names,
+                     dtype)
 
     _remove_stale_parts(out)
     tmp = out.parent / f".{out.name}.part-{os.getpid()}"
@@ -160,6 +175,10 @@ def convert(model_dir: str | os.PathLike, out: str | os.PathLike, *, experts: st
             target = torch.float32 if C.keeps_f32(name) else torch_dtype
             # cast in row blocks: a second full copy of a 150k-token embedding would be the peak of RSS
             rows = max(1, (32 << 20) // max(1, w[0].numel() * 4)) if w.dim() > 1 else w.shape[0] or 1
+            if name in q8:
+                crcs += _write_q8(writer, name, w, rows)
+                del w
+                continue
             row_bytes = (w[0].numel() if w.dim() > 1 else 1) * torch.finfo(target).bits // 8
             crc = 0
             for r in range(0, max(w.shape[0], 1), rows):
@@ -221,8 +240,25 @@ def convert(model_dir: str | os.PathLike, out: str | os.PathLike, *, experts: st
         raise
 
     by_prec = {p: strides[p] * cfg.n_experts * len(moe_layers) for p in precisions}
-    return ConvertResult(out, out.stat().st_size, by_prec, sum(pl.nbytes for pl in plans[: len(non_expert)]),
+    return ConvertResult(out, out.stat().st_size, by_prec, sum(pl.nbytes for pl in plans[:n_stored]),
                          time.perf_counter() - t0, peak_rss_bytes(), len(calib_ids), phase_seconds, notes)
+
+
+def _write_q8(writer, name: str, w: torch.Tensor, rows: int) -> list[int]:
+    """A projection as q8 (codes under ``name``, scales under its scale name), in row blocks; the crc32 of
+    each of the two tensors."""
+    k = w.shape[1]
+    crc_codes = crc_scale = 0
+    for r in range(0, w.shape[0], rows):
+        try:
+            codes, scale = quantize_q8(w[r:r + rows])
+        except ValueError as e:
+            raise ConvertError(f"{name}: {e}; convert with --dtype f16") from None
+        writer.write(name, codes, byte_offset=r * k)
+        writer.write(C.q8_scale_name(name), scale, byte_offset=r * (k // C.Q8_GROUP) * 2)
+        crc_codes = zlib.crc32(codes.view(torch.uint8).numpy(), crc_codes)
+        crc_scale = zlib.crc32(scale.view(torch.uint8).numpy(), crc_scale)
+    return [crc_codes, crc_scale]
 
 
 def _hqq_version() -> str:
@@ -400,7 +436,7 @@ def _calibration_tokens(calib: str | None, tokenizer_json: str, n_tokens: int) -
 
 
 def _metadata(ckpt, cfg, specs, layouts, strides, alignment, tok_meta, calib_meta, model_dir,
-              non_expert_names) -> dict:
+              non_expert_names, dtype: str) -> dict:
     arch = C.LLAMA_CPP_ARCH[cfg.model_type]
     k = lambda t: C.key(t, arch)  # noqa: E731
     m: dict = {
@@ -435,7 +471,10 @@ def _metadata(ckpt, cfg, specs, layouts, strides, alignment, tok_meta, calib_met
         C.K_CALIB_PRESENT: bool(calib_meta),
         C.K_CALIB_RECALL_EXTRA: list(C.RECALL_EXTRA),
         C.K_NON_EXPERT_CRC_NAMES: list(non_expert_names),
+        C.K_NON_EXPERT_DTYPE: dtype,
     }
+    if dtype == "q8":
+        m[C.K_Q8_GROUP] = C.Q8_GROUP
     revision = _snapshot_revision(Path(model_dir))
     if revision:
         m[C.K_SOURCE_REVISION] = revision

@@ -90,6 +90,8 @@ K_CALIB_SOURCE = "fate.calib.source"
 K_CALIB_TOKENS = "fate.calib.tokens"
 K_CALIB_SHA256 = "fate.calib.sha256"
 K_CALIB_RECALL_EXTRA = "fate.calib.recall_extra"  # [0, 1, 2, 4]: the m of "top k+m" per recall column
+K_NON_EXPERT_DTYPE = "fate.non_expert.dtype"  # fate-convert --dtype: f16, bf16, f32 or q8 (absent: before q8)
+K_Q8_GROUP = "fate.non_expert.q8_group_size"  # q8: weights per float16 scale along a row (32)
 
 RECALL_EXTRA = (0, 1, 2, 4)
 
@@ -152,6 +154,17 @@ T_CALIB_RANK_HIT = "fate.calib.rank_hit"
 T_CALIB_REUSE = "fate.calib.reuse"
 
 
+# --dtype q8: each projection matrix (is_projection) is stored as I8 codes [out, in] under its own name, with
+# one float16 scale per Q8_GROUP weights of a row in ``q8_scale_name(name)`` [out, in / Q8_GROUP];
+# w = code * scale.
+Q8_GROUP = 32
+
+
+def q8_scale_name(name: str) -> str:
+    """The scale tensor of a q8 projection: ``blk.N.attn_q.weight`` -> ``blk.N.attn_q.scale``."""
+    return name[:-len(".weight")] + ".scale" if name.endswith(".weight") else name + ".scale"
+
+
 def key(template: str, arch: str) -> str:
     return template.format(arch=arch)
 
@@ -166,6 +179,18 @@ def is_model_tensor(name: str) -> bool:
     """A non-expert tensor of the model (embedding, norms, attention, routers, dense and shared MLPs, LM
     head): not a routed expert tensor and not one of fate's own (``fate.*``: checksums, calibration)."""
     return not is_expert_tensor(name) and not name.startswith("fate.")
+
+
+_PROJECTIONS = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_gate.weight",
+                "ffn_up.weight", "ffn_down.weight", "ffn_gate_shexp.weight", "ffn_up_shexp.weight",
+                "ffn_down_shexp.weight")
+
+
+def is_projection(name: str) -> bool:
+    """A matrix the model multiplies activations by (attention q/k/v/output, dense and shared-expert MLPs, the
+    LM head): what the runtime computes with its native products, and what ``--dtype q8`` stores as 8 bits.
+    Not the embedding (a lookup), routers or gates (float32, :func:`keeps_f32`)."""
+    return name == T_OUTPUT or (name.startswith("blk.") and name.split(".", 2)[-1] in _PROJECTIONS)
 
 
 def keeps_f32(name: str) -> bool:

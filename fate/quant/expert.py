@@ -6,16 +6,31 @@ the layout has them.  Where its weights come from differs — a view of the memo
 map, a device cache slot, a copy in memory, one blob the timing profile holds — but how it is computed
 is decided here, once:
 
-* :func:`native_q4` is the one test of whether the native INT4 kernel (:mod:`fate.quant.kernels`) serves
-  a layout on a device in a compute dtype;
+* :func:`native_kind` is the one test of which native kernel (:mod:`fate.quant.kernels`) computes matrices
+  of a stored precision on a device in a compute dtype under a kernel choice (``KERNELS``), :func:`native_q4`
+  the old question whether the INT4 kernel serves at all;
 * :class:`ExpertView` reads one blob through its layout (the views of its parts are made once);
   :class:`WidenedExpert` is the same expert with its codes widened to one byte each (what the resident
-  CPU executor keeps for q2 and torch-only q4, where unpacking per call would cost ~1.5x);
+  CPU executor keeps for the torch path, where unpacking per call would cost ~1.5x);
 * :class:`ExpertCompute` holds the scratch one expert is dequantized into and computes an expert on
-  tokens: one-token q4 products straight from the packed codes where the kernel runs; otherwise the
-  weights dequantized into the scratch (fate.quant's ``(q - zero) * scale`` in float32, bit for bit) and
-  multiplied, in row blocks for one token when the expert is larger than ``chunk_bytes`` (each output is
-  one row's dot product, so blocks change no bit).
+  tokens: with the native kernels, straight from the packed codes — on any number of tokens with 8-bit
+  activations (``int8``: a prefill's tokens are tiled against each row's codes like a GEMM), one token with
+  float32 activations (``fp32``, the reference INT4 product); otherwise the weights dequantized into the
+  scratch (fate.quant's ``(q - zero) * scale`` in float32, bit for bit) and multiplied, in row blocks for
+  one token when the expert is larger than ``chunk_bytes`` (each output is one row's dot product, so blocks
+  change no bit).
+
+Kernel choices (``KERNELS``; ``fate-run --kernels``):
+
+``int8`` (the default)
+    q4 and q2 codes meet 8-bit activations in integer dot products (:mod:`fate.quant.kernels` documents the
+    error bound: ~0.3 % of an output); f16 weights are multiplied by float32 activations in registers.
+``fp32``
+    the reference: q4 one-token products with float32 activations (the weights dequantized in registers as
+    fate.quant does, ~1e-7 from the torch path), f16 as above; q2 and batched calls as ``torch``.
+``torch``
+    torch operations only: bit for bit what :class:`fate.model.experts.DenseExperts` over the dequantized
+    weights gives (what the executors' exactness tests compare).
 
 Gate and up are multiplied as one ``[2F, H]`` matrix (gate's rows, then up's, as the blob stores them).
 Biases are added in place after the products (``mm`` then ``add_``, as transformers' experts do: a fused
@@ -35,8 +50,11 @@ from fate.quant.layout import SWIGLU, BlobLayout, ExpertAct, QuantSpec, _dequant
 
 Tensor = torch.Tensor
 
-__all__ = ["swiglu", "native_q4", "ExpertView", "WidenedExpert", "ExpertCompute", "DEFAULT_CHUNK_BYTES",
-           "row_blocks"]
+__all__ = ["swiglu", "native_q4", "native_kind", "KERNELS", "ExpertView", "WidenedExpert", "ExpertCompute",
+           "DEFAULT_CHUNK_BYTES", "row_blocks"]
+
+KERNELS = ("int8", "fp32", "torch")
+"""How products are computed (module docstring): 8-bit activations, float32 activations, torch only."""
 
 DEFAULT_CHUNK_BYTES = 4 << 20
 """Row-block size (float32 bytes) for one-token calls: a [512, 512]-expert (3 MiB) widens in one piece."""
@@ -65,6 +83,28 @@ def native_q4(spec: QuantSpec, device: str | torch.device, dtype: torch.dtype) -
     compute, 4-bit codes in groups of the kernel's size, and a kernel that built on this machine."""
     return (torch.device(device).type == "cpu" and dtype == torch.float32 and spec.bits == 4
             and spec.group_size == K.GROUP and K.available())
+
+
+def native_kind(spec: QuantSpec, device: str | torch.device, dtype: torch.dtype, kernels: str = "int8",
+                k: int | None = None) -> int | None:
+    """The :mod:`fate.quant.kernels` kind that computes matrices stored as ``spec`` (rows of ``k`` inputs, when
+    known) on ``device`` in ``dtype`` under the choice ``kernels``; None where torch operations do (another
+    device or dtype, ``kernels="torch"``, a group size the kernels do not take, no kernels on this machine)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels {kernels!r}: choose one of {', '.join(KERNELS)}")
+    if kernels == "torch" or torch.device(device).type != "cpu" or dtype != torch.float32:
+        return None
+    if spec.name == "q4" and spec.group_size == K.GROUP:
+        kind = K.Q4_I8 if kernels == "int8" else K.Q4_F32
+    elif spec.name == "q2" and spec.group_size == K.Q2_GROUP and kernels == "int8":
+        kind = K.Q2_I8
+    elif spec.name == "f16":
+        kind = K.F16
+    else:
+        return None
+    if k is not None and not K.fits(kind, k):
+        return None
+    return kind if K.available() else None
 
 
 def row_blocks(rows: int, cols: int, budget: int) -> list[tuple[int, int]]:
@@ -189,30 +229,54 @@ class WidenedExpert:
 class ExpertCompute:
     """Computes experts of one layout on one device in one compute dtype, through one reused scratch.
 
-    ``native``: use the INT4 kernel where :func:`native_q4` allows (one-token products from the packed
-    codes, batched calls dequantized by it in one pass).  ``chunk_bytes``: one-token calls of experts
-    larger than this (as float32) widen and multiply in row blocks (CPU only; ``None``: never).  One
-    instance per thread: the scratch is shared by its calls."""
+    ``kernels``: one of ``KERNELS`` (module docstring); :attr:`kind` is the native kernel that serves (None:
+    torch operations), :attr:`native` whether one does.  ``chunk_bytes``: one-token torch-path calls of experts
+    larger than this (as float32) widen and multiply in row blocks (CPU only; ``None``: never).  One instance
+    per thread: the scratch is shared by its calls (and made on first use: the native paths need none)."""
 
-    def __init__(self, layout: BlobLayout, dtype: torch.dtype, device: str | torch.device, *, native: bool = True,
-                 chunk_bytes: int | None = None):
+    def __init__(self, layout: BlobLayout, dtype: torch.dtype, device: str | torch.device, *,
+                 kernels: str = "int8", chunk_bytes: int | None = None):
         self.layout, self.dtype, self.device = layout, dtype, torch.device(device)
         self.spec = layout.spec
         self.act = layout.act
-        # the kernels compute plain SwiGLU experts of one group size; anything else takes the torch path
-        self.native = bool(native) and layout.plain and native_q4(layout.spec, self.device, dtype)
+        self.kernels = kernels
         H, Fd = layout.hidden, layout.ffn
         self.H, self.F = H, Fd
         self.n = 3 * H * Fd
+        kinds = (native_kind(self.spec, self.device, dtype, kernels, H),
+                 native_kind(self.spec, self.device, dtype, kernels, Fd))
+        # gate/up and down on the same kernel; the kernels compute plain SwiGLU experts of one group size
+        # (no biases, no clamped activation): anything else takes the torch path
+        self.kind = kinds[0] if kinds[0] == kinds[1] and layout.plain else None
+        self.native = self.kind is not None
+        # batched calls: the 8-bit and f16 products tile a prefill's tokens over the stored weights like a GEMM;
+        # the float32-activation INT4 product (the reference) serves one token, batches dequantize + matmul
+        self.batched_native = self.kind in (K.Q4_I8, K.Q2_I8, K.F16)
+        # whole-expert dequantization by the native one-pass copy of fate.quant's (bit for bit)
+        self.native_dequant = kernels != "torch" and layout.uniform and native_q4(self.spec, self.device, dtype)
         # the float32 intermediate: dequantization (and f16 -> bfloat16, which torch does faster via
         # float32, as fate.quant does) computes in float32; f16 -> float16 and -> float32 write directly
         self.via32 = dtype != torch.float32 and not (not self.spec.is_quantized and dtype == torch.float16)
-        self.one = torch.empty(self.n, dtype=dtype, device=self.device)
-        self.one32 = torch.empty(self.n, dtype=torch.float32, device=self.device) if self.via32 else self.one
-        self.gate_up, self.down = self.split(self.one)
+        self._one = None
         blocked = chunk_bytes is not None and self.device.type == "cpu" and 4 * self.n > chunk_bytes
         self.gu_blocks = row_blocks(2 * Fd, H, chunk_bytes) if blocked else None
         self.down_blocks = row_blocks(H, Fd, chunk_bytes) if blocked else None
+
+    def _scratch(self) -> tuple[Tensor, Tensor]:
+        if self._one is None:
+            with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
+                one = torch.empty(self.n, dtype=self.dtype, device=self.device)
+                one32 = torch.empty(self.n, dtype=torch.float32, device=self.device) if self.via32 else one
+            self._one = (one, one32, *self.split(one))
+        return self._one[:2]
+
+    @property
+    def one(self) -> Tensor:
+        return self._scratch()[0]
+
+    @property
+    def one32(self) -> Tensor:
+        return self._scratch()[1]
 
     def split(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """(gate_up [2F, H], down [H, F]) views of a flat expert."""
@@ -226,10 +290,11 @@ class ExpertCompute:
         """The expert's (gate_up, down) in the compute dtype: in the scratch (valid until the next call), or
         in ``out`` (a flat tensor of ``n`` elements) when given."""
         if out is None:
-            src.dequantize_into(self.one, self.one32, self.native)
-            return self.gate_up, self.down
+            one, one32 = self._scratch()
+            src.dequantize_into(one, one32, self.native_dequant)
+            return self._one[2], self._one[3]
         tmp = torch.empty(self.n, dtype=torch.float32, device=self.device) if self.via32 else out
-        return self.split(src.dequantize_into(out, tmp, self.native))
+        return self.split(src.dequantize_into(out, tmp, self.native_dequant))
 
     def dense(self, src: ExpertView | WidenedExpert) -> tuple[Tensor, Tensor, Tensor]:
         """Fresh (gate [F, H], up [F, H], down [H, F]) tensors of the expert in the compute dtype."""
@@ -243,13 +308,10 @@ class ExpertCompute:
         ``one_token``: whether this is a one-token (decode) step — the one-token paths (native products, row
         blocks) serve only those, so an expert that got one token of a prefill is computed exactly as its
         other experts are (default: ``T == 1``)."""
-        if x.shape[0] == 1 if one_token is None else one_token:
-            if self.native and isinstance(src, ExpertView):
-                y = K.q4_swiglu(x, *src.parts)
-                if out is None:
-                    return y
-                out.copy_(y)
-                return out
+        one = x.shape[0] == 1 if one_token is None else one_token
+        if self.native and isinstance(src, ExpertView) and (one or self.batched_native):
+            return self._native(src, x, out)
+        if one:
             if self.gu_blocks is not None and not (isinstance(src, ExpertView) and self.spec.is_quantized):
                 return self._in_blocks(src, x, out)
         gu, down = self.weights(src)
@@ -261,6 +323,13 @@ class ExpertCompute:
         if b is None or b[0].dtype == self.dtype:
             return b
         return b[0].to(self.dtype), b[1].to(self.dtype)
+
+    def _native(self, src: ExpertView, x: Tensor, out: Tensor | None) -> Tensor:
+        """gate and up in one native product (their rows side by side), SwiGLU, down: straight from the blob."""
+        gate, up, down = src.parts
+        a = K.mm(x.contiguous(), (gate, up), self.kind)
+        h = F.silu(a[:, :self.F]) * a[:, self.F:]
+        return K.mm(h, (down,), self.kind, out)
 
     def apply(self, x: Tensor, gu: Tensor, down: Tensor, out: Tensor | None = None, *,
               bias: tuple[Tensor, Tensor] | None = None) -> Tensor:

@@ -26,6 +26,7 @@ from fate.formats.bundle import Bundle
 from fate.model.config import ModelConfig
 from fate.model.kv import KVCache
 from fate.model.transformer import MoEModel
+from fate.quant import kernels as K
 from fate.runtime.chat import render_chat
 from fate.runtime.experts import offloading
 from fate.runtime.experts.budget import BudgetPlan
@@ -38,7 +39,7 @@ from fate.runtime.sampling import Sampler, SamplingParams
 from fate.runtime.stats import GenerationStats
 from fate.runtime.tokenizer import BundleTokenizer
 from fate.runtime.weights import BundleWeights, ResidentWeights, verified_non_expert_tensors
-from fate.sysinfo import peak_rss_bytes
+from fate.sysinfo import default_threads, peak_rss_bytes
 
 __all__ = ["FateModel", "GenerationResult", "GenerationStats", "EngineOptions", "load"]
 
@@ -68,15 +69,16 @@ class FateModel:
     ``context``, ``tokenizer``, ``chat_template``, ``generation_defaults``, ``weights``, ``kv``, ``model``,
     ``link`` (NO_LINK unless one was asked for), ``plan`` (None without --mem), ``timing`` (None unless
     measured), ``offloading`` (None when every expert is resident), ``last_stats`` (None before the first
-    generation)."""
+    generation), ``threads`` (the -t in use), ``native`` (whether fate's kernels compute the products: then they
+    take the threads and torch's intra-op count is 1)."""
 
     def __init__(self, path, options: EngineOptions | None = None, **overrides):
         t0 = time.perf_counter()
         self.options = opts = EngineOptions.of(options, **overrides)
         if opts.compute_dtype is not None and opts.compute_dtype not in _DTYPES:
             raise RequestError(f"--compute-dtype {opts.compute_dtype!r}: use one of fp32, fp16, bf16")
-        if opts.threads:
-            torch.set_num_threads(opts.threads)
+        self.threads = opts.threads or default_threads()
+        torch.set_num_threads(self.threads)
         self.device = _resolve_device(opts.device)
         self.dtype = _DTYPES[opts.compute_dtype or ("fp32" if self.device.type == "cpu" else "fp16")]
         self.policy = opts.policy
@@ -96,7 +98,7 @@ class FateModel:
             # projections stay in their stored f16/bf16 and are widened per call: decode reads half
             # the bytes, with the same results (fate.runtime.weights)
             self.weights = ResidentWeights(verified_non_expert_tensors(self.bundle, opts.verify), self.dtype,
-                                           self.device)
+                                           self.device, kernels=opts.kernels)
         else:
             self.weights = BundleWeights(self.bundle, self.dtype, self.device, verify=opts.verify)
         kv_bytes = KVCache.bytes_needed(cfg, self.context, self.dtype)
@@ -113,7 +115,7 @@ class FateModel:
         if opts.offloads and cfg.moe_layer_ids:
             def timing():
                 return offloading.timing_profile(self.bundle, cfg, self.weights, self.store, self.device, self.dtype,
-                                                 self.precision, force=opts.profile)
+                                                 self.precision, force=opts.profile, kernels=opts.kernels)
 
             copies = offloading.copies_per_layer(self.link, timing, self.store.blob_bytes(self.precision))
             self.plan = offloading.plan(cfg, self.store, self.bundle, opts, self.precision, self.weights.nbytes,
@@ -125,7 +127,7 @@ class FateModel:
                 weakref.finalize(self, self.offloading.close)  # the transfer thread ends with the model
         if self.timing is None and opts.profile and cfg.moe_layer_ids:
             self.timing = offloading.timing_profile(self.bundle, cfg, self.weights, self.store, self.device,
-                                                    self.dtype, self.precision, force=True)
+                                                    self.dtype, self.precision, force=True, kernels=opts.kernels)
 
         observer = None
         if self.offloading is not None:
@@ -136,7 +138,7 @@ class FateModel:
             # --no-mmap every expert is read into memory now (like llama.cpp's), RSS = all experts; on a
             # GPU always (resident means in device memory, not a copy per use from the map)
             experts = ResidentExperts(self.store, self.precision, self.dtype, self.device, 0,
-                                      mapped=not opts.no_mmap and self.device.type == "cpu", native=True)
+                                      mapped=not opts.no_mmap and self.device.type == "cpu", kernels=opts.kernels)
         else:
             experts = None
         self.experts = experts
@@ -144,8 +146,29 @@ class FateModel:
                               max_ctx=self.context)
         if self.offloading is not None and self.offloading.predicts and not cfg.router_ranks_by_logits:
             self.offloading.executor.predictor.select = self.model.selection_scores
+        self._share_threads()
         self.load_seconds = time.perf_counter() - t0
         self.last_stats: GenerationStats | None = None
+
+    def _share_threads(self) -> bool:
+        """Whether fate's kernels compute the model's products (then :meth:`use_threads` gives them the -t
+        threads and torch one); applies the split."""
+        w = self.weights
+        native_weights = isinstance(w, ResidentWeights) and bool(w.native_names)
+        self.native = native_weights or (self.experts is not None and self.experts.native)
+        self.use_threads()
+        return self.native
+
+    def use_threads(self) -> None:
+        """This model's thread split, for the process (thread counts are per process; every generation and
+        ``logits`` call applies it, so models loaded with different -t take turns correctly): fate's kernels
+        get -t threads and torch one while the kernels compute the products (two pools sized to the cores
+        would spin on each other's: fate.quant.kernels); else torch gets them."""
+        torch_threads = 1 if self.native else self.threads
+        if self.native and K.threads() != self.threads:
+            K.set_threads(self.threads)
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
 
     def _load_tokenizer(self) -> None:
         b = self.bundle
@@ -182,6 +205,7 @@ class FateModel:
         """Logits [T, V] (float32, on the device) of token ids run from scratch: positions from 0, no KV
         cache — one window of fate-perplexity."""
         ids = torch.as_tensor(ids, dtype=torch.long)
+        self.use_threads()
         with torch.inference_mode():
             return self.model.forward(ids.to(self.device), None)
 
@@ -227,6 +251,7 @@ class FateModel:
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
         sampler = Sampler(sampling or self.sampling_params())
+        self.use_threads()
         stats = GenerationStats(prompt_token_ids=list(prompt_ids), load_seconds=self.load_seconds)
         self.last_stats = stats
         self.kv.reset()

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from fate.errors import RequestError, UsageError
+from fate.quant.expert import KERNELS
 
 POLICIES = ("fate", "paper", "ondemand", "lru", "resident")
 EVICTIONS = ("arc", "lru", "lfu")
@@ -21,8 +22,12 @@ class EngineOptions:
     * ``experts``: stored expert precision to compute with (``q4``, ``q2``, ``f16``);
     * ``device`` (``cpu``, ``cuda``; None: cuda when available), ``compute_dtype`` (``fp32``, ``fp16``, ``bf16``;
       None: fp32 on cpu, fp16 on cuda), ``context`` (tokens; None: min(4096, the model's)), ``threads``
-      (CPU threads; None: torch's default), ``verify`` (crc32 of every blob on first read), ``no_mmap``
-      (read every expert at load instead of from the map on first use);
+      (CPU threads for torch and fate's kernels alike; None: :func:`fate.sysinfo.default_threads`, one per
+      physical core), ``verify`` (crc32 of every blob on first read), ``no_mmap`` (read every expert at load
+      instead of from the map on first use), ``kernels`` (how products are computed on the CPU:
+      :data:`fate.quant.expert.KERNELS` — ``int8`` 8-bit activations against q4/q2/q8 weights, the fastest;
+      ``fp32`` float32 activations, the reference; ``torch`` torch operations only, bit for bit the plain
+      dequantize-then-matmul);
     * offloading: ``mem`` (budget: bytes, a size like ``6GiB`` or ``P%``; None: everything resident),
       ``policy``, ``evict``, ``cache_alloc``, ``prefetch_extra`` (None: from the timing profile),
       ``int2_share``, ``link`` (emulated link; None: none), ``profile`` (re-measure the timing profile).
@@ -35,6 +40,7 @@ class EngineOptions:
     threads: int | None = None
     verify: bool = True
     no_mmap: bool = False
+    kernels: str = "int8"
     mem: str | int | None = None
     policy: str = "fate"
     evict: str = "arc"
@@ -70,6 +76,8 @@ class EngineOptions:
             raise RequestError(f"-c {self.context}: the context size must be positive")
         if self.threads is not None and self.threads < 1:
             raise RequestError(f"-t {self.threads}: give at least 1 thread")
+        if self.kernels not in KERNELS:
+            raise RequestError(f"--kernels {self.kernels!r}: choose one of {', '.join(KERNELS)}")
         if self.policy not in POLICIES:
             raise RequestError(f"--policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
         if self.evict not in EVICTIONS:

@@ -305,11 +305,13 @@ class BenchSession:
         Afresh means the fastest of five measurements: the profile stands for undisturbed compute,
         and one measurement disturbed by a busy machine must not set the link speed of the session
         (the engine otherwise keeps whatever it measured first, for good)."""
-        key = P.profile_key(ref.bundle.path, ref.device, ref.dtype, ref.precision)
+        kernels = ref.options.kernels
+        key = P.profile_key(ref.bundle.path, ref.device, ref.dtype, ref.precision, kernels)
         prof = None if reprofile else P.load_cached(key)
         fresh = prof is None
         if fresh:
-            prof = min((P.measure(ref.config, ref.weights, ref.store, ref.device, ref.dtype, ref.precision, steps=8)
+            prof = min((P.measure(ref.config, ref.weights, ref.store, ref.device, ref.dtype, ref.precision, steps=8,
+                                  kernels=kernels)
                         for _ in range(5)), key=lambda p: p.layer_decode_seconds)
             P.save_cached(key, prof)
         self._profile_obj = prof

@@ -28,6 +28,9 @@ JSON keys (``--json``); sizes are bytes, shares are fractions in [0, 1], absent 
 * ``bytes``: ``non_expert`` and ``non_expert_by_dtype`` ({``F16``: n, ...}), ``experts_by_precision``
   ({precision: bytes of its expert tensors, padding included}), ``checksums``, ``calibration``,
   ``other`` (header, metadata and alignment padding: the rest of the file)
+* ``non_expert_storage``: ``dtype`` (``fate-convert --dtype``: ``f16``, ``bf16``, ``f32`` or ``q8``; from the
+  tensors for bundles that predate the key), ``q8_matrices`` (projections stored as 8-bit codes), ``q8_group_size``
+  (weights per float16 scale; ``null`` without q8)
 * ``precisions``: stored precisions in file order
 * ``quant``: ``method``, ``hqq_version``, ``alignment``, ``checksum``, and ``by_precision``:
   {precision: ``bits``, ``group_size`` (gate and up), ``group_size_down`` (down, whose input is the
@@ -185,6 +188,8 @@ def _report(b: Bundle, top_n: int, template_lines: int) -> dict:
 
     by_dtype: dict[str, int] = {}
     non_expert_elems = 0
+    q8 = [n for n, t in b.tensors.items() if t.dtype == "I8" and C.is_projection(n) and C.q8_scale_name(n) in b.tensors]
+    q8_scales = {C.q8_scale_name(n) for n in q8}
     experts_bytes = {p: 0 for p in precisions}
     crc_bytes = calib_bytes = 0
     for name, t in b.tensors.items():
@@ -198,6 +203,8 @@ def _report(b: Bundle, top_n: int, template_lines: int) -> dict:
                 experts_bytes[p] = experts_bytes.get(p, 0) + t.nbytes
         elif not name.startswith("fate."):
             by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
+            if name in q8_scales:  # bytes of a q8 matrix, not parameters of the model
+                continue
             n = 1
             for d in t.shape:
                 n *= d
@@ -256,6 +263,7 @@ def _report(b: Bundle, top_n: int, template_lines: int) -> dict:
         "bytes": {"non_expert": non_expert_bytes, "non_expert_by_dtype": dict(sorted(by_dtype.items())),
                   "experts_by_precision": experts_bytes, "checksums": crc_bytes, "calibration": calib_bytes,
                   "other": b.file_size - tensor_bytes},
+        "non_expert_storage": _storage(b, q8),
         "precisions": list(precisions),
         "quant": quant,
         "tokenizer": _tokenizer_info(b),
@@ -265,6 +273,14 @@ def _report(b: Bundle, top_n: int, template_lines: int) -> dict:
         "top_n": top_n,
         "layers": _layer_rows(b, cfg, top_n),
     }
+
+
+def _storage(b: Bundle, q8: list[str]) -> dict:
+    dtype = b.get(C.K_NON_EXPERT_DTYPE)
+    if not isinstance(dtype, str):  # older bundles: the dtype of their matrices
+        mats = [t.dtype for n, t in b.tensors.items() if C.is_projection(n)]
+        dtype = "q8" if q8 else (max(set(mats), key=mats.count).lower() if mats else None)
+    return {"dtype": dtype, "q8_matrices": len(q8), "q8_group_size": (b.get(C.K_Q8_GROUP) or C.Q8_GROUP) if q8 else None}
 
 
 # --- verification ----------------------------------------------------------------------------------
@@ -400,6 +416,10 @@ def format_report(r: dict) -> str:
                + ", ".join(f"{d} {format_size(n)}" for d, n in by["non_expert_by_dtype"].items()) + ")"
                + f", checksums {format_size(by['checksums'])}, calibration {format_size(by['calibration'])}, "
                f"header/padding {format_size(by['other'])}")
+    st = r["non_expert_storage"]
+    out.append(f"storage       non-expert {st['dtype'] or '-'}" + (
+        f": {st['q8_matrices']} projection matrices as 8-bit codes with a float16 scale per {st['q8_group_size']} "
+        "weights, the rest F16 (norms and routers F32)" if st["q8_matrices"] else ""))
     out.append(f"quantization  {q['method'] or '-'} {q['hqq_version'] or ''}".rstrip()
                + f", alignment {q['alignment']}, checksum {q['checksum']}")
     out.append("  precision  bits  group  axis  blob bytes  stride  stored")

@@ -300,14 +300,15 @@ class OffloadedExperts:
     """ExpertExecutor (and MoEObserver) running an :class:`Offloader` on the model: experts computed by the
     one primitive (:class:`fate.quant.expert.ExpertCompute`) straight from their slots."""
 
-    def __init__(self, offloader: Offloader, store, transfer, *, dtype, device):
+    def __init__(self, offloader: Offloader, store, transfer, *, dtype, device, kernels: str = "int8"):
         self.offloader, self.store, self.transfer = offloader, store, transfer
         self.cfg = offloader.cfg
         self.dtype, self.device = dtype, torch.device(device)
         self.predictor = offloader.predictor
         self.low_precision, self.int2_share = offloader.low_precision, offloader.int2_share
         # one compute (scratch + native decision) per precision a slot can hold
-        self._compute = {p: ExpertCompute(store.layouts[p], dtype, self.device) for p in store.precisions}
+        self._compute = {p: ExpertCompute(store.layouts[p], dtype, self.device, kernels=kernels) for p in store.precisions}
+        self.native = any(c.native for c in self._compute.values())  # fate's kernels compute (the engine's threads)
         # the views of a slot are the same whatever expert it holds: made once per (layer, slot, precision)
         self._views: dict[tuple[int, int, str], ExpertView] = {}
 

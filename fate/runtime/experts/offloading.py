@@ -18,13 +18,14 @@ from fate.runtime.experts.stats import ExpertStats
 from fate.runtime.experts.transfer import TransferEngine
 
 
-def timing_profile(bundle, cfg, weights, store, device, dtype, precision: str, force: bool = False) -> P.TimingProfile:
+def timing_profile(bundle, cfg, weights, store, device, dtype, precision: str, force: bool = False,
+                   kernels: str = "int8") -> P.TimingProfile:
     """The cached timing profile of this bundle on this machine, measured first when there is none (or
     when ``force``)."""
-    key = P.profile_key(bundle.path, device, dtype, precision)
+    key = P.profile_key(bundle.path, device, dtype, precision, kernels)
     prof = None if force else P.load_cached(key)
     if prof is None:
-        prof = P.measure(cfg, weights, store, device, dtype, precision)
+        prof = P.measure(cfg, weights, store, device, dtype, precision, kernels=kernels)
         P.save_cached(key, prof)
     return prof
 
@@ -91,7 +92,8 @@ def build(cfg, bundle, store, weights, opts, plan_: BudgetPlan, precision: str, 
     predicts = policy in ("fate", "paper")
     timing = None
     if predicts or link.kind == "ratio" or opts.profile:
-        timing = timing_profile(bundle, cfg, weights, store, device, dtype, precision, force=opts.profile)
+        timing = timing_profile(bundle, cfg, weights, store, device, dtype, precision, force=opts.profile,
+                                kernels=opts.kernels)
     slot_bytes = store.blob_bytes(precision)
     if link.kind == "ratio":
         link = resolve_ratio(link, timing.layer_decode_seconds, slot_bytes)
@@ -121,5 +123,5 @@ def build(cfg, bundle, store, weights, opts, plan_: BudgetPlan, precision: str, 
                           low_precision=low, int2_share=opts.int2_share, predictor=predictor,
                           rule="value" if policy == "fate" else "window", extra=extra, max_new=max_new,
                           layer_seconds=timing.layer_decode_seconds if timing is not None else 0.0)
-    executor = OffloadedExperts(offloader, store, transfer, dtype=dtype, device=device)
+    executor = OffloadedExperts(offloader, store, transfer, dtype=dtype, device=device, kernels=opts.kernels)
     return Offloading(plan_, link, timing, cache, transfer, stats, executor, extra if predicts else None)

@@ -64,10 +64,11 @@ def cache_dir() -> Path:
     return Path(base) / "profiles"
 
 
-def profile_key(bundle_path: Path, device: torch.device, dtype: torch.dtype, precision: str = "") -> str:
+def profile_key(bundle_path: Path, device: torch.device, dtype: torch.dtype, precision: str = "",
+                kernels: str = "int8") -> str:
     st = bundle_path.stat()
     ident = (f"{bundle_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{device}|{dtype}|{torch.get_num_threads()}"
-             f"|{precision}")
+             f"|{precision}|{kernels}")
     return hashlib.sha256(ident.encode()).hexdigest()[:20]
 
 
@@ -94,16 +95,16 @@ def save_cached(key: str, prof: TimingProfile) -> None:
 
 
 def measure(cfg, weights, store, device: torch.device, dtype: torch.dtype, precision: str,
-            steps: int = 12) -> TimingProfile:
+            steps: int = 12, kernels: str = "int8") -> TimingProfile:
     """Time decode steps of the model (``cfg`` over the non-expert ``weights``) and the copy of one expert
     per stored precision.
 
     Every routed expert is computed from one blob of ``precision`` held on the device, by the primitive the
     offloading executor uses on its slots: the compute of a decode step without any transfer, whatever
-    fits on the device."""
+    fits on the device (``kernels``: as the run computes them, fate-run --kernels)."""
     layout = store.layouts[precision]
-    experts = _OneBlob(store.blob(cfg.moe_layer_ids[0], 0, precision).to(device, copy=True), layout, dtype, device) \
-        if cfg.moe_layer_ids else None
+    experts = _OneBlob(store.blob(cfg.moe_layer_ids[0], 0, precision).to(device, copy=True), layout, dtype, device,
+                       kernels) if cfg.moe_layer_ids else None
     model = MoEModel(cfg, weights, experts, dtype=dtype, device=device, max_ctx=steps + 2)
     kv = KVCache.for_model(cfg, steps + 2, dtype=dtype, device=device)
     ids = torch.tensor([1], dtype=torch.long, device=device)
@@ -144,8 +145,8 @@ class _OneBlob:
     """Every routed expert computed from one blob held on the device, the way the offloading executor
     computes from a slot (:class:`fate.quant.expert.ExpertCompute`)."""
 
-    def __init__(self, blob, layout, dtype, device):
-        self.compute = ExpertCompute(layout, dtype, device)
+    def __init__(self, blob, layout, dtype, device, kernels: str = "int8"):
+        self.compute = ExpertCompute(layout, dtype, device, kernels=kernels)
         self.view = self.compute.view(blob)
 
     def moe(self, layer, x, topk_ids, topk_weights):

@@ -11,13 +11,17 @@ Why it is faster (CPU, float32 compute)
 ---------------------------------------
 A one-token (decode) projection reads each weight once for two flops: it runs at memory bandwidth, so
 the bytes read per token set the speed.  float32 weights are twice the bytes of the f16 the bundle
-stores, and four times one-byte codes.  So weights stay **resident in their stored precision** and are
-widened per call into a small scratch buffer that stays in cache, which the matmul then reads:
+stores, and four times one-byte codes.  So weights stay **resident in their stored precision**: with the
+native kernels (``kernels`` ``int8``/``fp32``, x86 with AVX2) they are read as stored by
+:mod:`fate.quant.kernels`; on the torch path they are widened per call into a small scratch buffer that stays
+in cache, which the matmul then reads:
 
-* f16 experts: ``scratch.copy_(w16)`` (exact) then the matmuls;
-* q4 experts with the native kernel (x86 with AVX2): kept packed as stored, one-token products read the
-  codes directly (fate.quant.kernels), batched calls dequantize them in one native pass;
-* q4/q2 experts: codes widened once at load to one byte per weight (scales and zeros as float32), then
+* q4/q2 experts with the kernels (``int8``): kept packed as stored, every call (one token or a prefill's
+  tokens, tiled like a GEMM) multiplies the codes with 8-bit activations; ``fp32``: q4 one-token products
+  with float32 activations, batched calls dequantized in one native pass;
+* f16 experts with the kernels: widened in registers; on the torch path ``scratch.copy_(w16)`` (exact) then
+  the matmuls;
+* q4/q2 experts on the torch path: codes widened once at load to one byte per weight (scales and zeros as float32), then
   per call ``copy_``, ``sub_(zero)``, ``mul_(scale)`` — the ``(q - zero) * scale`` in float32 of
   :mod:`fate.quant`, hence the same bits (4-bit codes kept packed would save 0.5 byte per weight but
   cost an unpacking pass per call: 144 us instead of 98 us per [512, 512] matrix, see below);
@@ -69,18 +73,20 @@ class ResidentExperts:
     """ExpertExecutor over a whole :class:`ExpertStore` held in memory at one precision.
 
     Forms, chosen once: ``mapped`` (CPU) reads each expert from the bundle's map on its first use and
-    keeps it — f16 and native q4 as views of the map (only the page cache holds them), q2/torch-only q4
-    widened to one byte per code; otherwise every expert is read now: native q4 copied packed, f16 copied,
-    q2/torch-only q4 widened (on a GPU, into device memory).
+    keeps it — f16 and natively computed q4/q2 as views of the map (only the page cache holds them), torch-path
+    q4/q2 widened to one byte per code; otherwise every expert is read now: native q4/q2 copied packed, f16
+    copied, torch-path q4/q2 widened (on a GPU, into device memory).
 
     ``dense_cache_bytes``: bound on the dense (compute-dtype) copies of experts (``None``: every
     expert, ``0``: none); ``dense_bytes`` / ``dense_entries`` report what it holds and
     ``resident_bytes`` the stored-precision copies.  ``chunk_bytes``: row-block size of one-token calls.
+    ``kernels``: how experts are computed (:data:`fate.quant.expert.KERNELS`; the default ``torch`` gives
+    DenseExperts' bits, the engine passes ``fate-run --kernels``).
     """
 
     def __init__(self, store: ExpertStore, precision: str, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", dense_cache_bytes: int | None = None, *,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, mapped: bool = False, native: bool = False):
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, mapped: bool = False, kernels: str = "torch"):
         if dense_cache_bytes is not None and dense_cache_bytes < 0:
             raise ValueError(f"dense_cache_bytes must be ≥ 0 or None, got {dense_cache_bytes}")
         if mapped and torch.device(device).type != "cpu":
@@ -94,7 +100,7 @@ class ResidentExperts:
         self.dtype = dtype
         self.device = torch.device(device)
         cpu = self.device.type == "cpu"
-        self.compute = ExpertCompute(self.layout, dtype, self.device, native=native,
+        self.compute = ExpertCompute(self.layout, dtype, self.device, kernels=kernels,
                                      chunk_bytes=int(chunk_bytes) if cpu else None)
         self.native = self.compute.native
         self.chunk_bytes = int(chunk_bytes) if cpu else 1 << 62
@@ -118,7 +124,7 @@ class ResidentExperts:
     def _form(self, blob: Tensor) -> ExpertView | WidenedExpert:
         view = ExpertView(blob, self.layout)
         if self.native or not self.spec.is_quantized:
-            return view  # read as stored: the kernel takes packed codes, f16 widens in one copy
+            return view  # read as stored: the kernels take packed codes, f16 widens in one copy
         return view.widen()  # unpacking 4/2-bit codes on every call would cost ~1.5x per matrix
 
     def _load_layer(self, layer: int) -> None:

@@ -30,7 +30,8 @@ _LAYER_TENSORS = (C.T_ATTN_NORM, C.T_ATTN_Q, C.T_ATTN_K, C.T_ATTN_V, C.T_ATTN_Q_
 def check_bundle_config(bundle: Bundle, cfg: ModelConfig) -> None:
     """The bundle agrees with its own model config: the llama.cpp keys that mirror it hold the same values,
     and every tensor the model reads is there with the shape the config implies and a float dtype (F32 for
-    norms and routers, one dtype for every other matrix); calibration tensors, when present, are shaped for
+    norms and routers, one dtype for every other matrix; projections may be q8: I8 codes with their F16 scale
+    tensor); calibration tensors, when present, are shaped for
     the config too.  Raises BundleMetadataError / BundleStructureError naming the key or tensor."""
     path = bundle.path
     arch = C.LLAMA_CPP_ARCH[cfg.model_type]
@@ -72,6 +73,12 @@ def check_bundle_config(bundle: Bundle, cfg: ModelConfig) -> None:
         if entry.shape != tuple(shape):
             raise BundleStructureError(f"{path}: tensor {name} has shape {list(entry.shape)}, the model config "
                                        f"implies {list(shape)}")
+        if entry.dtype == "I8" and C.is_projection(name):  # --dtype q8: codes here, scales beside them
+            scale, want = bundle.tensors.get(C.q8_scale_name(name)), (shape[0], shape[1] // C.Q8_GROUP)
+            if shape[1] % C.Q8_GROUP or scale is None or scale.dtype != "F16" or scale.shape != want:
+                raise BundleStructureError(f"{path}: tensor {name} is I8 (q8) but {C.q8_scale_name(name)} is not "
+                                           f"F16 {list(want)} beside it")
+            continue
         if C.keeps_f32(name):
             if entry.dtype != "F32":
                 raise BundleStructureError(f"{path}: tensor {name} is {entry.dtype}; norms and routers are stored as F32")
