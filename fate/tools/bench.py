@@ -9,7 +9,7 @@ cache each time, as a user's first generation would see — and generates ``-n``
 the same prompt (``-p``, ``-f``/``--prompt-file``, or ``--prompt-tokens N`` tokens of the package's
 calibration text).  The repetitions alternate over the configurations (forwards, then backwards) so
 that the noise of a shared machine hits all of them alike; the table gives the median and the
-min–max spread.  ``resident`` (every expert in memory) runs once per repetition, whatever the budgets
+min–max spread.  ``resident`` (every expert read into memory at load, as ``--no-mmap``) runs once per repetition, whatever the budgets
 and links, and is the reference of the "x resident" column; ``ondemand`` (Load-on-Demand) at the same
 budget and link is the reference of the speedups.
 
@@ -251,7 +251,9 @@ class BenchSession:
 
         # the resident model: tokenizer, model figures, the optional integrity check and the warm-up
         try:
-            ref = fate.load(path, experts=experts, policy="resident", verify=verify)
+            # every expert read into memory (--no-mmap): computing from the map's 4 KiB pages measured up
+            # to 1.4x slower per token on a 2-vCPU VM (TLB misses), a slower reference than offloading's slots
+            ref = fate.load(path, experts=experts, policy="resident", verify=verify, no_mmap=True)
         except BundleError as e:  # the engine's advice names fate-run's flag; fate-bench's is the opposite
             raise BundleError(str(e).replace("run with --no-verify", "run without --verify")) from None
         try:
