@@ -301,8 +301,9 @@ def test_simulate_replays_every_configuration(converted, tmp_path):
     r = _invoke([path, "--policies", "lru,fate,resident", "--mem", "50%", "--link", "ratio:1", *FAST, "--simulate",
                  "--json", js])
     assert r.exit_code == 0, r.output
-    assert "trace replay (simulated" in r.stdout and "measured / sim" in r.stdout
+    assert "trace replay (simulated" in r.stdout and "measured / sim" in r.stdout and "measured / anchored" in r.stdout
     rows = json.loads(js.read_text())["rows"]
+    res_tps = next(r["decode"]["tokens_per_s"] for r in rows if r["policy"] == "resident")
     for row in rows:
         if row["policy"] == "resident":
             assert row["simulated"] is None
@@ -311,6 +312,43 @@ def test_simulate_replays_every_configuration(converted, tmp_path):
         assert sim["decode"]["tokens_per_s"] > 0 and 0 < sim["efficiency"]
         assert sim["perfect_tokens_per_s"] <= sim["resident_tokens_per_s"] * 1.001
         assert sim["experts"]["decode"]["needed"] == row["experts"]["decode"]["needed"]  # the same tokens
+        # anchored: the measured resident time per token plus what the replay adds to its own resident time
+        want = 1.0 / (1.0 / res_tps + 1.0 / sim["decode"]["tokens_per_s"] - 1.0 / sim["resident_tokens_per_s"])
+        assert sim["anchored_tokens_per_s"] == pytest.approx(want)
+        assert sim["anchored_efficiency"] == pytest.approx(row["decode"]["tokens_per_s"] / want)
     r = _invoke([path, "--policies", "lru,fate", "--mem", "50%", "--link", "ratio:1", *FAST, "--simulate-only"])
     assert r.exit_code == 0, r.output
     assert "trace replay" in r.stdout and "| policy   |" not in r.stdout  # no measured table
+
+
+def test_anchored_replay_adds_the_replays_stall_to_the_measured_resident_time():
+    """A replay at 100 tok/s whose own resident is 200 tok/s adds 5 ms of stall a token; on a measured
+    resident of 100 tok/s (10 ms) that is 15 ms: 66.7 tok/s.  No stall in the replay: the resident figure;
+    without a measured resident there is nothing to anchor to."""
+    from fate.tools.bench import _anchored
+
+    assert _anchored(100.0, 200.0, 100.0) == pytest.approx(1000.0 / 15.0)
+    assert _anchored(200.0, 200.0, 150.0) == pytest.approx(150.0)
+    assert _anchored(100.0, 200.0, None) is None
+
+
+def test_every_model_of_a_session_computes_with_its_threads(converted, monkeypatch):
+    """-t reaches every model fate-bench loads (the reference, the plan probes, each run): a model applies its
+    own thread split, so a count set on torch alone would be overridden by the default (one per core)."""
+    from fate.runtime.engine import FateModel
+    from fate.sysinfo import default_threads
+
+    want = default_threads() + 1  # not what a model left to its default would use
+    seen = []
+    orig = FateModel.use_threads
+
+    def use_threads(self):
+        seen.append(self.threads)
+        return orig(self)
+
+    monkeypatch.setattr(FateModel, "use_threads", use_threads)
+    path = converted[ARCH][1]
+    rows = run_bench(path, policies=["lru", "resident"], mems=["50%"], links=["none"], n=3, reps=1, prompt_tokens=8,
+                     threads=want)
+    assert all(r["reps"] == 1 for r in rows)
+    assert seen and set(seen) == {want}

@@ -115,7 +115,8 @@ class FateModel:
         if opts.offloads and cfg.moe_layer_ids:
             def timing():
                 return offloading.timing_profile(self.bundle, cfg, self.weights, self.store, self.device, self.dtype,
-                                                 self.precision, force=opts.profile, kernels=opts.kernels)
+                                                 self.precision, force=opts.profile, kernels=opts.kernels,
+                                                 threads=self.threads)
 
             copies = offloading.copies_per_layer(self.link, timing, self.store.blob_bytes(self.precision))
             self.plan = offloading.plan(cfg, self.store, self.bundle, opts, self.precision, self.weights.nbytes,
@@ -127,7 +128,8 @@ class FateModel:
                 weakref.finalize(self, self.offloading.close)  # the transfer thread ends with the model
         if self.timing is None and opts.profile and cfg.moe_layer_ids:
             self.timing = offloading.timing_profile(self.bundle, cfg, self.weights, self.store, self.device,
-                                                    self.dtype, self.precision, force=True, kernels=opts.kernels)
+                                                    self.dtype, self.precision, force=True, kernels=opts.kernels,
+                                                    threads=self.threads)
 
         observer = None
         if self.offloading is not None:

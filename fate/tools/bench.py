@@ -57,6 +57,7 @@ from fate.errors import BundleError, EngineError, UsageError, UserError
 from fate.runtime.experts import profile as P
 from fate.runtime.experts.budget import parse_mem
 from fate.runtime.experts.link import parse_link
+from fate.sysinfo import default_threads
 
 ALL_POLICIES = ("ondemand", "lru", "paper", "fate", "resident")
 DEFAULT_POLICIES = ("ondemand", "lru", "fate", "resident")
@@ -167,7 +168,7 @@ def _ratio(a, b):
 # --- running ---------------------------------------------------------------------------------------
 def _one_run(bundle, policy, mem, link, prompt_ids, n, opts) -> dict:
     """One fresh load and generation; its stats in the schema of docs/STATS.md."""
-    kw = dict(experts=opts["experts"], policy=policy, verify=False)
+    kw = dict(experts=opts["experts"], policy=policy, verify=False, threads=opts["threads"])
     if policy != "resident":
         kw.update(mem=mem, link=link, prefetch_extra=opts["prefetch_extra"], int2_share=opts["int2_share"])
     m = fate.load(bundle, **kw)
@@ -241,19 +242,21 @@ class BenchSession:
             raise BundleError(f"{path}: no such bundle file")
         if path.is_dir():
             raise BundleError(f"{path} is a directory, not a bundle")
-        if threads is not None:
-            if threads < 1:
-                raise UsageError(f"-t {threads}: give at least 1 thread")
-            torch.set_num_threads(threads)
+        if threads is not None and threads < 1:
+            raise UsageError(f"-t {threads}: give at least 1 thread")
         self.bundle, self.n, self.reps, self.measure = path, n, reps, measure
-        self.opts = {"experts": experts, "prefetch_extra": prefetch_extra, "int2_share": int2_share}
-        self.threads = torch.get_num_threads()
+        # every model of the session, the reference and each run, computes with the same -t (a model applies
+        # its own thread split: fate's kernels get the threads where they compute, torch otherwise)
+        self.threads = threads if threads is not None else default_threads()
+        self.opts = {"experts": experts, "prefetch_extra": prefetch_extra, "int2_share": int2_share,
+                     "threads": self.threads}
 
         # the resident model: tokenizer, model figures, the optional integrity check and the warm-up
         try:
             # every expert read into memory (--no-mmap): computing from the map's 4 KiB pages measured up
             # to 1.4x slower per token on a 2-vCPU VM (TLB misses), a slower reference than offloading's slots
-            ref = fate.load(path, experts=experts, policy="resident", verify=verify, no_mmap=True)
+            ref = fate.load(path, experts=experts, policy="resident", verify=verify, no_mmap=True,
+                            threads=self.threads)
         except BundleError as e:  # the engine's advice names fate-run's flag; fate-bench's is the opposite
             raise BundleError(str(e).replace("run with --no-verify", "run without --verify")) from None
         try:
@@ -293,7 +296,7 @@ class BenchSession:
         # are fate's; lru spreads the same slots evenly, ondemand keeps top_k per layer)
         self.plans = {}
         for m in self.mems:
-            probe = fate.load(path, experts=experts, policy="fate", mem=m, verify=False)
+            probe = fate.load(path, experts=experts, policy="fate", mem=m, verify=False, threads=self.threads)
             try:
                 self.plans[m] = probe.plan.to_dict() if probe.plan is not None else None
             finally:
@@ -308,10 +311,11 @@ class BenchSession:
         and one measurement disturbed by a busy machine must not set the link speed of the session
         (the engine otherwise keeps whatever it measured first, for good)."""
         kernels = ref.options.kernels
-        key = P.profile_key(ref.bundle.path, ref.device, ref.dtype, ref.precision, kernels)
+        key = P.profile_key(ref.bundle.path, ref.device, ref.dtype, ref.precision, kernels, ref.threads)
         prof = None if reprofile else P.load_cached(key)
         fresh = prof is None
         if fresh:
+            ref.use_threads()  # measured with the session's -t, as its runs compute
             prof = min((P.measure(ref.config, ref.weights, ref.store, ref.device, ref.dtype, ref.precision, steps=8,
                                   kernels=kernels)
                         for _ in range(5)), key=lambda p: p.layer_decode_seconds)
@@ -399,15 +403,18 @@ class BenchSession:
         finally:
             bar.close()
         rows = [_config_row(p, m, ln, runs[(p, m, ln)]) for p, m, ln in configs]
+        res = next((r for r in rows if r["policy"] == "resident" and r["reps"]), None)
+        res_tps = res["decode"]["tokens_per_s"] if res else None
         for row in rows:
             sim = self.simulated.get((row["policy"], row["mem"], row["link"]))
             if sim is not None:
                 measured = _get(row, "decode", "tokens_per_s")
-                row["simulated"] = {**sim, "efficiency": _ratio(measured, sim["decode"]["tokens_per_s"])}
-        res = next((r for r in rows if r["policy"] == "resident" and r["reps"]), None)
+                anchored = _anchored(sim["decode"]["tokens_per_s"], sim["resident_tokens_per_s"], res_tps)
+                row["simulated"] = {**sim, "efficiency": _ratio(measured, sim["decode"]["tokens_per_s"]),
+                                    "anchored_tokens_per_s": anchored,
+                                    "anchored_efficiency": _ratio(measured, anchored)}
         base = {(r["mem"], r["link"]): r for r in rows if r["policy"] == "ondemand" and r["reps"]}
         blob = self.model_info["expert_blob_bytes"]
-        res_tps = res["decode"]["tokens_per_s"] if res else None
         res_layer_s = 1.0 / res_tps / self.model_info["n_layers"] if res_tps else None
         for row in rows:
             bps = row["link_bytes_per_s"]
@@ -522,22 +529,37 @@ def host_us_per_layer(row) -> float | None:
     return 1e6 * host / (tokens * layers)
 
 
+def _anchored(sim_tps: float, sim_resident_tps: float, measured_resident_tps: float | None) -> float | None:
+    """The simulated decode with the simulator's compute replaced by the resident run's measured compute:
+    per token, the measured resident time plus what the replay adds to its own resident time (stalls).
+    The profile's compute is the fastest of a few layer measurements and leaves out what is not a layer
+    (embedding, LM head, sampling), so the plain replay is faster than any run, resident included;
+    measured / anchored is what the engine itself loses (host work, and the link model's error)."""
+    if not sim_tps or not sim_resident_tps or not measured_resident_tps:
+        return None
+    t = 1.0 / measured_resident_tps + max(0.0, 1.0 / sim_tps - 1.0 / sim_resident_tps)
+    return 1.0 / t
+
+
 def simulated_text(rows: list[dict]) -> str:
     """The trace simulator's figures beside the measured ones: per configuration the simulated decode
     (zero host cost), its hit rate, the perfect-prediction bound, measured / simulated, and the measured
     host time per layer."""
     out = ["| policy | mem | link | sim decode t/s | sim x resident | sim hit rate | perfect x resident | "
-           "measured / sim | host µs/layer |", "| --- | --: | --- | --: | --: | --: | --: | --: | --: |"]
+           "measured / sim | anchored sim t/s | measured / anchored | host µs/layer |",
+           "| --- | --: | --- | --: | --: | --: | --: | --: | --: | --: | --: |"]
     for r in rows:
         sim = r.get("simulated")
         if not sim:
             continue
         res = sim["resident_tokens_per_s"]
+        anc = sim.get("anchored_tokens_per_s")
         hu = host_us_per_layer(r)
         out.append(f"| {r['policy']} | {r['mem']} | {link_column(r)} | {sim['decode']['tokens_per_s']:.1f} | "
                    f"{_fmt_x(_ratio(sim['decode']['tokens_per_s'], res))} | {_fmt_pct(sim['experts']['decode']['hit_rate'])} | "
                    f"{_fmt_x(_ratio(sim['perfect_tokens_per_s'], res))} | {_fmt_x(sim['efficiency'])} | "
-                   f"{'-' if hu is None else f'{hu:.0f}'} |")
+                   f"{'-' if anc is None else f'{anc:.1f}'} | "
+                   f"{_fmt_x(sim.get('anchored_efficiency'))} | {'-' if hu is None else f'{hu:.0f}'} |")
     return "\n".join(out) if len(out) > 2 else ""
 
 

@@ -24,7 +24,7 @@ import os
 import shutil
 import threading
 
-_NAME = "fate_copier_v5"  # change with the source: torch caches builds by name
+_NAME = "fate_copier_v6"  # change with the source: torch caches builds by name
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -114,14 +114,6 @@ class Copier {
     pybind11::gil_scoped_release nogil;
     std::memcpy((void*)dst, (const void*)src, n);
     spin_until_ns(done);
-  }
-
-  // of the tickets given, those done
-  std::vector<int64_t> done_of(const std::vector<int64_t>& tickets) {
-    std::vector<int64_t> out;
-    for (int64_t t : tickets)
-      if (state_[t % STATES].load(std::memory_order_acquire) >= DONE) out.push_back(t);
-    return out;
   }
 
   bool done(int64_t t) { return state_[t % STATES].load(std::memory_order_acquire) >= DONE; }
@@ -256,7 +248,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("done", &Copier::done)
       .def("wait", &Copier::wait)
       .def("cancel", &Copier::cancel)
-      .def("done_of", &Copier::done_of)
       .def("free_at", &Copier::free_at)
       .def("close", &Copier::close);
 }

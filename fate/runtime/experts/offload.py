@@ -130,12 +130,12 @@ class Offloader:
         cache, mover = self.cache, self.mover
         k = self.cfg.top_k
         cands = []
-        chance_of: dict[int, dict[int, float]] = {}
+        pred_of = {}
         next_misses = 0.0  # expected demand loads of layer i+1 as things stand: k less what the cache holds
         for pred in preds:
             j = pred.layer
             slot_of = cache.slot_of[j]
-            chance_of[j] = dict(zip(pred.experts, pred.chances))
+            pred_of[j] = pred
             held = 0.0
             for e, p in zip(pred.experts, pred.chances):
                 if slot_of[e] >= 0:
@@ -154,6 +154,7 @@ class Offloader:
         t_copy = self._t_copy
         host = self.host_prefetch_seconds
         victims: dict[int, list[int]] = {}  # per layer: its settled experts, the least likely first
+        chance_of: dict[int, dict[int, float]] = {}  # per layer: expert -> chance, made when a victim is needed
         for p, j, e in cands:
             finish = link_free + t_copy
             t_need = t_next + (j - layer - 1) * t_layer
@@ -166,7 +167,9 @@ class Offloader:
                 continue
             victim = None
             if cache.free_slots(j) == 0:
-                chances = chance_of[j]
+                chances = chance_of.get(j)
+                if chances is None:
+                    chances = chance_of[j] = dict(zip(pred_of[j].experts, pred_of[j].chances))
                 order = victims.get(j)
                 if order is None:  # sorted() is stable: ties keep the cache's own eviction order
                     order = victims[j] = sorted(cache.evictable(j), key=lambda v: chances.get(v, 0.0))

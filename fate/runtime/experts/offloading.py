@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from fate.formats import constants as C
+from fate.sysinfo import default_threads
 from fate.runtime.experts import profile as P
 from fate.runtime.experts.budget import BudgetPlan, plan_budget
 from fate.runtime.experts.link import LinkSpec, Throttle, parse_link, resolve_ratio
@@ -19,10 +20,10 @@ from fate.runtime.experts.transfer import TransferEngine
 
 
 def timing_profile(bundle, cfg, weights, store, device, dtype, precision: str, force: bool = False,
-                   kernels: str = "int8") -> P.TimingProfile:
-    """The cached timing profile of this bundle on this machine, measured first when there is none (or
-    when ``force``)."""
-    key = P.profile_key(bundle.path, device, dtype, precision, kernels)
+                   kernels: str = "int8", threads: int | None = None) -> P.TimingProfile:
+    """The cached timing profile of this bundle on this machine for a run of ``threads`` (-t), measured
+    first when there is none (or when ``force``)."""
+    key = P.profile_key(bundle.path, device, dtype, precision, kernels, threads)
     prof = None if force else P.load_cached(key)
     if prof is None:
         prof = P.measure(cfg, weights, store, device, dtype, precision, kernels=kernels)
@@ -88,12 +89,13 @@ class Offloading:
 
 def build(cfg, bundle, store, weights, opts, plan_: BudgetPlan, precision: str, device, dtype) -> Offloading:
     policy = opts.policy
+    threads = opts.threads or default_threads()  # the run's compute threads (fate's kernels or torch's)
     link = parse_link(opts.link)
     predicts = policy in ("fate", "paper")
     timing = None
     if predicts or link.kind == "ratio" or opts.profile:
         timing = timing_profile(bundle, cfg, weights, store, device, dtype, precision, force=opts.profile,
-                                kernels=opts.kernels)
+                                kernels=opts.kernels, threads=threads)
     slot_bytes = store.blob_bytes(precision)
     if link.kind == "ratio":
         link = resolve_ratio(link, timing.layer_decode_seconds, slot_bytes)
@@ -105,7 +107,8 @@ def build(cfg, bundle, store, weights, opts, plan_: BudgetPlan, precision: str, 
     evict = "lru" if policy == "lru" else opts.evict
     cache = ExpertCache(plan_.slots_per_layer, cfg.n_experts, policy=evict, on_evict=stats.evicted)
     copy_s = dict(timing.expert_copy_seconds) if timing is not None else None
-    transfer = TransferEngine(store, cache, slot_bytes, device, throttle, stats, copy_seconds=copy_s)
+    transfer = TransferEngine(store, cache, slot_bytes, device, throttle, stats, copy_seconds=copy_s,
+                              compute_threads=threads)
     predictor, extra, max_new = None, 0, None
     if predicts:
         rate = link.bytes_per_s if throttle else None

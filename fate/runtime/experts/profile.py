@@ -65,9 +65,13 @@ def cache_dir() -> Path:
 
 
 def profile_key(bundle_path: Path, device: torch.device, dtype: torch.dtype, precision: str = "",
-                kernels: str = "int8") -> str:
+                kernels: str = "int8", threads: int | None = None) -> str:
+    """The cache key of a profile: the bundle file as it is, the device, dtype, precision, kernels and the
+    run's -t (``threads``; torch's count where not given — which is 1 whenever fate's kernels take the
+    threads, so a run's own -t is what tells two runs apart)."""
     st = bundle_path.stat()
-    ident = (f"{bundle_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{device}|{dtype}|{torch.get_num_threads()}"
+    threads = torch.get_num_threads() if threads is None else threads
+    ident = (f"{bundle_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{device}|{dtype}|{threads}"
              f"|{precision}|{kernels}")
     return hashlib.sha256(ident.encode()).hexdigest()[:20]
 

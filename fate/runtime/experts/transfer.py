@@ -50,7 +50,8 @@ class TransferEngine:
     DEMAND = 0.0  # priority of a load a layer is waiting for
 
     def __init__(self, store, cache: ExpertCache, slot_bytes: int, device: torch.device, throttle=None, stats=None,
-                 copy_seconds: dict[str, float] | None = None, staging: int = 4):
+                 copy_seconds: dict[str, float] | None = None, staging: int = 4,
+                 compute_threads: int | None = None):
         self.store, self.cache, self.device, self.throttle, self.stats = store, cache, device, throttle, stats
         self.slot_bytes = slot_bytes
         self.buffers: dict[int, torch.Tensor] = {
@@ -64,9 +65,11 @@ class TransferEngine:
         self._outstanding: list[set[int]] = [set() for _ in cache.n_slots]  # slots with a native copy not seen done
         if not self._cuda and native_copier.available():
             rate = throttle.spec.bytes_per_s if throttle is not None and throttle.active else 0.0
-            # where the model's threads leave a core free, the copy thread polls for work between layers
-            # rather than sleeping (a wake-up per prefetch costs the model's thread 10-30 µs on a VM)
-            spare = _cpus() > torch.get_num_threads()
+            # where the model's compute threads (``compute_threads``: the run's -t, which fate's kernels or
+            # torch use) leave a core free, the copy thread polls for work between layers rather than
+            # sleeping (a wake-up per prefetch costs the model's thread 10-30 µs on a VM); where they do
+            # not, a polling copy thread would take turns with a compute thread
+            spare = _cpus() > (compute_threads or torch.get_num_threads())
             self._native = native_copier.Copier(rate, IDLE_SPIN_SECONDS if spare else 0.0)
         # what one copy takes: the profile's measurement (memcpy) or the emulated link's, whichever is slower
         self._copy_s = dict(copy_seconds or {})
@@ -163,10 +166,9 @@ class TransferEngine:
         if layer < 0:
             return
         out = self._outstanding[layer]
-        if out:
-            tickets = self._tickets
-            landed = set(self._native.done_of([tickets[(layer, s)][0] for s in out]))
-            for slot in [s for s in out if tickets[(layer, s)][0] in landed]:
+        if out:  # a layer has a few copies outstanding: one cheap native query each
+            tickets, done = self._tickets, self._native.done
+            for slot in [s for s in out if done(tickets[(layer, s)][0])]:
                 self._settle(layer, slot)
 
     def _settle(self, layer: int, slot: int) -> None:
