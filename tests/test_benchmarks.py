@@ -27,3 +27,24 @@ def test_imports_as_a_package_and_answers_help(name, monkeypatch, capsys):
         mod.parse_args() if name == "runtime" else mod.main()
     assert info.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: python -m benchmarks.{name}")
+
+
+def test_offload_pairs_measures_a_cell(converted):
+    """benchmarks.offload_pairs on a tiny bundle: the resident reference and a policy, rounds alternated; the
+    decode time splits into stall + host + rest, the ratios are against the same rounds' runs, and LRU's
+    greedy tokens are the resident run's."""
+    from benchmarks.offload_pairs import measure_cell
+
+    path = converted["qwen2_moe"][1]
+    m = __import__("fate").load(path, policy="resident")
+    ids = m.encode_prompt("The module defines functions")
+    m.close()
+    rows = measure_cell(str(path), "50%", "ratio:1", ["lru"], rounds=2, n=4, threads=1, prompt_ids=ids)
+    by = {r["policy"]: r for r in rows}
+    assert set(by) == {"resident", "lru"}
+    assert by["resident"]["x_resident"] == pytest.approx(1.0) and by["resident"]["stall_ms"] == 0.0
+    lru = by["lru"]
+    assert lru["emulated"] and "emulated" in lru["link"] and lru["mem"] == "50%"
+    assert lru["tokens_equal_resident"] and lru["x_lru"] == pytest.approx(1.0)
+    assert 0.0 <= lru["hit_rate"] <= 1.0 and lru["stall_ms"] > 0.0  # a 50 % cache over ratio:1 waits for copies
+    assert lru["decode_ms_per_token"] > 0 and lru["rest_ms"] > 0

@@ -112,3 +112,21 @@ def test_free_at_counts_what_is_queued(setup):
     for s in range(3):
         t.wait(layer, s)
     t.close()
+
+
+def test_queued_copies_run_back_to_back_on_the_links_timeline(setup):
+    """Three queued copies of 0.1 s take 0.3 s of link from the first submission: never less (the link's
+    rate), and the copy thread's sleeps do not add their wake-up lateness to the timeline (each queued copy
+    starts when the one before it ended, not when the thread woke)."""
+    m, layer, n, engine = setup
+    t, cache = engine(0.1)
+    slots = [_reserve(cache, layer, e) for e in range(3)]
+    t0 = time.perf_counter()
+    for i, s in enumerate(slots):
+        t.prefetch(layer, s, 1.0 + i)
+    t.wait(layer, slots[-1])
+    elapsed = time.perf_counter() - t0
+    assert 0.3 - 1e-3 <= elapsed < 0.4
+    assert all(t.wait(layer, s) < 0.01 for s in slots[:-1])  # the earlier ones had landed by then
+    assert all(_landed(t, m, layer, s, e, n) for e, s in enumerate(slots))
+    t.close()
