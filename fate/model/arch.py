@@ -108,12 +108,18 @@ def _common(hf: dict, model_type: str, rms_eps_default: float = 1e-6) -> dict:
     )
 
 
-def _qwen2_moe(hf: dict) -> ModelConfig:
-    n_layers = int(hf["num_hidden_layers"])
+def _qwen_moe_layers(hf: dict, *expert_keys: str) -> tuple[int, list[bool]]:
+    """Qwen-MoE's layer pattern: (experts, which layers are MoE) — every ``decoder_sparse_step``-th layer
+    not listed in ``mlp_only_layers``, where there are experts at all."""
     step = int(_get(hf, "decoder_sparse_step", default=1))
     mlp_only = set(_get(hf, "mlp_only_layers", default=[]) or [])
-    n_exp = int(_get(hf, "num_experts", default=0))
-    moe = [(i not in mlp_only) and n_exp > 0 and (i + 1) % step == 0 for i in range(n_layers)]
+    n_exp = int(_get(hf, *expert_keys, default=0))
+    layers = range(int(hf["num_hidden_layers"]))
+    return n_exp, [(i not in mlp_only) and n_exp > 0 and (i + 1) % step == 0 for i in layers]
+
+
+def _qwen2_moe(hf: dict) -> ModelConfig:
+    n_exp, moe = _qwen_moe_layers(hf, "num_experts")
     shared = int(_get(hf, "shared_expert_intermediate_size", default=5632))  # transformers' default
     return ModelConfig(
         **_common(hf, "qwen2_moe"),
@@ -130,11 +136,7 @@ def _qwen2_moe(hf: dict) -> ModelConfig:
 
 
 def _qwen3_moe(hf: dict) -> ModelConfig:
-    n_layers = int(hf["num_hidden_layers"])
-    step = int(_get(hf, "decoder_sparse_step", default=1))
-    mlp_only = set(_get(hf, "mlp_only_layers", default=[]) or [])
-    n_exp = int(_get(hf, "num_experts", "num_local_experts", default=0))  # transformers 5 saves the latter
-    moe = [(i not in mlp_only) and n_exp > 0 and (i + 1) % step == 0 for i in range(n_layers)]
+    n_exp, moe = _qwen_moe_layers(hf, "num_experts", "num_local_experts")  # transformers 5 saves the latter
     return ModelConfig(
         **_common(hf, "qwen3_moe"),
         n_experts=n_exp,
