@@ -345,6 +345,43 @@ void quant_rows(const float* x, int64_t K, int64_t t0, int64_t t1, int8_t* q, fl
   }
 }
 
+// Several tokens on rows n0 .. n1-1 of a 4- or 2-bit matrix (G groups and ldw code bytes a row): rows in blocks
+// whose codes stay in L1/L2 while every token passes, four tokens at a time (Tile::run<R>: R tokens, one row)
+struct Q4Tile {
+  template <int R>
+  static void run(const Act8& a, const uint8_t* w, const float* S, const float* SZ, int64_t t0, float* out, int64_t ldo) {
+    q4_tokens<R>(a, w, S, SZ, t0, out, ldo);
+  }
+};
+struct Q2Tile {
+  template <int R>
+  static void run(const Act8& a, const uint8_t* w, const float* S, const float* SZ, int64_t t0, float* out, int64_t ldo) {
+    q2_tokens<R>(a, w, S, SZ, t0, out, ldo);
+  }
+};
+
+template <class Tile>
+void tiles_i8(const Act8& a, const Mat& m, int64_t G, int64_t ldw, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  float S[MAX_GROUPS], SZ[MAX_GROUPS];
+  constexpr int64_t RB = 32;  // rows per block
+  for (int64_t nb = n0; nb < n1; nb += RB) {
+    const int64_t ne = nb + RB < n1 ? nb + RB : n1;
+    for (int64_t t0 = 0; t0 < a.T; t0 += 4) {
+      const int64_t rt = a.T - t0 < 4 ? a.T - t0 : 4;
+      for (int64_t n = nb; n < ne; ++n) {
+        halves(m.scale + n * G, m.zero + n * G, G, S, SZ);
+        const uint8_t* w = static_cast<const uint8_t*>(m.codes) + n * ldw;
+        switch (rt) {
+          case 4: Tile::template run<4>(a, w, S, SZ, t0, out + n, ldo); break;
+          case 3: Tile::template run<3>(a, w, S, SZ, t0, out + n, ldo); break;
+          case 2: Tile::template run<2>(a, w, S, SZ, t0, out + n, ldo); break;
+          default: Tile::template run<1>(a, w, S, SZ, t0, out + n, ldo);
+        }
+      }
+    }
+  }
+}
+
 // out[t * ldo + n] for rows n0 .. n1-1 and every token of a
 void q4_i8(const Act8& a, const Mat& m, int64_t n0, int64_t n1, float* out, int64_t ldo) {
   if (a.T == 1) {
@@ -353,47 +390,11 @@ void q4_i8(const Act8& a, const Mat& m, int64_t n0, int64_t n1, float* out, int6
     for (; n < n1; ++n) q4_rows<1>(a, m, n, out);
     return;
   }
-  const int64_t G = m.K / 64, ldw = m.K / 2;
-  float S[MAX_GROUPS], SZ[MAX_GROUPS];
-  constexpr int64_t RB = 32;  // rows per block: their codes stay in L1/L2 while every token passes
-  for (int64_t nb = n0; nb < n1; nb += RB) {
-    const int64_t ne = nb + RB < n1 ? nb + RB : n1;
-    for (int64_t t0 = 0; t0 < a.T; t0 += 4) {
-      const int64_t rt = a.T - t0 < 4 ? a.T - t0 : 4;
-      for (int64_t n = nb; n < ne; ++n) {
-        halves(m.scale + n * G, m.zero + n * G, G, S, SZ);
-        const uint8_t* w = static_cast<const uint8_t*>(m.codes) + n * ldw;
-        switch (rt) {
-          case 4: q4_tokens<4>(a, w, S, SZ, t0, out + n, ldo); break;
-          case 3: q4_tokens<3>(a, w, S, SZ, t0, out + n, ldo); break;
-          case 2: q4_tokens<2>(a, w, S, SZ, t0, out + n, ldo); break;
-          default: q4_tokens<1>(a, w, S, SZ, t0, out + n, ldo);
-        }
-      }
-    }
-  }
+  tiles_i8<Q4Tile>(a, m, m.K / 64, m.K / 2, n0, n1, out, ldo);
 }
 
 void q2_i8(const Act8& a, const Mat& m, int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  const int64_t G = m.K / 32, ldw = m.K / 4;
-  float S[MAX_GROUPS], SZ[MAX_GROUPS];
-  constexpr int64_t RB = 32;
-  for (int64_t nb = n0; nb < n1; nb += RB) {
-    const int64_t ne = nb + RB < n1 ? nb + RB : n1;
-    for (int64_t t0 = 0; t0 < a.T; t0 += 4) {
-      const int64_t rt = a.T - t0 < 4 ? a.T - t0 : 4;
-      for (int64_t n = nb; n < ne; ++n) {
-        halves(m.scale + n * G, m.zero + n * G, G, S, SZ);
-        const uint8_t* w = static_cast<const uint8_t*>(m.codes) + n * ldw;
-        switch (rt) {
-          case 4: q2_tokens<4>(a, w, S, SZ, t0, out + n, ldo); break;
-          case 3: q2_tokens<3>(a, w, S, SZ, t0, out + n, ldo); break;
-          case 2: q2_tokens<2>(a, w, S, SZ, t0, out + n, ldo); break;
-          default: q2_tokens<1>(a, w, S, SZ, t0, out + n, ldo);
-        }
-      }
-    }
-  }
+  tiles_i8<Q2Tile>(a, m, m.K / 32, m.K / 4, n0, n1, out, ldo);
 }
 
 void q8_i8(const Act8& a, const Mat& m, int64_t n0, int64_t n1, float* out, int64_t ldo) {
