@@ -288,6 +288,8 @@ def test_prefetches_queue_after_the_layers_own_loads(converted, policy):
     assert kinds[cfg.top_k:] and all(layer == 2 and not d for layer, d in kinds[cfg.top_k:])  # then prefetches
     assert set(j[1] for j in rec.jobs[:cfg.top_k]) == set(ids[0].tolist())
     rec.jobs.clear()
+    for s in range(cache.n_slots[2]):  # the link idle again (the Python worker counts queued copies as busy)
+        rec.real.wait(2, s)
     ex.on_gate_input(0, g)  # dense layer 0 names layer 1's: queued at once
     assert rec.jobs and {j[0] for j in rec.jobs} == {1}
     rec.real.close()
@@ -325,3 +327,54 @@ def test_native_one_token_ranking_equals_numpy(converted, monkeypatch):
 
     assert named(True) == named(False) and named(True)
     m.close()
+
+
+def test_native_value_rule_equals_its_reference():
+    """The value rule's native decisions (:mod:`fate.runtime.experts.native_policy`) are its Python reference's
+    (``offload.value_plan``), decision for decision, on random cache states, predictions (ties and zero
+    chances included) and link clocks; and the states are varied enough that both free slots and victims
+    are taken, and some candidates are refused."""
+    import random
+    from types import SimpleNamespace
+
+    from fate.runtime.experts import copier
+    from fate.runtime.experts.offload import value_plan
+    from fate.runtime.experts.prefetch import Prediction
+
+    native = copier.value_plan()
+    if native is None:
+        pytest.skip(f"native extension not built: {copier.why}")
+    rng = random.Random(0)
+    seen = {"free": 0, "victim": 0, "refused": 0}
+    L = 8
+    for _ in range(3000):
+        E, k, n_slots = rng.choice((8, 16, 64)), rng.choice((1, 2, 4)), rng.randint(1, 12)
+        layer = rng.randint(-1, 4)
+        slot_of = [[-1] * E for _ in range(L)]
+        pending = [[rng.random() < 0.3 for _ in range(n_slots)] for _ in range(L)]
+        order, n_free, preds = {}, {}, []
+        for j in range(L):
+            full = min(E, n_slots)
+            resident = rng.sample(range(E), full if rng.random() < 0.5 else rng.randint(0, full))
+            for s, e in enumerate(resident):
+                slot_of[j][e] = s
+            order[j], n_free[j] = rng.sample(resident, len(resident)), n_slots - len(resident)
+        for a in (1, 2)[:rng.randint(1, 2)]:
+            ranked = rng.sample(range(E), rng.randint(0, min(E, 2 * k + 2)))
+            levels = (0.0, 0.25, 0.5, 0.9)
+            chances = [rng.choice(levels) if rng.random() < 0.5 else rng.random() for _ in ranked]
+            preds.append(Prediction(layer + a, a, ranked, chances))
+        cache = SimpleNamespace(slot_of=slot_of, pending=pending, free_slots=n_free.__getitem__,
+                                resident=lambda j: list(order[j]))
+        t_layer = rng.choice((0.0, 1e-4, 3e-4))
+        t_copy = rng.choice((1e-9, 5e-5, 3e-4, 9e-4))
+        now = 1.0 + rng.random() * 1e-3
+        link_free = now + rng.choice((0.0, 1e-4, 6e-4))
+        args = (layer, k, now, link_free, t_layer, t_copy, 1e-5, preds, cache)
+        want = value_plan(*args)
+        assert list(native(*args)) == want
+        seen["free"] += sum(v < 0 for _, _, v, _ in want)
+        seen["victim"] += sum(v >= 0 for _, _, v, _ in want)
+        cands = sum(1 for q in preds for e, p in zip(q.experts, q.chances) if slot_of[q.layer][e] < 0 and p > 0)
+        seen["refused"] += cands - len(want)
+    assert min(seen.values()) > 100, seen

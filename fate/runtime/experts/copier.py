@@ -15,16 +15,19 @@ sleeping thread's CPU halts, and a virtual one then runs the next microseconds o
 slower), as a CUDA event synchronize does by default.
 
 Built on first use with torch's cpp_extension (g++; a few seconds, once per machine); where it cannot be
-built, :func:`available` is False and the TransferEngine keeps its Python worker.
+built, :func:`available` is False and the TransferEngine keeps its Python worker.  The same extension
+carries the policy's decode hot paths (:mod:`.native_policy`): :func:`rank_topn` and :func:`value_plan`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import threading
 
-_NAME = "fate_copier_v6"  # change with the source: torch caches builds by name
+from fate.runtime.experts import native_policy
+
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -200,47 +203,12 @@ class Copier {
   std::thread worker_;
 };
 
-// The one-token prediction (fate.runtime.experts.prefetch): scores = W x for the stacked routers W
-// [groups * E, H] (float32, row-major) and x [H], then each group's top n experts by score, ties to the
-// lower id (numpy's stable argsort of -scores) — one call instead of a product, a sort and their copies.
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-static void scores_of(const float* W, const float* x, int64_t rows, int64_t H, float* s) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* w = W + r * H;
-    float acc[16] = {0};
-    int64_t h = 0;
-    for (; h + 16 <= H; h += 16)
-      for (int i = 0; i < 16; ++i) acc[i] += w[h + i] * x[h + i];
-    float t = 0;
-    for (; h < H; ++h) t += w[h] * x[h];
-    for (int i = 0; i < 16; ++i) t += acc[i];
-    s[r] = t;
-  }
-}
+"""
 
-static std::vector<std::vector<int64_t>> rank_topn(int64_t w_ptr, int64_t x_ptr, int64_t groups, int64_t E,
-                                                   int64_t H, int64_t n) {
-  const float* W = (const float*)w_ptr;
-  const float* x = (const float*)x_ptr;
-  std::vector<float> s(groups * E);
-  scores_of(W, x, groups * E, H, s.data());
-  n = std::min(n, E);
-  std::vector<std::vector<int64_t>> out(groups);
-  std::vector<int64_t> idx(E);
-  for (int64_t g = 0; g < groups; ++g) {
-    const float* sg = s.data() + g * E;
-    for (int64_t e = 0; e < E; ++e) idx[e] = e;
-    std::partial_sort(idx.begin(), idx.begin() + n, idx.end(),
-                      [sg](int64_t a, int64_t b) { return sg[a] > sg[b] || (sg[a] == sg[b] && a < b); });
-    out[g].assign(idx.begin(), idx.begin() + n);
-  }
-  return out;
-}
-
+_BINDINGS = r"""
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rank_topn", &rank_topn);
+  m.def("value_plan", &value_plan);
   pybind11::class_<Copier>(m, "Copier")
       .def(pybind11::init<double, double>())
       .def("submit", &Copier::submit)
@@ -252,6 +220,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("close", &Copier::close);
 }
 """
+
+_FULL_SOURCE = _SOURCE + native_policy.SOURCE + _BINDINGS
+_NAME = "fate_copier_" + hashlib.sha1(_FULL_SOURCE.encode()).hexdigest()[:10]  # torch caches builds by name
 
 _lock = threading.Lock()
 _module = None
@@ -274,7 +245,7 @@ def _load():
         try:
             from torch.utils import cpp_extension as X  # pulls in setuptools: only when the copier loads
 
-            _module = X.load_inline(_NAME, cpp_sources=_SOURCE, extra_cflags=["-O3", "-std=c++20"], verbose=False)
+            _module = X.load_inline(_NAME, cpp_sources=_FULL_SOURCE, extra_cflags=["-O3", "-std=c++20"], verbose=False)
         except Exception as e:  # no ninja, a broken toolchain, ...: the Python worker serves
             why = f"the copier did not build ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             _module = None
@@ -296,3 +267,10 @@ def rank_topn():
     (see the source), or None where the extension is not built."""
     mod = _load()
     return None if mod is None else mod.rank_topn
+
+
+def value_plan():
+    """The native value-rule decisions (:mod:`.native_policy`; the arguments of
+    :func:`fate.runtime.experts.offload.value_plan`), or None where the extension is not built."""
+    mod = _load()
+    return None if mod is None else mod.value_plan

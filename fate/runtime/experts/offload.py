@@ -36,6 +36,7 @@ import torch
 from fate.errors import EngineError
 from fate.model.experts import ExpertRows
 from fate.quant.expert import ExpertCompute, ExpertView
+from fate.runtime.experts import copier as native
 from fate.runtime.experts.hybrid import RANK, hybrid_precisions
 from fate.runtime.experts.prefetch import Prediction, Predictor
 from fate.runtime.experts.residency import ExpertCache
@@ -49,6 +50,66 @@ RULES = ("value", "window")  # fate's expected-value prefetch; the paper's top-(
 # cheaper than a prediction, fate's value rule does not predict at all (a memcpy without an emulated link).
 HOST_PREFETCH_SECONDS = 10e-6
 HOST_PREDICT_SECONDS = 30e-6
+
+
+def value_plan(layer: int, k: int, now: float, link_free: float, t_layer: float, t_copy: float, host: float,
+               preds: Sequence[Prediction], cache: ExpertCache) -> list[tuple[int, int, int, float]]:
+    """The value rule's prefetch decisions at ``layer``'s gate input (the module's docstring) for the
+    predictions ``preds`` and the state of ``cache`` (read only): ``now`` and ``link_free`` are the link's
+    clock and when it will be idle, ``t_layer`` one layer's compute, ``t_copy`` one copy and ``host`` what
+    queueing one costs the model's thread.  Returns ``(layer, expert, victim, chance)`` per copy to queue, in
+    order; ``victim`` -1: a free slot, else the expert whose slot it takes.  The reference of the native
+    version (:mod:`.native_policy`), which runs where it is built."""
+    cands = []
+    next_misses = 0.0  # expected demand loads of layer i+1 as things stand: k less what the cache holds
+    for i, pred in enumerate(preds):
+        slot_of = cache.slot_of[pred.layer]
+        held = 0.0
+        for e, p in zip(pred.experts, pred.chances):
+            if slot_of[e] >= 0:
+                held += p
+            elif p > 0.0:
+                cands.append((p, i, e))
+        if pred.ahead == 1:
+            next_misses = max(0.0, k - held)
+    out: list[tuple[int, int, int, float]] = []
+    if not cands:
+        return out
+    cands.sort(key=lambda c: -c[0])  # the likeliest first, whatever the layer (stable: then by rank)
+    t_next = now + t_layer  # layer i+1's demand loads: one layer's compute from now
+    free: dict[int, int] = {}
+    victims: dict[int, list[tuple[float, int]]] = {}  # per prediction: its settled experts, the least likely first
+    for p, i, e in cands:
+        j = preds[i].layer
+        finish = link_free + t_copy
+        t_need = t_next + (j - layer - 1) * t_layer
+        overrun = max(0.0, finish - t_next) - max(0.0, link_free - t_next)  # delay to layer i+1's loads
+        if overrun > 0.0 and t_next + t_copy <= t_need:
+            continue  # started at the next layer it still lands in time, with a fresher prediction
+        saved = p * (t_copy - max(0.0, finish - t_need))
+        cost = max(0.0, next_misses - (p if j == layer + 1 else 0.0)) * overrun + host
+        if saved <= cost:
+            continue
+        if i not in free:
+            free[i] = cache.free_slots(j)
+        victim = -1
+        if free[i] == 0:
+            order = victims.get(i)
+            if order is None:  # sorted() is stable: ties keep the cache's own eviction order
+                chance = dict(zip(preds[i].experts, preds[i].chances))
+                slot_of, pending = cache.slot_of[j], cache.pending[j]
+                settled = [x for x in cache.resident(j) if slot_of[x] >= 0 and not pending[slot_of[x]]]
+                order = victims[i] = sorted(((chance.get(x, 0.0), x) for x in settled), key=lambda v: v[0])
+            if not order or saved <= cost + order[0][0] * t_copy:
+                continue  # nothing to evict, or what it evicts is worth as much
+            victim = order.pop(0)[1]
+        else:
+            free[i] -= 1
+        out.append((j, e, victim, p))
+        link_free = finish
+        if j == layer + 1:
+            next_misses = max(0.0, next_misses - p)
+    return out
 
 
 class Offloader:
@@ -77,6 +138,7 @@ class Offloader:
         self._named: dict[int, set[int]] = {}  # layer -> experts its one-layer-ahead prediction named
         self._queued: list[list[int]] = [[] for _ in range(cfg.n_layers)]  # slots holding a queued prefetch
         k = cfg.top_k
+        self._value_plan = False  # the native value rule, or the reference: resolved on first use
         self._limit = {j: min(cfg.n_experts, n, k + extra) for j, n in enumerate(cache.n_slots) if n > 0}
 
     # -- prediction and prefetching ---------------------------------------------------------------
@@ -128,65 +190,13 @@ class Offloader:
 
     def _prefetch_by_value(self, layer: int, preds: Sequence[Prediction]) -> None:
         cache, mover = self.cache, self.mover
-        k = self.cfg.top_k
-        cands = []
-        pred_of = {}
-        next_misses = 0.0  # expected demand loads of layer i+1 as things stand: k less what the cache holds
-        for pred in preds:
-            j = pred.layer
-            slot_of = cache.slot_of[j]
-            pred_of[j] = pred
-            held = 0.0
-            for e, p in zip(pred.experts, pred.chances):
-                if slot_of[e] >= 0:
-                    held += p
-                elif p > 0.0:
-                    cands.append((p, j, e))
-            if pred.ahead == 1:
-                next_misses = max(0.0, k - held)
-        if not cands:
-            return
-        cands.sort(key=lambda c: -c[0])  # the likeliest first, whatever the layer
-        now = mover.now()
-        link_free = mover.free_at()
-        t_layer = self.layer_seconds
-        t_next = now + t_layer  # layer i+1's demand loads: one layer's compute from now
-        t_copy = self._t_copy
-        host = self.host_prefetch_seconds
-        victims: dict[int, list[int]] = {}  # per layer: its settled experts, the least likely first
-        chance_of: dict[int, dict[int, float]] = {}  # per layer: expert -> chance, made when a victim is needed
-        for p, j, e in cands:
-            finish = link_free + t_copy
-            t_need = t_next + (j - layer - 1) * t_layer
-            overrun = max(0.0, finish - t_next) - max(0.0, link_free - t_next)  # delay to layer i+1's loads
-            if overrun > 0.0 and t_next + t_copy <= t_need:
-                continue  # started at the next layer it still lands in time, with a fresher prediction
-            saved = p * (t_copy - max(0.0, finish - t_need))
-            cost = max(0.0, next_misses - (p if j == layer + 1 else 0.0)) * overrun + host
-            if saved <= cost:
-                continue
-            victim = None
-            if cache.free_slots(j) == 0:
-                chances = chance_of.get(j)
-                if chances is None:
-                    chances = chance_of[j] = dict(zip(pred_of[j].experts, pred_of[j].chances))
-                order = victims.get(j)
-                if order is None:  # sorted() is stable: ties keep the cache's own eviction order
-                    order = victims[j] = sorted(cache.evictable(j), key=lambda v: chances.get(v, 0.0))
-                if not order:
-                    continue
-                victim = order[0]
-                if saved <= cost + chances.get(victim, 0.0) * t_copy:
-                    continue
-                order.pop(0)
-            s = cache.reserve(j, e, self.decode_precision, prefetched=True, victim=victim)
-            if s < 0:
-                continue
+        if self._value_plan is False:
+            self._value_plan = native.value_plan() or value_plan
+        for j, e, victim, p in self._value_plan(layer, self.cfg.top_k, mover.now(), mover.free_at(), self.layer_seconds,
+                                                self._t_copy, self.host_prefetch_seconds, preds, cache):
+            s = cache.reserve(j, e, self.decode_precision, prefetched=True, victim=None if victim < 0 else victim)
             mover.prefetch(j, s, 2.0 - p)  # the likelier first, all behind any demand load
             self._queued[j].append(s)
-            link_free = finish
-            if j == layer + 1:
-                next_misses = max(0.0, next_misses - p)
 
     def _cancel_unneeded(self, layer: int, want: dict[int, str]) -> None:
         """Prefetches for ``layer`` that it turned out not to need and that are still queued are cancelled:

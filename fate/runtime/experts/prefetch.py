@@ -29,7 +29,7 @@ from fate.runtime.experts.hybrid import hybrid_precisions
 AHEAD = (1, 2)  # layers ahead the predictor names experts for
 
 
-@dataclass
+@dataclass(slots=True)
 class Prediction:
     """Candidates for one layer, best first: decode — the experts ranked by the router's score on an
     earlier gate input (``ahead`` layers earlier), each with its calibrated chance of being needed;
@@ -98,6 +98,7 @@ class Predictor:
         self._addr = {i: w.data_ptr() for i, w in self._stack.items()}
         self.E, self.H = E, (next(iter(self._stack.values())).shape[1] if self._stack else 0)
         self._rank_native = False  # resolved on the first one-token prediction (the extension builds once)
+        self._sizes: dict[int, tuple] = {}  # layer -> (limit, n, per layer ahead: what is kept), see _sizes_for
 
     def targets(self, layer: int) -> list[int]:
         """The layers a prediction at ``layer``'s gate input names experts for."""
@@ -117,16 +118,29 @@ class Predictor:
             if self._rank_native is False:
                 self._rank_native = native.rank_topn()
             if self._rank_native is not None:
-                n = min(self.E, max(limit.get(j, 0) for j in targets))
+                sizes = self._sizes.get(layer)
+                if sizes is None or sizes[0] is not limit:
+                    sizes = self._sizes[layer] = self._sizes_for(layer, targets, limit)
+                _, n, made = sizes
                 if n <= 0:
                     return []
                 if not x.is_contiguous():
                     x = x.contiguous()
                 order = self._rank_native(self._addr[layer], x.data_ptr(), len(targets), self.E, self.H, n)
-                return self._predictions(layer, targets, order, n, limit)
+                return [Prediction(j, a, ranked[:m], chances) for (j, a, m, chances), ranked in zip(made, order) if m > 0]
             scores = self._stack_np[layer] @ x.numpy()[0]
             return self._rank_one(layer, targets, scores, limit)
         return self.rank(layer, x @ self._stack[layer].T, limit)
+
+    def _sizes_for(self, layer: int, targets: list[int], limit: dict[int, int]):
+        """What a one-token prediction at ``layer`` under ``limit`` ranks (``n``) and keeps per layer ahead
+        (``(layer, ahead, m, chances of ranks < m)``), worked out once per limit: the hot path only slices."""
+        n = min(self.E, max(limit.get(j, 0) for j in targets))
+        made = []
+        for j in targets:
+            m = min(n, limit.get(j, 0))
+            made.append((j, j - layer, m, self.chances[j - layer - 1][j][:m]))
+        return limit, n, made
 
     def _rank_one(self, layer: int, targets: list[int], scores: np.ndarray, limit: dict[int, int]) -> list[Prediction]:
         E = self.E
