@@ -378,3 +378,46 @@ def test_native_value_rule_equals_its_reference():
         cands = sum(1 for q in preds for e, p in zip(q.experts, q.chances) if slot_of[q.layer][e] < 0 and p > 0)
         seen["refused"] += cands - len(want)
     assert min(seen.values()) > 100, seen
+
+
+def test_fused_prediction_and_value_rule_equal_the_two_steps(converted):
+    """fate's decode hot path in one native call (``Predictor.predict_value``) names the same experts and
+    takes the same decisions as the prediction followed by the value rule's reference, on a real model's
+    routers with random gate inputs, cache states and link clocks."""
+    import random
+
+    from fate.runtime.experts import copier
+    from fate.runtime.experts.offload import value_plan
+    from fate.runtime.experts.prefetch import Predictor, rank_chances
+    from fate.runtime.experts.residency import ExpertCache
+
+    if copier.predict_value() is None:
+        pytest.skip(f"native extension not built: {copier.why}")
+    m = fate.load(converted["qwen3_moe"][1], experts="q4", device="cpu")
+    cfg = m.config
+    routers = {i: m.weights.get(C.T_FFN_GATE_INP.format(i=i)) for i in cfg.moe_layer_ids}
+    p = Predictor(cfg, routers, rank_chances(m.bundle, cfg), decode_precision="q4", low_precision=None, int2_share=0.0)
+    rng = random.Random(3)
+    gen = torch.Generator().manual_seed(3)
+    decided = 0
+    for _ in range(300):
+        n_slots = rng.randint(1, cfg.n_experts)
+        cache = ExpertCache([n_slots] * cfg.n_layers, cfg.n_experts)
+        for j in range(cfg.n_layers):
+            for e in rng.sample(range(cfg.n_experts), rng.randint(0, n_slots)):
+                s = cache.reserve(j, e, "q4", prefetched=False)
+                if rng.random() < 0.7:
+                    cache.landed(j, s, cache.gen[j][s])
+        limit = {j: min(n_slots, cfg.top_k + rng.randint(0, 3)) for j in range(cfg.n_layers)}
+        layer = rng.randint(-1, cfg.n_layers - 2)
+        g = torch.randn(1, cfg.hidden_size, generator=gen)
+        plan = (cfg.top_k, 1.0, 1.0 + rng.choice((0.0, 1e-4, 5e-4)), rng.choice((1e-4, 3e-4)),
+                rng.choice((5e-5, 2e-4, 6e-4)), 1e-5)
+        preds = p.predict(layer, g, limit)
+        named = next((q.experts for q in preds if q.ahead == 1), None)
+        want = (named, value_plan(layer, *plan, preds, cache))
+        got = p.predict_value(layer, g, limit, plan, cache)
+        assert (got[0], list(got[1])) == want
+        decided += len(want[1])
+    assert decided > 50
+    m.close()

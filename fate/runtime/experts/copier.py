@@ -16,7 +16,8 @@ slower), as a CUDA event synchronize does by default.
 
 Built on first use with torch's cpp_extension (g++; a few seconds, once per machine); where it cannot be
 built, :func:`available` is False and the TransferEngine keeps its Python worker.  The same extension
-carries the policy's decode hot paths (:mod:`.native_policy`): :func:`rank_topn` and :func:`value_plan`.
+carries the policy's decode hot paths (:mod:`.native_policy`): :func:`rank_topn`, :func:`value_plan` and
+:func:`predict_value`.
 """
 
 from __future__ import annotations
@@ -209,6 +210,7 @@ _BINDINGS = r"""
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rank_topn", &rank_topn);
   m.def("value_plan", &value_plan);
+  m.def("predict_value", &predict_value);
   pybind11::class_<Copier>(m, "Copier")
       .def(pybind11::init<double, double>())
       .def("submit", &Copier::submit)
@@ -274,3 +276,10 @@ def value_plan():
     :func:`fate.runtime.experts.offload.value_plan`), or None where the extension is not built."""
     mod = _load()
     return None if mod is None else mod.value_plan
+
+
+def predict_value():
+    """The native one-token prediction and value rule in one call (:mod:`.native_policy`), or None where
+    the extension is not built."""
+    mod = _load()
+    return None if mod is None else mod.predict_value

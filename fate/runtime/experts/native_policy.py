@@ -1,13 +1,15 @@
 """The offloading policy's decode hot paths in C++, compiled into the copier's extension (:mod:`.copier`
-builds it; its ``rank_topn()`` and ``value_plan()`` hand them out, or None where it is not built).
+builds it; its ``rank_topn()``, ``value_plan()`` and ``predict_value()`` hand them out, or None where it is not built).
 
 * ``rank_topn``: the one-token prediction (:mod:`.prefetch`): the stacked routers' product and each layer's
   top experts in one call;
 * ``value_plan``: the value rule's prefetch decisions (:mod:`.offload`), the same arithmetic in the same
   order as its Python reference :func:`fate.runtime.experts.offload.value_plan`, which serves where the
-  extension is not built; a test holds the two equal.
+  extension is not built; a test holds the two equal;
+* ``predict_value``: the two in one call, fate's decode hot path (:meth:`.prefetch.Predictor.predict_value`).
 
-Plain functions of their arguments: they read no cache and queue no copy.
+They read the cache (in place: a Python list item is cheaper to read than to convert) and change nothing:
+the caller reserves the slots and queues the copies.
 """
 
 SOURCE = r"""
@@ -31,14 +33,13 @@ static void scores_of(const float* W, const float* x, int64_t rows, int64_t H, f
   }
 }
 
-static std::vector<std::vector<int64_t>> rank_topn(int64_t w_ptr, int64_t x_ptr, int64_t groups, int64_t E,
-                                                   int64_t H, int64_t n) {
-  const float* W = (const float*)w_ptr;
-  const float* x = (const float*)x_ptr;
+// each group's top n experts (ties to the lower id) into out[g]
+static void top_n(const float* W, const float* x, int64_t groups, int64_t E, int64_t H, int64_t n,
+                  std::vector<std::vector<int64_t>>& out) {
   std::vector<float> s(groups * E);
   scores_of(W, x, groups * E, H, s.data());
   n = std::min(n, E);
-  std::vector<std::vector<int64_t>> out(groups);
+  out.assign(groups, {});
   std::vector<int64_t> idx(E);
   for (int64_t g = 0; g < groups; ++g) {
     const float* sg = s.data() + g * E;
@@ -47,9 +48,14 @@ static std::vector<std::vector<int64_t>> rank_topn(int64_t w_ptr, int64_t x_ptr,
                       [sg](int64_t a, int64_t b) { return sg[a] > sg[b] || (sg[a] == sg[b] && a < b); });
     out[g].assign(idx.begin(), idx.begin() + n);
   }
-  return out;
 }
 
+static std::vector<std::vector<int64_t>> rank_topn(int64_t w_ptr, int64_t x_ptr, int64_t groups, int64_t E,
+                                                   int64_t H, int64_t n) {
+  std::vector<std::vector<int64_t>> out;
+  top_n((const float*)w_ptr, (const float*)x_ptr, groups, E, H, n, out);
+  return out;
+}
 
 // The value rule's decisions for one decode step: the same arithmetic, in the same order, as its Python
 // reference ``value_plan`` (fate.runtime.experts.offload, which documents the arguments): the predictions
@@ -60,33 +66,37 @@ namespace py = pybind11;
 
 static inline int64_t int_at(PyObject* list, Py_ssize_t i) { return PyLong_AsLongLong(PyList_GET_ITEM(list, i)); }
 
-static py::list value_plan(int64_t layer, int64_t k, double now, double link_free, double t_layer, double t_copy,
-                           double host, const py::list& preds, const py::object& cache) {
-  struct Pred { int64_t layer; py::list experts, chances, slot_of, pending; };
+struct PredView {  // one prediction: its layer, distance, ranked experts and their chances (a list of floats)
+  int64_t layer, ahead;
+  std::vector<int64_t> experts;
+  PyObject* chances;  // borrowed: its owner outlives the call
+};
+
+static py::list value_core(int64_t layer, int64_t k, double now, double link_free, double t_layer, double t_copy,
+                           double host, const std::vector<PredView>& preds, const py::object& cache) {
   struct Cand { double p; size_t i; int64_t e; };
   const size_t P = preds.size();
   py::list all_slots = cache.attr("slot_of"), all_pending = cache.attr("pending");
-  std::vector<Pred> pr;
-  pr.reserve(P);
+  std::vector<py::list> slot_of, pending;
   std::vector<Cand> cands;
   cands.reserve(32);
   double next_misses = 0.0;
   for (size_t i = 0; i < P; ++i) {
-    py::handle q = preds[i];
-    int64_t j = q.attr("layer").cast<int64_t>();
-    pr.push_back({j, q.attr("experts"), q.attr("chances"), all_slots[j], all_pending[j]});
-    PyObject *ex = pr[i].experts.ptr(), *ch = pr[i].chances.ptr(), *so = pr[i].slot_of.ptr();
-    const Py_ssize_t n = PyList_GET_SIZE(ex);
-    TORCH_CHECK(PyList_GET_SIZE(ch) == n, "value_plan: one chance an expert");
+    const PredView& q = preds[i];
+    slot_of.push_back(all_slots[q.layer]);
+    pending.push_back(all_pending[q.layer]);
+    PyObject* so = slot_of[i].ptr();
+    TORCH_CHECK(PyList_Check(q.chances) && PyList_GET_SIZE(q.chances) == (Py_ssize_t)q.experts.size(),
+                "value_plan: one chance an expert");
     double held = 0.0;
-    for (Py_ssize_t r = 0; r < n; ++r) {
-      int64_t e = int_at(ex, r);
-      double p = PyFloat_AsDouble(PyList_GET_ITEM(ch, r));
+    for (size_t r = 0; r < q.experts.size(); ++r) {
+      int64_t e = q.experts[r];
+      double p = PyFloat_AsDouble(PyList_GET_ITEM(q.chances, r));
       TORCH_CHECK(e >= 0 && e < PyList_GET_SIZE(so), "value_plan: expert out of range");
       if (int_at(so, e) >= 0) held += p;
       else if (p > 0.0) cands.push_back({p, i, e});
     }
-    if (q.attr("ahead").cast<int64_t>() == 1) next_misses = std::max(0.0, (double)k - held);
+    if (q.ahead == 1) next_misses = std::max(0.0, (double)k - held);
   }
   py::list out;
   if (cands.empty()) return out;
@@ -97,7 +107,7 @@ static py::list value_plan(int64_t layer, int64_t k, double now, double link_fre
   std::vector<size_t> taken(P, 0);
   std::vector<bool> built(P, false);
   for (const Cand& cd : cands) {
-    const Pred& q = pr[cd.i];
+    const PredView& q = preds[cd.i];
     const int64_t j = q.layer;
     const double finish = link_free + t_copy;
     const double t_need = t_next + (double)(j - layer - 1) * t_layer;
@@ -113,14 +123,14 @@ static py::list value_plan(int64_t layer, int64_t k, double now, double link_fre
       if (!built[cd.i]) {
         built[cd.i] = true;
         py::list od = cache.attr("resident")(j);
-        PyObject *so = q.slot_of.ptr(), *pd = q.pending.ptr(), *ex = q.experts.ptr(), *ch = q.chances.ptr();
+        PyObject *so = slot_of[cd.i].ptr(), *pd = pending[cd.i].ptr();
         for (Py_ssize_t a = 0; a < PyList_GET_SIZE(od.ptr()); ++a) {
           int64_t x = int_at(od.ptr(), a);
           int64_t s = int_at(so, x);
           if (s < 0 || PyObject_IsTrue(PyList_GET_ITEM(pd, s))) continue;
           double px = 0.0;
-          for (Py_ssize_t r = 0; r < PyList_GET_SIZE(ex); ++r)
-            if (int_at(ex, r) == x) { px = PyFloat_AsDouble(PyList_GET_ITEM(ch, r)); break; }
+          for (size_t r = 0; r < q.experts.size(); ++r)
+            if (q.experts[r] == x) { px = PyFloat_AsDouble(PyList_GET_ITEM(q.chances, r)); break; }
           v.emplace_back(px, x);
         }
         std::stable_sort(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
@@ -136,5 +146,49 @@ static py::list value_plan(int64_t layer, int64_t k, double now, double link_fre
     if (j == layer + 1) next_misses = std::max(0.0, next_misses - cd.p);
   }
   return out;
+}
+
+// value_plan over Prediction objects (their layer, ahead, experts, chances attributes)
+static py::list value_plan(int64_t layer, int64_t k, double now, double link_free, double t_layer, double t_copy,
+                           double host, const py::list& preds, const py::object& cache) {
+  std::vector<PredView> views;
+  py::list keep;  // the chance lists, alive for the call
+  for (py::handle q : preds) {
+    py::list ex = q.attr("experts"), ch = q.attr("chances");
+    keep.append(ch);
+    PredView v{q.attr("layer").cast<int64_t>(), q.attr("ahead").cast<int64_t>(), {}, ch.ptr()};
+    for (py::handle e : ex) v.experts.push_back(e.cast<int64_t>());
+    views.push_back(std::move(v));
+  }
+  return value_core(layer, k, now, link_free, t_layer, t_copy, host, views, cache);
+}
+
+// The one-token prediction and the value rule in one call (the decode hot path of fate's policy): the
+// stacked routers' product and ranking as rank_topn, kept per layer ahead as ``made`` says — a list of
+// (layer, ahead, m, chances of ranks < m), the Predictor's — then value_core on them.  Returns
+// (the experts named for the next layer or None, the decisions).
+static py::tuple predict_value(int64_t w_ptr, int64_t x_ptr, int64_t E, int64_t H, int64_t n, const py::list& made,
+                               int64_t layer, int64_t k, double now, double link_free, double t_layer,
+                               double t_copy, double host, const py::object& cache) {
+  const int64_t groups = (int64_t)made.size();
+  std::vector<std::vector<int64_t>> order;
+  top_n((const float*)w_ptr, (const float*)x_ptr, groups, E, H, n, order);
+  std::vector<PredView> views;
+  py::object named = py::none();
+  for (int64_t g = 0; g < groups; ++g) {
+    PyObject* t = PyList_GET_ITEM(made.ptr(), g);
+    int64_t m = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 2));
+    if (m <= 0) continue;
+    PredView v{PyLong_AsLongLong(PyTuple_GET_ITEM(t, 0)), PyLong_AsLongLong(PyTuple_GET_ITEM(t, 1)),
+               std::vector<int64_t>(order[g].begin(), order[g].begin() + std::min<int64_t>(m, order[g].size())),
+               PyTuple_GET_ITEM(t, 3)};
+    if (v.ahead == 1) {
+      py::list l;
+      for (int64_t e : v.experts) l.append(e);
+      named = l;
+    }
+    views.push_back(std::move(v));
+  }
+  return py::make_tuple(named, value_core(layer, k, now, link_free, t_layer, t_copy, host, views, cache));
 }
 """

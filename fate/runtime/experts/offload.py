@@ -188,15 +188,36 @@ class Offloader:
             self._queued[j].append(s)
             left -= 1
 
+    def _plan_args(self) -> tuple:
+        mover = self.mover
+        return (self.cfg.top_k, mover.now(), mover.free_at(), self.layer_seconds, self._t_copy,
+                self.host_prefetch_seconds)
+
     def _prefetch_by_value(self, layer: int, preds: Sequence[Prediction]) -> None:
-        cache, mover = self.cache, self.mover
         if self._value_plan is False:
             self._value_plan = native.value_plan() or value_plan
-        for j, e, victim, p in self._value_plan(layer, self.cfg.top_k, mover.now(), mover.free_at(), self.layer_seconds,
-                                                self._t_copy, self.host_prefetch_seconds, preds, cache):
+        self._queue_planned(self._value_plan(layer, *self._plan_args(), preds, self.cache))
+
+    def _queue_planned(self, decisions) -> None:
+        """Reserve the slots and queue the copies the value rule decided (:func:`value_plan`)."""
+        cache, mover = self.cache, self.mover
+        for j, e, victim, p in decisions:
             s = cache.reserve(j, e, self.decode_precision, prefetched=True, victim=None if victim < 0 else victim)
             mover.prefetch(j, s, 2.0 - p)  # the likelier first, all behind any demand load
             self._queued[j].append(s)
+
+    def _predict_and_prefetch(self, layer: int, predict, decode: bool) -> None:
+        """Predict at ``layer``'s gate input and act on it; in decode with the value rule, where ``predict`` is a
+        :class:`GatePredict`, as one native call (:meth:`.prefetch.Predictor.predict_value`)."""
+        if decode and self.rule == "value" and isinstance(predict, GatePredict):
+            fused = predict.predictor.predict_value(predict.layer, predict.g, predict.limit, self._plan_args(), self.cache)
+            if fused is not None:
+                named, decisions = fused
+                if named is not None:
+                    self._named[layer + 1] = set(named)
+                self._queue_planned(decisions)
+                return
+        self.prefetch(layer, predict(), decode)
 
     def _cancel_unneeded(self, layer: int, want: dict[int, str]) -> None:
         """Prefetches for ``layer`` that it turned out not to need and that are still queued are cancelled:
@@ -263,7 +284,7 @@ class Offloader:
             stall += mover.now() - t
             later.append((e, s))
         if predict is not None and self.wants_prediction(layer, decode):
-            self.prefetch(layer, predict(), decode)  # the next layers' copies queue behind these demand loads
+            self._predict_and_prefetch(layer, predict, decode)  # the next layers' copies queue behind these loads
         for e, s in ready + later + [(w, -1) for w in waiting]:
             if s < 0:
                 s = slot_of[e]
@@ -309,6 +330,19 @@ class Offloader:
             self.stats.stalled(layer, self.mover.wait(layer, in_flight[0]))
 
 
+class GatePredict:
+    """The predictions at one gate input, made when called: what the engine passes :meth:`Offloader.run_layer`
+    as ``predict`` (the trace simulator passes a plain callable over recorded scores)."""
+
+    __slots__ = ("predictor", "layer", "g", "limit")
+
+    def __init__(self, predictor: Predictor, layer: int, g: torch.Tensor, limit: dict[int, int]):
+        self.predictor, self.layer, self.g, self.limit = predictor, layer, g, limit
+
+    def __call__(self) -> list[Prediction]:
+        return self.predictor.predict(self.layer, self.g, self.limit)
+
+
 class OffloadedExperts:
     """ExpertExecutor (and MoEObserver) running an :class:`Offloader` on the model: experts computed by the
     one primitive (:class:`fate.quant.expert.ExpertCompute`) straight from their slots."""
@@ -335,9 +369,8 @@ class OffloadedExperts:
                 self._views[key] = view
         return view
 
-    def _predict(self, layer: int, g: torch.Tensor):
-        off = self.offloader
-        return lambda: off.predictor.predict(layer, g, off._limit)
+    def _predict(self, layer: int, g: torch.Tensor) -> "GatePredict":
+        return GatePredict(self.predictor, layer, g, self.offloader._limit)
 
     def on_gate_input(self, layer: int, g: torch.Tensor) -> None:
         off = self.offloader
