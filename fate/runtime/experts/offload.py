@@ -293,7 +293,8 @@ class Offloader:
                     t = mover.now()
                     mover.demand(layer, s, inline=decode)
                     stall += mover.now() - t
-            stall += mover.wait(layer, s)
+            if pending[s]:
+                stall += mover.wait(layer, s)
             cache.touch(layer, e)
             t = mover.now()
             compute(e, s, precision_at[s])

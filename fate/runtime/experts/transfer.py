@@ -60,9 +60,9 @@ class TransferEngine:
         self._cuda = device.type == "cuda"
         self.inline = not self._cuda  # CPU: a one-token step copies its demand loads itself
         self._native = None
-        self._tickets: dict[tuple[int, int], tuple[int, int, int]] = {}  # (layer, slot) -> (ticket, gen, nbytes)
+        # per layer: slot -> (ticket, gen, nbytes) of its native copy not seen done yet
+        self._tickets: list[dict[int, tuple[int, int, int]]] = [{} for _ in cache.n_slots]
         self._base = {i: b.data_ptr() for i, b in self.buffers.items()}  # slot s of layer i: base + s * slot_bytes
-        self._outstanding: list[set[int]] = [set() for _ in cache.n_slots]  # slots with a native copy not seen done
         if not self._cuda and native_copier.available():
             rate = throttle.spec.bytes_per_s if throttle is not None and throttle.active else 0.0
             # where the model's compute threads (``compute_threads``: the run's -t, which fate's kernels or
@@ -165,15 +165,14 @@ class TransferEngine:
         """Mark the native copies of ``layer`` that have landed (the cache's ``pending`` flags)."""
         if layer < 0:
             return
-        out = self._outstanding[layer]
-        if out:  # a layer has a few copies outstanding: one cheap native query each
-            tickets, done = self._tickets, self._native.done
-            for slot in [s for s in out if done(tickets[(layer, s)][0])]:
+        tickets = self._tickets[layer]
+        if tickets:  # a layer has a few copies outstanding: one cheap native query each
+            done = self._native.done
+            for slot in [s for s, rec in tickets.items() if done(rec[0])]:
                 self._settle(layer, slot)
 
     def _settle(self, layer: int, slot: int) -> None:
-        ticket, gen, nbytes = self._tickets.pop((layer, slot))
-        self._outstanding[layer].discard(slot)
+        ticket, gen, nbytes = self._tickets[layer].pop(slot)
         if self.cache.gen[layer][slot] == gen:
             self.cache.landed(layer, slot, gen)
             if self.stats is not None:
@@ -184,8 +183,7 @@ class TransferEngine:
             cache = self.cache
             src, n = self.store.blob_address(layer, cache.expert_at[layer][slot], cache.precision_at[layer][slot])
             ticket = self._native.submit(src, self._base[layer] + slot * self.slot_bytes, n, priority)
-            self._tickets[(layer, slot)] = (ticket, gen, n)
-            self._outstanding[layer].add(slot)
+            self._tickets[layer][slot] = (ticket, gen, n)
             return
         with self._cv:
             self._state[(layer, slot, gen)] = _QUEUED
@@ -207,10 +205,9 @@ class TransferEngine:
         (``inline``, CPU) or moved ahead of every other prefetch.  One already on the link is left to land."""
         gen = self.cache.gen[layer][slot]
         if self._native is not None:
-            rec = self._tickets.get((layer, slot))
+            rec = self._tickets[layer].get(slot)
             if rec is not None and self._native.cancel(rec[0]):
-                self._tickets.pop((layer, slot))
-                self._outstanding[layer].discard(slot)
+                del self._tickets[layer][slot]
                 if inline:
                     self._copy(layer, slot, gen, inline=True)
                 else:
@@ -227,11 +224,10 @@ class TransferEngine:
     def cancel(self, layer: int, slot: int) -> bool:
         """Cancel the queued copy into ``slot`` (True); one already on the link cannot be (False)."""
         if self._native is not None:
-            rec = self._tickets.get((layer, slot))
+            rec = self._tickets[layer].get(slot)
             if rec is None or not self._native.cancel(rec[0]):
                 return False
-            self._tickets.pop((layer, slot))
-            self._outstanding[layer].discard(slot)
+            del self._tickets[layer][slot]
             return True
         with self._cv:
             return self._take(layer, slot, self.cache.gen[layer][slot])
@@ -243,7 +239,7 @@ class TransferEngine:
             return 0.0
         t = time.perf_counter()
         if self._native is not None:
-            rec = self._tickets.get((layer, slot))
+            rec = self._tickets[layer].get(slot)
             if rec is None:
                 raise EngineError(f"layer {layer}: waiting for slot {slot}, but no copy into it is queued")
             self._native.wait(rec[0])
