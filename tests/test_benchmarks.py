@@ -48,3 +48,30 @@ def test_offload_pairs_measures_a_cell(converted):
     assert lru["tokens_equal_resident"] and lru["x_lru"] == pytest.approx(1.0)
     assert 0.0 <= lru["hit_rate"] <= 1.0 and lru["stall_ms"] > 0.0  # a 50 % cache over ratio:1 waits for copies
     assert lru["decode_ms_per_token"] > 0 and lru["rest_ms"] > 0
+
+
+def test_host_paths_switches_the_decode_step_and_keeps_its_tokens(converted):
+    """benchmarks.host_paths on a tiny bundle: the Python reference, the native rule and the fused call run on
+    one model in alternated rounds; each really is switched in, and all three give the same greedy tokens."""
+    from benchmarks import host_paths
+    from fate.runtime.experts import copier
+    from fate.runtime.experts.offload import value_plan
+
+    if copier.predict_value() is None:
+        pytest.skip(f"native extension not built: {copier.why}")
+    path = converted["qwen2_moe"][1]
+    m = __import__("fate").load(path, policy="fate", mem="50%", link="ratio:1", int2_share=0.0)
+    off = m.offloading.executor.offloader
+    host_paths._use(m, "python")
+    assert off._value_plan is value_plan and off.predictor._fused is None
+    host_paths._use(m, "native")
+    assert off._value_plan is copier.value_plan() and off.predictor._fused is None
+    host_paths._use(m, "fused")
+    assert off.predictor._fused is copier.predict_value()
+    ids = m.encode_prompt("The module defines functions")
+    m.close()
+    rows = host_paths.measure(str(path), "50%", "ratio:1", rounds=2, n=4, threads=1, prompt_ids=ids)
+    by = {r["path"]: r for r in rows}
+    assert set(by) == set(host_paths.PATHS)
+    assert all(r["tokens_equal_python"] and r["host_us_per_layer"] >= 0 and "emulated" in r["link"] for r in rows)
+    assert by["python"]["time_x_python"] == pytest.approx(1.0) and by["python"]["host_us_less_than_python"] == 0.0
