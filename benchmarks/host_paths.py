@@ -5,7 +5,7 @@ The prediction and the value rule of a decode step (:mod:`fate.runtime.experts.o
 * ``python``: the prediction (native product and ranking, Python objects), then the rule's Python reference
   (``offload.value_plan``) — what runs where the extension is not built;
 * ``native``: the same prediction, then the rule as one native call (``native_policy.value_plan``);
-* ``fused``: both in one native call (``Predictor.predict_value``), the default.
+* ``fused``: both in one native call per layer and step (``Predictor.value_planner``), the default.
 
 All three take the same decisions on the same state (tests/test_offload.py holds them equal), so a run's
 tokens are the same; what differs is the host time.  The paths are switched on the live ``Offloader`` of
@@ -32,7 +32,8 @@ PATHS = ("python", "native", "fused")
 def _use(model, path: str) -> None:
     off = model.offloading.executor.offloader
     off._value_plan = value_plan if path == "python" else (copier.value_plan() or value_plan)
-    off.predictor._fused = copier.predict_value() if path == "fused" else None
+    off.predictor._fused = copier.value_planner() if path == "fused" else None
+    off._planners = {}  # made again on the next step, with the path's choice
 
 
 def measure(bundle: str, mem: str, link: str, rounds: int, n: int, threads: int, prompt_ids: list[int],
@@ -76,7 +77,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS)
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args()
-    if copier.predict_value() is None:
+    if copier.value_planner() is None:
         raise SystemExit(f"error: the native extension is not built ({copier.why}): nothing to compare")
     probe = fate.load(a.bundle, policy="resident", threads=a.threads, verify=False)
     prompt = synthetic_prompt(probe.tokenizer, a.prompt_tokens)

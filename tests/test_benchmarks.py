@@ -57,7 +57,7 @@ def test_host_paths_switches_the_decode_step_and_keeps_its_tokens(converted):
     from fate.runtime.experts import copier
     from fate.runtime.experts.offload import value_plan
 
-    if copier.predict_value() is None:
+    if copier.value_planner() is None:
         pytest.skip(f"native extension not built: {copier.why}")
     path = converted["qwen2_moe"][1]
     m = __import__("fate").load(path, policy="fate", mem="50%", link="ratio:1", int2_share=0.0)
@@ -67,7 +67,7 @@ def test_host_paths_switches_the_decode_step_and_keeps_its_tokens(converted):
     host_paths._use(m, "native")
     assert off._value_plan is copier.value_plan() and off.predictor._fused is None
     host_paths._use(m, "fused")
-    assert off.predictor._fused is copier.predict_value()
+    assert off.predictor._fused is copier.value_planner() and off._planners == {}
     ids = m.encode_prompt("The module defines functions")
     m.close()
     rows = host_paths.measure(str(path), "50%", "ratio:1", rounds=2, n=4, threads=1, prompt_ids=ids)

@@ -17,7 +17,7 @@ slower), as a CUDA event synchronize does by default.
 Built on first use with torch's cpp_extension (g++; a few seconds, once per machine); where it cannot be
 built, :func:`available` is False and the TransferEngine keeps its Python worker.  The same extension
 carries the policy's decode hot paths (:mod:`.native_policy`): :func:`rank_topn`, :func:`value_plan` and
-:func:`predict_value`.
+:func:`value_planner`.
 """
 
 from __future__ import annotations
@@ -210,7 +210,10 @@ _BINDINGS = r"""
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rank_topn", &rank_topn);
   m.def("value_plan", &value_plan);
-  m.def("predict_value", &predict_value);
+  pybind11::class_<ValuePlanner>(m, "ValuePlanner")
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, pybind11::list, int64_t, int64_t, double, double, double,
+                          pybind11::object>())
+      .def("__call__", &ValuePlanner::operator());
   pybind11::class_<Copier>(m, "Copier")
       .def(pybind11::init<double, double>())
       .def("submit", &Copier::submit)
@@ -278,8 +281,8 @@ def value_plan():
     return None if mod is None else mod.value_plan
 
 
-def predict_value():
-    """The native one-token prediction and value rule in one call (:mod:`.native_policy`), or None where
-    the extension is not built."""
+def value_planner():
+    """The native class that runs the one-token prediction and the value rule in one call for one layer
+    (:mod:`.native_policy`), or None where the extension is not built."""
     mod = _load()
-    return None if mod is None else mod.predict_value
+    return None if mod is None else mod.ValuePlanner

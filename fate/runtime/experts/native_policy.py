@@ -1,12 +1,13 @@
 """The offloading policy's decode hot paths in C++, compiled into the copier's extension (:mod:`.copier`
-builds it; its ``rank_topn()``, ``value_plan()`` and ``predict_value()`` hand them out, or None where it is not built).
+builds it; its ``rank_topn()``, ``value_plan()`` and ``value_planner()`` hand them out, or None where it is not built).
 
 * ``rank_topn``: the one-token prediction (:mod:`.prefetch`): the stacked routers' product and each layer's
   top experts in one call;
 * ``value_plan``: the value rule's prefetch decisions (:mod:`.offload`), the same arithmetic in the same
   order as its Python reference :func:`fate.runtime.experts.offload.value_plan`, which serves where the
   extension is not built; a test holds the two equal;
-* ``predict_value``: the two in one call, fate's decode hot path (:meth:`.prefetch.Predictor.predict_value`).
+* ``ValuePlanner``: the two in one call for one layer, fate's decode hot path
+  (:meth:`.prefetch.Predictor.value_planner`).
 
 They read the cache (in place: a Python list item is cheaper to read than to convert) and change nothing:
 the caller reserves the slots and queues the copies.
@@ -163,32 +164,53 @@ static py::list value_plan(int64_t layer, int64_t k, double now, double link_fre
   return value_core(layer, k, now, link_free, t_layer, t_copy, host, views, cache);
 }
 
-// The one-token prediction and the value rule in one call (the decode hot path of fate's policy): the
-// stacked routers' product and ranking as rank_topn, kept per layer ahead as ``made`` says — a list of
-// (layer, ahead, m, chances of ranks < m), the Predictor's — then value_core on them.  Returns
-// (the experts named for the next layer or None, the decisions).
-static py::tuple predict_value(int64_t w_ptr, int64_t x_ptr, int64_t E, int64_t H, int64_t n, const py::list& made,
-                               int64_t layer, int64_t k, double now, double link_free, double t_layer,
-                               double t_copy, double host, const py::object& cache) {
-  const int64_t groups = (int64_t)made.size();
-  std::vector<std::vector<int64_t>> order;
-  top_n((const float*)w_ptr, (const float*)x_ptr, groups, E, H, n, order);
-  std::vector<PredView> views;
-  py::object named = py::none();
-  for (int64_t g = 0; g < groups; ++g) {
-    PyObject* t = PyList_GET_ITEM(made.ptr(), g);
-    int64_t m = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 2));
-    if (m <= 0) continue;
-    PredView v{PyLong_AsLongLong(PyTuple_GET_ITEM(t, 0)), PyLong_AsLongLong(PyTuple_GET_ITEM(t, 1)),
-               std::vector<int64_t>(order[g].begin(), order[g].begin() + std::min<int64_t>(m, order[g].size())),
-               PyTuple_GET_ITEM(t, 3)};
-    if (v.ahead == 1) {
-      py::list l;
-      for (int64_t e : v.experts) l.append(e);
-      named = l;
+// The one-token prediction and the value rule in one call, fate's decode hot path, for one layer's gate
+// input: made once per layer with what does not change between steps (the stacked routers W [groups * E,
+// H] of the layers ahead, how many to rank, ``made`` — a list of (layer, ahead, m, chances of ranks < m)
+// per layer ahead, the Predictor's — the rule's constants and the cache), then called per step with the
+// gate input's address and the link's clock: the product and ranking as rank_topn, then value_core.
+// Returns (the experts named for the next layer or None, the decisions).
+class ValuePlanner {
+ public:
+  ValuePlanner(int64_t w_ptr, int64_t E, int64_t H, int64_t n, py::list made, int64_t layer, int64_t k,
+               double t_layer, double t_copy, double host, py::object cache)
+      : W_((const float*)w_ptr), E_(E), H_(H), n_(n), layer_(layer), k_(k), t_layer_(t_layer), t_copy_(t_copy),
+        host_(host), made_(std::move(made)), cache_(std::move(cache)) {
+    for (py::handle t : made_) {
+      py::tuple tt = py::reinterpret_borrow<py::tuple>(t);
+      TORCH_CHECK(tt.size() == 4 && PyList_Check(tt[3].ptr()), "ValuePlanner: made is (layer, ahead, m, chances)");
+      spec_.push_back({tt[0].cast<int64_t>(), tt[1].cast<int64_t>(), tt[2].cast<int64_t>(), tt[3].ptr()});
     }
-    views.push_back(std::move(v));
   }
-  return py::make_tuple(named, value_core(layer, k, now, link_free, t_layer, t_copy, host, views, cache));
-}
+
+  py::tuple operator()(int64_t x_ptr, double now, double link_free) {
+    std::vector<std::vector<int64_t>> order;
+    top_n(W_, (const float*)x_ptr, (int64_t)spec_.size(), E_, H_, n_, order);
+    std::vector<PredView> views;
+    py::object named = py::none();
+    for (size_t g = 0; g < spec_.size(); ++g) {
+      const Spec& sp = spec_[g];
+      if (sp.m <= 0) continue;
+      PredView v{sp.layer, sp.ahead,
+                 std::vector<int64_t>(order[g].begin(), order[g].begin() + std::min<size_t>(sp.m, order[g].size())),
+                 sp.chances};
+      if (v.ahead == 1) {
+        py::list l;
+        for (int64_t e : v.experts) l.append(e);
+        named = l;
+      }
+      views.push_back(std::move(v));
+    }
+    return py::make_tuple(named, value_core(layer_, k_, now, link_free, t_layer_, t_copy_, host_, views, cache_));
+  }
+
+ private:
+  struct Spec { int64_t layer, ahead, m; PyObject* chances; };  // chances: borrowed from made_
+  const float* W_;
+  int64_t E_, H_, n_, layer_, k_;
+  double t_layer_, t_copy_, host_;
+  py::list made_;  // keeps the chance lists alive
+  py::object cache_;
+  std::vector<Spec> spec_;
+};
 """

@@ -139,6 +139,7 @@ class Offloader:
         self._queued: list[list[int]] = [[] for _ in range(cfg.n_layers)]  # slots holding a queued prefetch
         k = cfg.top_k
         self._value_plan = False  # the native value rule, or the reference: resolved on first use
+        self._planners: dict[int, object] = {}  # layer -> its native prediction + value rule (or None)
         self._limit = {j: min(cfg.n_experts, n, k + extra) for j, n in enumerate(cache.n_slots) if n > 0}
 
     # -- prediction and prefetching ---------------------------------------------------------------
@@ -208,11 +209,18 @@ class Offloader:
 
     def _predict_and_prefetch(self, layer: int, predict, decode: bool) -> None:
         """Predict at ``layer``'s gate input and act on it; in decode with the value rule, where ``predict`` is a
-        :class:`GatePredict`, as one native call (:meth:`.prefetch.Predictor.predict_value`)."""
+        :class:`GatePredict` over a CPU float32 gate input, as one native call per step (the layer's planner,
+        :meth:`.prefetch.Predictor.value_planner`, made on first use)."""
         if decode and self.rule == "value" and isinstance(predict, GatePredict):
-            fused = predict.predictor.predict_value(predict.layer, predict.g, predict.limit, self._plan_args(), self.cache)
-            if fused is not None:
-                named, decisions = fused
+            planner = self._planners.get(layer, False)
+            if planner is False:
+                planner = self._planners[layer] = predict.predictor.value_planner(
+                    layer, predict.limit, self.cfg.top_k, self.layer_seconds, self._t_copy, self.host_prefetch_seconds,
+                    self.cache)
+            g = predict.g
+            if planner is not None and g.dtype is torch.float32 and g.is_cpu and g.is_contiguous():
+                mover = self.mover
+                named, decisions = planner(g.data_ptr(), mover.now(), mover.free_at())
                 if named is not None:
                     self._named[layer + 1] = set(named)
                 self._queue_planned(decisions)

@@ -13,7 +13,7 @@ chance against what a copy costs.
 This module predicts: one matrix product for both layers ahead (their routers stacked) and one ranking,
 on a CPU copy of the gate input — for one token a single native call (product and partial sort,
 :func:`.copier.rank_topn`), numpy where it is not built; it reserves no slot and moves no byte.  For
-fate's decode step, :meth:`Predictor.predict_value` also runs the value rule on the prediction in the same
+fate's decode step, :meth:`Predictor.value_planner` also runs the value rule on the prediction in the same
 native call (it reads the cache and returns the decisions; the policy acts on them).
 """
 
@@ -101,7 +101,7 @@ class Predictor:
         self.E, self.H = E, (next(iter(self._stack.values())).shape[1] if self._stack else 0)
         self._rank_native = False  # resolved on the first one-token prediction (the extension builds once)
         self._sizes: dict[int, tuple] = {}  # layer -> (limit, n, per layer ahead: what is kept), see _sizes_for
-        self._fused = False  # the native prediction + value rule (predict_value), resolved on first use
+        self._fused = False  # the native prediction + value rule (value_planner's class), resolved on first use
 
     def targets(self, layer: int) -> list[int]:
         """The layers a prediction at ``layer``'s gate input names experts for."""
@@ -135,31 +135,25 @@ class Predictor:
             return self._rank_one(layer, targets, scores, limit)
         return self.rank(layer, x @ self._stack[layer].T, limit)
 
-    def predict_value(self, layer: int, g: torch.Tensor, limit: dict[int, int], plan: tuple, cache):
-        """fate's decode hot path: the one-token prediction at ``layer``'s gate input and the value rule's
-        decisions on it in one native call — ``(experts named for the next layer or None, decisions)`` as
-        :meth:`predict` then :func:`fate.runtime.experts.offload.value_plan` with ``plan`` (``k, now,
-        link_free, t_layer, t_copy, host``) and ``cache`` would give them.  None where that path does not
-        apply (several tokens, selection scores, the extension not built): then predict, then decide."""
+    def value_planner(self, layer: int, limit: dict[int, int], k: int, t_layer: float, t_copy: float, host: float,
+                      cache):
+        """fate's decode hot path for ``layer``'s gate input: a native callable ``planner(x_ptr, now, link_free)``
+        (``x_ptr``: the address of a contiguous float32 CPU gate input [1, H]) that predicts and runs the
+        value rule in one call, giving ``(experts named for the next layer or None, decisions)`` as
+        :meth:`predict` then :func:`fate.runtime.experts.offload.value_plan` with these constants and
+        ``cache`` would.  None where that path does not apply (nothing ahead, selection scores, the
+        extension not built, no candidates): then predict, then decide."""
         targets = self._targets.get(layer)
-        if not targets:
-            return None, []
-        if self.select is not None or g.shape[0] != 1:
+        if not targets or self.select is not None:
             return None
         if self._fused is False:
-            self._fused = native.predict_value()
+            self._fused = native.value_planner()
         if self._fused is None:
             return None
-        x = g if g.dtype is torch.float32 and g.is_cpu else g.detach().to("cpu", torch.float32)
-        if not x.is_contiguous():
-            x = x.contiguous()
-        sizes = self._sizes.get(layer)
-        if sizes is None or sizes[0] is not limit:
-            sizes = self._sizes[layer] = self._sizes_for(layer, targets, limit)
-        _, n, made = sizes
+        _, n, made = self._sizes_for(layer, targets, limit)
         if n <= 0:
-            return None, []
-        return self._fused(self._addr[layer], x.data_ptr(), self.E, self.H, n, made, layer, *plan, cache)
+            return None
+        return self._fused(self._addr[layer], self.E, self.H, n, made, layer, k, t_layer, t_copy, host, cache)
 
     def _sizes_for(self, layer: int, targets: list[int], limit: dict[int, int]):
         """What a one-token prediction at ``layer`` under ``limit`` ranks (``n``) and keeps per layer ahead
