@@ -211,7 +211,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rank_topn", &rank_topn);
   m.def("value_plan", &value_plan);
   pybind11::class_<ValuePlanner>(m, "ValuePlanner")
-      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, pybind11::list, int64_t, int64_t, double, double, double,
+      .def(pybind11::init<torch::Tensor, int64_t, int64_t, int64_t, pybind11::list, int64_t, int64_t, double, double, double,
                           pybind11::object>())
       .def("__call__", &ValuePlanner::operator());
   pybind11::class_<Copier>(m, "Copier")

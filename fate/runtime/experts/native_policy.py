@@ -172,10 +172,15 @@ static py::list value_plan(int64_t layer, int64_t k, double now, double link_fre
 // Returns (the experts named for the next layer or None, the decisions).
 class ValuePlanner {
  public:
-  ValuePlanner(int64_t w_ptr, int64_t E, int64_t H, int64_t n, py::list made, int64_t layer, int64_t k,
+  // w: the stacked routers, a contiguous float32 CPU tensor [len(made) * E, H], held for the planner's life
+  ValuePlanner(torch::Tensor w, int64_t E, int64_t H, int64_t n, py::list made, int64_t layer, int64_t k,
                double t_layer, double t_copy, double host, py::object cache)
-      : W_((const float*)w_ptr), E_(E), H_(H), n_(n), layer_(layer), k_(k), t_layer_(t_layer), t_copy_(t_copy),
+      : w_(std::move(w)), E_(E), H_(H), n_(n), layer_(layer), k_(k), t_layer_(t_layer), t_copy_(t_copy),
         host_(host), made_(std::move(made)), cache_(std::move(cache)) {
+    TORCH_CHECK(w_.scalar_type() == torch::kFloat32 && w_.is_contiguous() && w_.device().is_cpu() &&
+                    w_.numel() == (int64_t)made_.size() * E * H,
+                "ValuePlanner: the routers are a contiguous float32 CPU tensor [layers ahead * E, H]");
+    W_ = w_.data_ptr<float>();
     for (py::handle t : made_) {
       py::tuple tt = py::reinterpret_borrow<py::tuple>(t);
       TORCH_CHECK(tt.size() == 4 && PyList_Check(tt[3].ptr()), "ValuePlanner: made is (layer, ahead, m, chances)");
@@ -206,7 +211,8 @@ class ValuePlanner {
 
  private:
   struct Spec { int64_t layer, ahead, m; PyObject* chances; };  // chances: borrowed from made_
-  const float* W_;
+  torch::Tensor w_;
+  const float* W_ = nullptr;
   int64_t E_, H_, n_, layer_, k_;
   double t_layer_, t_copy_, host_;
   py::list made_;  // keeps the chance lists alive

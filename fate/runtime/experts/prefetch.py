@@ -153,7 +153,7 @@ class Predictor:
         _, n, made = self._sizes_for(layer, targets, limit)
         if n <= 0:
             return None
-        return self._fused(self._addr[layer], self.E, self.H, n, made, layer, k, t_layer, t_copy, host, cache)
+        return self._fused(self._stack[layer], self.E, self.H, n, made, layer, k, t_layer, t_copy, host, cache)
 
     def _sizes_for(self, layer: int, targets: list[int], limit: dict[int, int]):
         """What a one-token prediction at ``layer`` under ``limit`` ranks (``n``) and keeps per layer ahead
