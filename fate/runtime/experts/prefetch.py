@@ -100,7 +100,7 @@ class Predictor:
         self._addr = {i: w.data_ptr() for i, w in self._stack.items()}
         self.E, self.H = E, (next(iter(self._stack.values())).shape[1] if self._stack else 0)
         self._rank_native = False  # resolved on the first one-token prediction (the extension builds once)
-        self._sizes: dict[int, tuple] = {}  # layer -> (limit, n, per layer ahead: what is kept), see _sizes_for
+        self._sizes: dict[int, tuple] = {}  # layer -> (limit, n, made): see _sizes_for
         self._fused = False  # the native prediction + value rule (value_planner's class), resolved on first use
 
     def targets(self, layer: int) -> list[int]:
@@ -121,16 +121,13 @@ class Predictor:
             if self._rank_native is False:
                 self._rank_native = native.rank_topn()
             if self._rank_native is not None:
-                sizes = self._sizes.get(layer)
-                if sizes is None or sizes[0] is not limit:
-                    sizes = self._sizes[layer] = self._sizes_for(layer, targets, limit)
-                _, n, made = sizes
+                n, made = self._sizes_for(layer, targets, limit)
                 if n <= 0:
                     return []
                 if not x.is_contiguous():
                     x = x.contiguous()
                 order = self._rank_native(self._addr[layer], x.data_ptr(), len(targets), self.E, self.H, n)
-                return [Prediction(j, a, ranked[:m], chances) for (j, a, m, chances), ranked in zip(made, order) if m > 0]
+                return self._from_order(made, order)
             scores = self._stack_np[layer] @ x.numpy()[0]
             return self._rank_one(layer, targets, scores, limit)
         return self.rank(layer, x @ self._stack[layer].T, limit)
@@ -150,38 +147,37 @@ class Predictor:
             self._fused = native.value_planner()
         if self._fused is None:
             return None
-        _, n, made = self._sizes_for(layer, targets, limit)
+        n, made = self._sizes_for(layer, targets, limit)
         if n <= 0:
             return None
         return self._fused(self._stack[layer], self.E, self.H, n, made, layer, k, t_layer, t_copy, host, cache)
 
     def _sizes_for(self, layer: int, targets: list[int], limit: dict[int, int]):
         """What a one-token prediction at ``layer`` under ``limit`` ranks (``n``) and keeps per layer ahead
-        (``(layer, ahead, m, chances of ranks < m)``), worked out once per limit: the hot path only slices."""
+        (``made``: ``(layer, ahead, m, chances of ranks < m)``), worked out once per limit: the hot path only
+        slices."""
+        cached = self._sizes.get(layer)
+        if cached is not None and cached[0] is limit:
+            return cached[1], cached[2]
         n = min(self.E, max(limit.get(j, 0) for j in targets))
         made = []
         for j in targets:
             m = min(n, limit.get(j, 0))
             made.append((j, j - layer, m, self.chances[j - layer - 1][j][:m]))
-        return limit, n, made
+        self._sizes[layer] = (limit, n, made)
+        return n, made
+
+    @staticmethod
+    def _from_order(made: list[tuple], order: list[list[int]]) -> list[Prediction]:
+        """The predictions from each layer ahead's ranked experts (``order``, as many as ``_sizes_for`` said)."""
+        return [Prediction(j, a, ranked[:m], chances) for (j, a, m, chances), ranked in zip(made, order) if m > 0]
 
     def _rank_one(self, layer: int, targets: list[int], scores: np.ndarray, limit: dict[int, int]) -> list[Prediction]:
-        E = self.E
-        n = min(E, max(limit.get(j, 0) for j in targets))
+        n, made = self._sizes_for(layer, targets, limit)
         if n <= 0:
             return []
-        order = np.argsort(-scores.reshape(len(targets), E), axis=1, kind="stable")[:, :n].tolist()
-        return self._predictions(layer, targets, order, n, limit)
-
-    def _predictions(self, layer: int, targets: list[int], order: list[list[int]], n: int,
-                     limit: dict[int, int]) -> list[Prediction]:
-        out = []
-        for j, ranked in zip(targets, order):
-            m = min(n, limit.get(j, 0))
-            if m > 0:
-                a = j - layer
-                out.append(Prediction(j, a, ranked[:m], self.chances[a - 1][j][:m]))
-        return out
+        order = np.argsort(-scores.reshape(len(targets), self.E), axis=1, kind="stable")[:, :n].tolist()
+        return self._from_order(made, order)
 
     def rank(self, layer: int, logits: torch.Tensor, limit: dict[int, int]) -> list[Prediction]:
         """Predictions from the layers ahead's scores ``[T, len(targets(layer)) * E]`` (the stacked routers'
