@@ -17,14 +17,12 @@ cache (on a shared VM separate loads, or runs a minute apart, differ by more tha
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 
 import fate
+from benchmarks.offload_pairs import cell_parser, probe, write_json
 from fate.runtime.experts import copier
 from fate.runtime.experts.offload import value_plan
-from fate.tools.bench import DEFAULT_PROMPT_TOKENS, synthetic_prompt
 
 PATHS = ("python", "native", "fused")
 
@@ -66,22 +64,10 @@ def measure(bundle: str, mem: str, link: str, rounds: int, n: int, threads: int,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.host_paths", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bundle")
-    ap.add_argument("--mem", default="50%", help="comma-separated budgets [50%%]")
-    ap.add_argument("--link", default="ratio:1", help="comma-separated links [ratio:1]")
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("-n", type=int, default=64, help="tokens generated per run [64]")
-    ap.add_argument("-t", "--threads", type=int, default=1)
-    ap.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS)
-    ap.add_argument("--json", help="write the rows here")
-    a = ap.parse_args()
+    a = cell_parser("python -m benchmarks.host_paths", __doc__, "50%", 10).parse_args()
     if copier.value_planner() is None:
         raise SystemExit(f"error: the native extension is not built ({copier.why}): nothing to compare")
-    probe = fate.load(a.bundle, policy="resident", threads=a.threads, verify=False)
-    prompt = synthetic_prompt(probe.tokenizer, a.prompt_tokens)
-    probe.close()
+    prompt, _ = probe(a.bundle, a.threads, a.prompt_tokens)
     rows = []
     print("| mem | link | path | decode ms/token | host µs/layer | host µs less than python | time x python | tokens = python |")
     print("|--:|---|---|--:|--:|--:|--:|---|")
@@ -94,10 +80,7 @@ def main() -> None:
                       f"{'yes' if r['tokens_equal_python'] else 'no'} |", flush=True)
     print(f"{a.rounds} alternated rounds, -n {a.n}, {a.prompt_tokens}-token prompt, {a.threads} thread(s), INT2 off; "
           "medians of per-round figures")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
-
+    write_json(a.json, rows)
 
 if __name__ == "__main__":
     main()

@@ -86,23 +86,41 @@ def table(rows: list[dict], n_layers: int) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.offload_pairs", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def cell_parser(prog: str, doc: str, mem: str, rounds: int) -> argparse.ArgumentParser:
+    """The arguments every side-by-side offloading benchmark takes: a bundle, budgets and links to cross,
+    rounds, tokens per run, threads, the prompt's length and a JSON file for the rows."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle")
-    ap.add_argument("--mem", default="25%,50%", help="comma-separated budgets [25%%,50%%]")
+    ap.add_argument("--mem", default=mem, help=f"comma-separated budgets [{mem.replace('%', '%%')}]")
     ap.add_argument("--link", default="ratio:1", help="comma-separated links [ratio:1]")
-    ap.add_argument("--policies", default=",".join(POLICIES), help=f"[{','.join(POLICIES)}]")
-    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument("-n", type=int, default=64, help="tokens generated per run [64]")
     ap.add_argument("-t", "--threads", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS)
     ap.add_argument("--json", help="write the rows here")
+    return ap
+
+
+def probe(bundle: str, threads: int, prompt_tokens: int) -> tuple[list[int], int]:
+    """The synthetic prompt of ``prompt_tokens`` for this bundle's tokenizer, and its number of MoE layers."""
+    m = fate.load(bundle, policy="resident", threads=threads, verify=False)
+    try:
+        return synthetic_prompt(m.tokenizer, prompt_tokens), len(m.config.moe_layer_ids)
+    finally:
+        m.close()
+
+
+def write_json(path: str | None, rows: list[dict]) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def main() -> None:
+    ap = cell_parser("python -m benchmarks.offload_pairs", __doc__, "25%,50%", 8)
+    ap.add_argument("--policies", default=",".join(POLICIES), help=f"[{','.join(POLICIES)}]")
     a = ap.parse_args()
-    probe = fate.load(a.bundle, policy="resident", threads=a.threads, verify=False)
-    prompt = synthetic_prompt(probe.tokenizer, a.prompt_tokens)
-    n_layers = len(probe.config.moe_layer_ids)
-    probe.close()
+    prompt, n_layers = probe(a.bundle, a.threads, a.prompt_tokens)
     policies = [p for p in a.policies.split(",") if p]
     rows = []
     for mem in a.mem.split(","):
@@ -112,10 +130,7 @@ def main() -> None:
             print(table(cell, n_layers), "\n", flush=True)
     print(f"{a.rounds} alternated rounds per cell, -n {a.n}, {a.prompt_tokens}-token prompt, {a.threads} thread(s); "
           "x resident / x lru: medians of per-round ratios of decode time; host µs per MoE layer and token")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
-
+    write_json(a.json, rows)
 
 if __name__ == "__main__":
     main()
