@@ -301,8 +301,7 @@ class Offloader:
                     t = mover.now()
                     mover.demand(layer, s, inline=decode)
                     stall += mover.now() - t
-            if pending[s]:
-                stall += mover.wait(layer, s)
+            stall += mover.wait(layer, s)
             cache.touch(layer, e)
             t = mover.now()
             compute(e, s, precision_at[s])
