@@ -7,6 +7,10 @@ than the policies do.  Here each round runs every model once (in reverse order e
 ratios (``x resident``, ``x lru``) are medians of the per-round ratios.  The price is memory: every model of
 a cell is in memory at once (meant for the small trained models of docs/BENCHMARKS.md).
 
+A policy may name its predictor: ``paper/router`` is the paper's rule with the paper's predictor (the next
+layer's router), ``fate/router`` fate's rule with it; a plain name takes the default (the bundle's fitted
+maps where it has them).
+
 Per policy: decode ms per token, split into the stall (waiting for copies), fate's host work (prediction,
 lookups, queueing: the ``host_seconds`` of the stats) and the rest (the model's compute); the decode hit
 rate; whether its greedy tokens equal the resident run's.  Emulated links are labelled so.
@@ -31,8 +35,10 @@ def measure_cell(bundle: str, mem: str, link: str, policies, rounds: int, n: int
                  prompt_ids: list[int]) -> list[dict]:
     """One cell: ``policies`` at ``mem`` over ``link`` and the resident reference, ``rounds`` alternated rounds."""
     models = {"resident": fate.load(bundle, policy="resident", no_mmap=True, threads=threads, verify=False)}
-    for p in policies:
-        models[p] = fate.load(bundle, policy=p, mem=mem, link=link, threads=threads, verify=False)
+    for p in policies:  # "policy" or "policy/predictor" (paper/router: the paper's rule with the paper's predictor)
+        name, _, predictor = p.partition("/")
+        models[p] = fate.load(bundle, policy=name, mem=mem, link=link, threads=threads, verify=False,
+                              **({"predictor": predictor} if predictor else {}))
     try:
         for m in models.values():  # torch's first calls, the caches' first fill
             m.generate(prompt_ids, 8, temperature=0.0, stop_at_eos=False)
@@ -118,7 +124,8 @@ def write_json(path: str | None, rows: list[dict]) -> None:
 
 def main() -> None:
     ap = cell_parser("python -m benchmarks.offload_pairs", __doc__, "25%,50%", 8)
-    ap.add_argument("--policies", default=",".join(POLICIES), help=f"[{','.join(POLICIES)}]")
+    ap.add_argument("--policies", default=",".join(POLICIES),
+                    help=f"policies, each NAME or NAME/PREDICTOR (paper/router, fate/router) [{','.join(POLICIES)}]")
     a = ap.parse_args()
     prompt, n_layers = probe(a.bundle, a.threads, a.prompt_tokens)
     policies = [p for p in a.policies.split(",") if p]

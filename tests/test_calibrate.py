@@ -3,8 +3,8 @@
 The reference runs fate's model straight from the checkpoint (tests.tiny_models.load_fate_model, checked
 against transformers in test_model.py) one calibration sequence at a time, records every gate input with
 an observer, and counts by hand, token by token with Python sets: which experts each router picks
-(popularity), and how many of them layer i's router names among its top k+m on the previous gate input
-(recall)."""
+(popularity), and how many of them the fitted prediction names among its top k+m on the previous gate input
+(recall); the fitted maps are checked against an independent ridge least-squares solve."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fate.convert.calibrate import calibrate
+from fate.convert.calibrate import FIT_RIDGE, calibrate
 from fate.formats import constants as C
 from fate.formats.hf import HFCheckpoint
 from fate.model import arch as A
@@ -109,11 +109,41 @@ def test_recall_is_a_hand_count_of_top_k_within_the_previous_inputs_top_k_plus_m
         chosen = _topk_sets(gates[i], routers[i], k)
         prev = gates[i - 1]  # layer 0: the embedding through its post-attention norm (gates[-1])
         for j, m in enumerate(C.RECALL_EXTRA):
-            named = _topk_sets(prev, routers[i], min(k + m, cfg.n_experts))
+            named = _topk_sets(prev, stats.predict[0, i], min(k + m, cfg.n_experts))  # the fitted prediction
             hits = sum(len(c & n) for c, n in zip(chosen, named))
             assert stats.recall[i, j].item() == pytest.approx(hits / (k * len(ids)), abs=1e-6), (i, m)
         cos = F.cosine_similarity(prev.double(), gates[i].double(), dim=-1).mean().item()
         assert stats.cosine[i].item() == pytest.approx(cos, abs=1e-5), i
+
+
+def test_the_prediction_maps_are_the_ridge_least_squares_fit_to_the_router_logits(case):
+    cfg, _, stats, _, gates, routers = case
+    L, E = cfg.n_layers, cfg.n_experts
+    H = gates[0].shape[1]
+    assert stats.predict.shape == (2, L, E, H)
+    for a in (1, 2):
+        for i in range(L):
+            if not cfg.moe_layers[i] or i - a < -1:
+                assert torch.isnan(stats.predict[a - 1, i]).all(), (a, i)
+                continue
+            x, y = gates[i - a].double(), (gates[i] @ routers[i].T).double()
+            lam = FIT_RIDGE * (x.T @ x).diagonal().mean()
+            # min ||x p - y||^2 + lam ||p||^2 as one least-squares problem on [x; sqrt(lam) I]
+            want = torch.linalg.lstsq(torch.cat([x, lam.sqrt() * torch.eye(H, dtype=x.dtype)]),
+                                      torch.cat([y, torch.zeros(H, E, dtype=y.dtype)])).solution.T
+            got = stats.predict[a - 1, i].double()
+            assert torch.allclose(got, want, rtol=2e-3, atol=2e-3 * want.abs().max().item()), (a, i)
+
+
+def test_the_fitted_prediction_names_more_needed_experts_than_the_next_router(case):
+    cfg, ids, stats, _, gates, routers = case
+    k = cfg.top_k
+    fitted = router = 0
+    for i in cfg.moe_layer_ids:
+        chosen = _topk_sets(gates[i], routers[i], k)
+        fitted += sum(len(c & n) for c, n in zip(chosen, _topk_sets(gates[i - 1], stats.predict[0, i], k)))
+        router += sum(len(c & n) for c, n in zip(chosen, _topk_sets(gates[i - 1], routers[i], k)))
+    assert fitted > router
 
 
 def test_recall_grows_with_m_and_cosine_is_a_cosine(case):

@@ -17,6 +17,8 @@ import fate
 from fate import quant as Q
 from fate.model import arch as A
 from fate.cli.convert import main as convert_main
+from fate.convert.calibrate import FIT_RIDGE
+from fate.runtime.experts.prefetch import prediction_maps
 from fate.errors import ConvertError
 from fate.formats import constants as C
 from fate.formats.bundle import Bundle
@@ -128,9 +130,11 @@ def _selection(arch: str, router, x: torch.Tensor, cfg) -> torch.Tensor:
     return logits
 
 
-def _oracle_stats(arch: str, ckpt_dir: Path, ids: list[int], cfg):
+def _oracle_stats(arch: str, ckpt_dir: Path, ids: list[int], cfg, maps: torch.Tensor):
     """Calibration statistics computed independently: transformers' forward, gate inputs captured with
-    hooks on post_attention_layernorm, routers applied by hand from the oracle's own parameters."""
+    hooks on post_attention_layernorm, routers applied by hand from the oracle's own parameters; the recall
+    is the stored prediction maps' (``maps``, fate.calib.predict), each map checked to be the ridge
+    least-squares fit from the oracle's earlier gate input to its router logits."""
     model = load_oracle(arch, ckpt_dir)
     layers = model.model.layers
     captured: dict[int, torch.Tensor] = {}
@@ -158,7 +162,15 @@ def _oracle_stats(arch: str, ckpt_dir: Path, ids: list[int], cfg):
             top = router(captured[i])[2].sort(dim=-1).values
             # ... are the top k of the family's selection rule, written out here by hand
             assert torch.equal(_selection(arch, router, captured[i], cfg).topk(k, dim=-1).indices.sort(dim=-1).values, top)
-            pred = _selection(arch, router, captured[i - 1], cfg)
+            pred = captured[i - 1] @ maps[0, i].float().T
+            for a in (1, 2):
+                if i - a < -1:
+                    continue
+                x, y = captured[i - a].double(), (captured[i] @ router.weight.T.float()).double()
+                lam = FIT_RIDGE * (x.T @ x).diagonal().mean()
+                want = torch.linalg.solve(x.T @ x + lam * torch.eye(x.shape[1], dtype=x.dtype), x.T @ y).T
+                got = maps[a - 1, i].double()
+                assert torch.allclose(got, want, rtol=0, atol=3e-3 * want.abs().max().item()), (i, a)
         pop[i] = torch.bincount(top.flatten(), minlength=E)
         cos[i] = torch.nn.functional.cosine_similarity(captured[i - 1].double(), captured[i].double(), dim=-1).mean()
         for j, m in enumerate((0, 1, 2, 4)):
@@ -177,7 +189,7 @@ def test_calibration_statistics_match_transformers(converted, arch, calib_file):
     ids = Tokenizer.from_file(str(ckpt_dir / "tokenizer.json")).encode(CALIB_TEXT, add_special_tokens=False).ids
     ids = ids[:CALIB_TOKENS]
     assert b.metadata[C.K_CALIB_TOKENS] == len(ids) == CALIB_TOKENS
-    pop, cos, rec = _oracle_stats(arch, ckpt_dir, ids, cfg)
+    pop, cos, rec = _oracle_stats(arch, ckpt_dir, ids, cfg, b.tensor(C.T_CALIB_PREDICT))
     assert torch.equal(b.tensor(C.T_CALIB_POPULARITY), pop)
     assert pop.sum() == CALIB_TOKENS * cfg.top_k * len(cfg.moe_layer_ids)
     torch.testing.assert_close(b.tensor(C.T_CALIB_COSINE), cos.float(), atol=1e-4, rtol=0, equal_nan=True)
@@ -216,6 +228,17 @@ def test_builtin_calibration_and_no_calib(converted, tmp_path):
     fate.convert(ckpt_dir, n, no_calib=True, progress=False)
     bn = Bundle(n)
     assert bn.metadata[C.K_CALIB_PRESENT] is False and C.T_CALIB_POPULARITY not in bn.tensors
+    # the fitted prediction maps: one per MoE layer and distance whose source exists, [E, H] from the stored
+    # float16; none without calibration (the routers predict then)
+    _, _, cfg = _hf(ckpt_dir)
+    maps = prediction_maps(b, cfg)
+    want = {(j - a, j) for a in (1, 2) for j in cfg.moe_layer_ids if j - a >= -1}
+    assert set(maps) == want
+    t = b.tensor(C.T_CALIB_PREDICT)
+    assert t.dtype == torch.float16 and t.shape == (2, cfg.n_layers, cfg.n_experts, cfg.hidden_size)
+    for (src, j), w in maps.items():
+        assert w.dtype == torch.float32 and torch.equal(w, t[j - src - 1, j].float())
+    assert prediction_maps(bn, cfg) is None and prediction_maps(None, cfg) is None
 
 
 # --- bad input: one clear line, non-zero exit, nothing written -----------------------------------------

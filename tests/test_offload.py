@@ -83,15 +83,17 @@ def test_ondemand_counts_every_use_as_a_miss(converted):
 class _Recorder:
     """An observer on the resident model recording what the prefetcher would have named."""
 
-    def __init__(self, model, k):
-        self.m, self.k, self.named, self.g = model, k, {}, {}
+    def __init__(self, model, k, maps=None):
+        self.m, self.k, self.named, self.g, self.maps = model, k, {}, {}, maps
 
     def on_gate_input(self, layer, g):
         self.g[layer] = g.clone()
         j, cfg = layer + 1, self.m.config
         if j not in cfg.moe_layer_ids or g.shape[0] != 1:
             return
-        if cfg.router_ranks_by_logits:  # the next router's own product, by hand
+        if self.maps is not None:  # the bundle's fitted map for the next layer, by hand (whatever the router)
+            self.named[j] = set((g.float() @ self.maps[0, j].float().T)[0].topk(self.k).indices.tolist())
+        elif cfg.router_ranks_by_logits:  # the next router's own product, by hand
             r = self.m.weights.get(C.T_FFN_GATE_INP.format(i=j))
             self.named[j] = set((g.float() @ r.float().T)[0].topk(self.k).indices.tolist())
         else:  # a bias, groups or a sigmoid: what the next layer's router would select for this input
@@ -100,12 +102,14 @@ class _Recorder:
 
 # qwen3: softmax over logits; the others order experts by more than their router's product (gpt-oss's
 # bias, DeepSeek-V3/GLM's sigmoid plus correction in groups, ERNIE's correction)
+@pytest.mark.parametrize("predictor", ["fitted", "router"])
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe", "ernie4_5_moe"])
-def test_prefetch_recall_matches_an_independent_count(converted, arch):
+def test_prefetch_recall_matches_an_independent_count(converted, arch, predictor):
     path = converted[arch][1]
     ref = fate.load(path, experts="q4")
     cfg = ref.config
-    rec = _Recorder(ref, cfg.top_k)
+    maps = ref.bundle.tensor(C.T_CALIB_PREDICT) if predictor == "fitted" else None
+    rec = _Recorder(ref, cfg.top_k, maps)
     ref.model.observer = rec
     needed_total = hit_total = 0
     ids = ref.encode_prompt(PROMPT)
@@ -124,7 +128,7 @@ def test_prefetch_recall_matches_an_independent_count(converted, arch):
                 hit_total += len(actual & rec.named[i])
     # the paper's rule names the top k of every next layer (fate's value rule skips predictions the link
     # could not act on, so its named sets depend on timing)
-    _, stats = _tokens(path, n=10, mem="50%", prefetch_extra=0, int2_share=0.0, policy="paper")
+    _, stats = _tokens(path, n=10, mem="50%", prefetch_extra=0, int2_share=0.0, policy="paper", predictor=predictor)
     d = stats.experts["decode"]
     assert d["prefetch_recall"] == pytest.approx(hit_total / needed_total)
     assert d["prefetch_precision"] == pytest.approx(hit_total / needed_total)  # k named, k needed per layer

@@ -16,7 +16,7 @@ def test_defaults_are_fate_runs():
     o = EngineOptions()
     assert dataclasses.asdict(o) == {
         "experts": "q4", "device": None, "compute_dtype": None, "context": None, "threads": None, "verify": True,
-        "no_mmap": False, "mem": None, "policy": "fate", "evict": "arc", "cache_alloc": "auto",
+        "no_mmap": False, "mem": None, "policy": "fate", "evict": "arc", "cache_alloc": "auto", "predictor": "fitted",
         "prefetch_extra": None, "int2_share": 0.3, "link": None, "profile": False,
         "kernels": "int8"}
     assert EngineOptions.fields() == tuple(f.name for f in dataclasses.fields(EngineOptions))
@@ -47,6 +47,7 @@ def test_of_and_replace_apply_overrides_and_reject_unknown_names():
     ("policy", "random", "--policy 'random'"),
     ("evict", "fifo", "--evict 'fifo'"),
     ("cache_alloc", "deep", "--cache-alloc 'deep'"),
+    ("predictor", "oracle", "--predictor 'oracle'"),
     ("int2_share", 1.5, "--int2-share 1.5"),
     ("int2_share", -0.1, "--int2-share -0.1"),
     ("prefetch_extra", -1, "--prefetch-extra"),

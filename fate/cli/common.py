@@ -14,7 +14,7 @@ import click
 
 from fate.errors import UserError
 from fate.quant.expert import KERNELS
-from fate.runtime.options import ALLOCS, EVICTIONS, POLICIES, EngineOptions
+from fate.runtime.options import ALLOCS, EVICTIONS, POLICIES, PREDICTORS, EngineOptions
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEMO_BUNDLE = "data/demo.gguf"
@@ -94,6 +94,11 @@ ENGINE_OPTIONS = {
                                 help="How expert slots are spread over layers (auto: to minimise the expected misses "
                                      "by the bundle's reuse statistics; else by its recall statistics; else "
                                      "shallow4)."),
+    "predictor": click.option("--predictor", type=click.Choice(PREDICTORS), default="fitted", show_default=True,
+                              help="How the next layers' experts are predicted: fitted (the bundle's linear maps "
+                                   "from a gate input to the next routers' logits, fitted on its calibration text; "
+                                   "the next router where the bundle has none), router (the next layer's router "
+                                   "on this layer's gate input, as in the Fate paper)."),
     "prefetch_extra": click.option("--prefetch-extra", type=int, default=None,
                                    help="Extra prefetch candidates beyond top-k [default: from the timing profile]."),
     "int2_share": click.option("--int2-share", type=float, default=0.3, show_default=True,

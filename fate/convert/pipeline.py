@@ -153,7 +153,8 @@ def convert(model_dir: str | os.PathLike, out: str | os.PathLike, *, experts: st
                   TensorPlan(C.T_CALIB_COSINE, "F32", (cfg.n_layers,)),
                   TensorPlan(C.T_CALIB_RECALL, "F32", (cfg.n_layers, len(C.RECALL_EXTRA))),
                   TensorPlan(C.T_CALIB_RANK_HIT, "F32", (2, cfg.n_layers, cfg.n_experts)),
-                  TensorPlan(C.T_CALIB_REUSE, "F32", (2, cfg.n_layers, cfg.n_experts + 1))]
+                  TensorPlan(C.T_CALIB_REUSE, "F32", (2, cfg.n_layers, cfg.n_experts + 1)),
+                  TensorPlan(C.T_CALIB_PREDICT, "F16", (2, cfg.n_layers, cfg.n_experts, cfg.hidden_size))]
 
     meta = _metadata(ckpt, cfg, specs, layouts, strides, alignment, tok_meta, calib_meta, model_dir, stored_names,
                      dtype)
@@ -225,6 +226,7 @@ def convert(model_dir: str | os.PathLike, out: str | os.PathLike, *, experts: st
             writer.write(C.T_CALIB_RECALL, stats.recall)
             writer.write(C.T_CALIB_RANK_HIT, stats.rank_hit.to(torch.float32))
             writer.write(C.T_CALIB_REUSE, stats.reuse.to(torch.float32))
+            writer.write(C.T_CALIB_PREDICT, stats.predict.to(torch.float16))
             phase_seconds["calibration"] = time.perf_counter() - t
         t = time.perf_counter()
         writer.close()

@@ -11,6 +11,7 @@ from fate.quant.expert import KERNELS
 
 POLICIES = ("fate", "paper", "ondemand", "lru", "resident")
 EVICTIONS = ("arc", "lru", "lfu")
+PREDICTORS = ("fitted", "router")  # the bundle's fitted maps (fate.calib.predict), or the paper's next router
 ALLOCS = ("auto", "reuse", "recall", "shallow4", "even")
 COMPUTE_DTYPES = ("fp32", "fp16", "bf16")
 
@@ -29,7 +30,8 @@ class EngineOptions:
       ``fp32`` float32 activations, the reference; ``torch`` torch operations only, bit for bit the plain
       dequantize-then-matmul);
     * offloading: ``mem`` (budget: bytes, a size like ``6GiB`` or ``P%``; None: everything resident),
-      ``policy``, ``evict``, ``cache_alloc``, ``prefetch_extra`` (None: from the timing profile),
+      ``policy``, ``evict``, ``cache_alloc``, ``predictor`` (:data:`PREDICTORS`), ``prefetch_extra`` (None: from the
+      timing profile),
       ``int2_share``, ``link`` (emulated link; None: none), ``profile`` (re-measure the timing profile).
     """
 
@@ -45,6 +47,7 @@ class EngineOptions:
     policy: str = "fate"
     evict: str = "arc"
     cache_alloc: str = "auto"
+    predictor: str = "fitted"
     prefetch_extra: int | None = None
     int2_share: float = 0.3
     link: str | None = None
@@ -84,6 +87,8 @@ class EngineOptions:
             raise RequestError(f"--evict {self.evict!r}: choose {', '.join(EVICTIONS)}")
         if self.cache_alloc not in ALLOCS:
             raise RequestError(f"--cache-alloc {self.cache_alloc!r}: choose one of {', '.join(ALLOCS)}")
+        if self.predictor not in PREDICTORS:
+            raise RequestError(f"--predictor {self.predictor!r}: choose one of {', '.join(PREDICTORS)}")
         if not 0.0 <= self.int2_share <= 1.0:
             raise RequestError(f"--int2-share {self.int2_share}: give a fraction between 0 and 1")
         if self.prefetch_extra is not None and self.prefetch_extra < 0:

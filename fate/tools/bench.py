@@ -330,16 +330,18 @@ class BenchSession:
         from fate.runtime.experts import offloading as OFF
         from fate.runtime.experts import simulate as S
         from fate.runtime.experts.link import resolve_ratio
-        from fate.runtime.experts.prefetch import rank_chances
+        from fate.runtime.experts.prefetch import prediction_maps, rank_chances
         from fate.runtime.experts.trace import record_trace
         from fate.formats import constants as C
         from fate.runtime.options import EngineOptions
 
         ids = self.prompt_ids
         out = ref.generate(ids, self.n, temperature=0.0, stop_at_eos=False)
-        trace = record_trace(ref.model, ids + out.token_ids[:-1])
+        cfg = ref.config
+        maps = prediction_maps(ref.bundle, cfg) if self.opts.get("predictor", "fitted") == "fitted" else None
+        trace = record_trace(ref.model, ids + out.token_ids[:-1], maps=maps)
         prof = self._profile_obj
-        cfg, store = ref.config, ref.store
+        store = ref.store
         routers = {i: ref.weights.get(C.T_FFN_GATE_INP.format(i=i)) for i in cfg.moe_layer_ids}
         chances = rank_chances(ref.bundle, cfg)
         slot_bytes = store.blob_bytes(ref.precision)
@@ -365,7 +367,7 @@ class BenchSession:
             elif policy == "fate":
                 extra = max(extra, cfg.top_k)
             kw = dict(chances=chances, routers=routers, evict="lru" if policy == "lru" else "arc", extra=extra,
-                      max_new=max_new, decode_precision=ref.precision, warmup=len(ids))
+                      max_new=max_new, decode_precision=ref.precision, warmup=len(ids), maps=maps)
             r = S.simulate_policy(trace, timing, cfg, plan.slots_per_layer, policy, **kw)
             perfect = S.simulate_policy(trace, timing, cfg, plan.slots_per_layer, "perfect", **kw)
             resident = 1.0 / (cfg.n_layers * timing.layer_seconds)

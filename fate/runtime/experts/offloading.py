@@ -13,7 +13,7 @@ from fate.runtime.experts import profile as P
 from fate.runtime.experts.budget import BudgetPlan, plan_budget
 from fate.runtime.experts.link import LinkSpec, Throttle, parse_link, resolve_ratio
 from fate.runtime.experts.offload import OffloadedExperts, Offloader
-from fate.runtime.experts.prefetch import AHEAD, Predictor, rank_chances
+from fate.runtime.experts.prefetch import AHEAD, Predictor, prediction_maps, rank_chances
 from fate.runtime.experts.residency import ExpertCache
 from fate.runtime.experts.stats import ExpertStats
 from fate.runtime.experts.transfer import TransferEngine
@@ -119,9 +119,10 @@ def build(cfg, bundle, store, weights, opts, plan_: BudgetPlan, precision: str, 
         else:
             max_new = None if opts.prefetch_extra is not None else timing.copies_in_window(precision, rate)
         routers = {i: weights.get(C.T_FFN_GATE_INP.format(i=i)) for i in cfg.moe_layer_ids}
+        maps = prediction_maps(bundle, cfg) if opts.predictor == "fitted" else None
         predictor = Predictor(cfg, routers, rank_chances(bundle, cfg), decode_precision=precision,
                               low_precision=low, int2_share=opts.int2_share,
-                              ahead=AHEAD if policy == "fate" else (1,))
+                              ahead=AHEAD if policy == "fate" else (1,), maps=maps)
     offloader = Offloader(cfg, cache, transfer, stats, keep=policy != "ondemand", decode_precision=precision,
                           low_precision=low, int2_share=opts.int2_share, predictor=predictor,
                           rule="value" if policy == "fate" else "window", extra=extra, max_new=max_new,

@@ -3,7 +3,11 @@
 The Fate paper's observation: the gate input of layer i (its post-attention norm output) is close to
 layer i+1's, so layer i+1's router applied to layer i's gate input names layer i+1's experts one layer
 early, with no training.  fate looks two layers ahead as well (layer i+2's router on the same input), and
-names layer 0's experts from the token embedding (:meth:`MoEModel.predictor_input`).
+names layer 0's experts from the token embedding (:meth:`MoEModel.predictor_input`).  Where the bundle
+has them, the routers give way to linear maps fitted on the calibration text (``fate.calib.predict``:
+from the gate input a layers earlier to layer i's router logits, :func:`fate.convert.calibrate.fit_map`),
+which name more of the needed experts at every rank (:func:`prediction_maps`; ``--predictor router``
+keeps the paper's routers).
 
 A candidate's *chance* of being needed comes from its rank in the prediction, calibrated per layer and
 per distance on the calibration text (``fate.calib.rank_hit``: the share of tokens for which the expert
@@ -71,19 +75,40 @@ def rank_chances(bundle, cfg) -> torch.Tensor:
     return out.clamp(0.0, 1.0)
 
 
+def prediction_maps(bundle, cfg, ahead: tuple[int, ...] = AHEAD) -> dict[tuple[int, int], torch.Tensor] | None:
+    """The bundle's fitted prediction maps as ``{(source layer, target layer): [E, H] float32}`` (source -1:
+    the token embedding's predictor input), for every target a distance in ``ahead`` away whose map is
+    finite; None for bundles without them (converted before 2026-12-01, or with ``--no-calib``)."""
+    if bundle is None or not bundle.has(C.T_CALIB_PREDICT):
+        return None
+    t = bundle.tensor(C.T_CALIB_PREDICT)
+    if t.dim() != 4 or tuple(t.shape[:3]) != (len(AHEAD), cfg.n_layers, cfg.n_experts):
+        return None
+    maps = {}
+    for a in ahead:
+        for j in cfg.moe_layer_ids:
+            w = t[a - 1, j].to(torch.float32)
+            if j - a >= -1 and bool(torch.isfinite(w).all()):
+                maps[(j - a, j)] = w
+    return maps
+
+
 class Predictor:
-    """Layer i+1's and i+2's routers on layer i's gate input.
+    """Layer i+1's and i+2's routers on layer i's gate input, or their fitted maps (``maps``, as
+    :func:`prediction_maps` gives them: each (source, target) pair found there replaces the target's router).
 
     Decode (one token): the top ``limit`` experts of each layer ahead by router score, with their chances
     (:func:`rank_chances`).  Prefill: layer i+1 only, every expert the predicted routing sends tokens to,
     most tokens first, the least popular as INT2 (:func:`.hybrid.hybrid_precisions`)."""
 
     def __init__(self, cfg, routers: dict[int, torch.Tensor], chances: torch.Tensor, *, decode_precision: str,
-                 low_precision: str | None, int2_share: float, ahead: tuple[int, ...] = AHEAD, select=None):
+                 low_precision: str | None, int2_share: float, ahead: tuple[int, ...] = AHEAD, select=None,
+                 maps: dict[tuple[int, int], torch.Tensor] | None = None):
         self.cfg = cfg
         # routers whose order is not their logits' (a bias, a sigmoid plus correction, expert groups) rank by
         # the model's own selection scores: ``select(j, g)`` -> [T, E] (MoEModel.selection_scores)
         self.select = select
+        self.maps = maps or None  # ranked by their products: ``select`` does not apply to them
         self.chances = chances.tolist()  # [ahead][layer][rank]: plain floats on the hot path
         self.decode_precision, self.low_precision, self.int2_share = decode_precision, low_precision, int2_share
         E = cfg.n_experts
@@ -95,13 +120,18 @@ class Predictor:
             if targets:
                 self._targets[i] = targets
                 # one product names every layer ahead: their routers stacked, [len(targets) * E, H]
-                self._stack[i] = torch.cat([routers[j].detach().to("cpu", torch.float32) for j in targets])
+                self._stack[i] = torch.cat([self.weight(i, j, routers) for j in targets])
                 self._stack_np[i] = self._stack[i].numpy()
         self._addr = {i: w.data_ptr() for i, w in self._stack.items()}
         self.E, self.H = E, (next(iter(self._stack.values())).shape[1] if self._stack else 0)
         self._rank_native = False  # resolved on the first one-token prediction (the extension builds once)
         self._sizes: dict[int, tuple] = {}  # layer -> (limit, n, made): see _sizes_for
         self._fused = False  # the native prediction + value rule (value_planner's class), resolved on first use
+
+    def weight(self, source: int, target: int, routers: dict[int, torch.Tensor]) -> torch.Tensor:
+        """``[E, H]`` float32: what scores ``target``'s experts from ``source``'s gate input."""
+        w = self.maps.get((source, target)) if self.maps else None
+        return (routers[target] if w is None else w).detach().to("cpu", torch.float32).contiguous()
 
     def targets(self, layer: int) -> list[int]:
         """The layers a prediction at ``layer``'s gate input names experts for."""

@@ -60,9 +60,10 @@ class _Recorder:
         return self.inner.moe(layer, x, topk_ids, topk_weights)
 
 
-def record_trace(model, token_ids, ahead: tuple[int, ...] = AHEAD) -> RoutingTrace:
+def record_trace(model, token_ids, ahead: tuple[int, ...] = AHEAD, maps=None) -> RoutingTrace:
     """Run ``model`` (a :class:`fate.model.transformer.MoEModel` with every expert resident) once over
-    ``token_ids`` and return their routing trace."""
+    ``token_ids`` and return their routing trace; the predictions' scores are those of the fitted ``maps``
+    (:func:`.prefetch.prediction_maps`) where given, else of the routers, as the engine's predictor ranks."""
     cfg = model.cfg
     rec = _Recorder(model.experts)
     saved = model.experts, model.observer
@@ -82,8 +83,8 @@ def record_trace(model, token_ids, ahead: tuple[int, ...] = AHEAD) -> RoutingTra
         targets = [i + a for a in ahead if i + a < L and (i + a) in routers]
         if not targets or i not in rec.gates:
             continue
-        if cfg.router_ranks_by_logits:
-            w = torch.cat([routers[j].detach().to("cpu", torch.float32) for j in targets])
+        if maps or cfg.router_ranks_by_logits:
+            w = torch.cat([(maps or {}).get((i, j), routers[j]).detach().to("cpu", torch.float32) for j in targets])
             logits[i] = rec.gates[i] @ w.T
         else:  # what the engine's predictor ranks for this router (Predictor.select)
             with torch.inference_mode():
