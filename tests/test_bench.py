@@ -319,6 +319,12 @@ def test_simulate_replays_every_configuration(converted, tmp_path):
     r = _invoke([path, "--policies", "lru,fate", "--mem", "50%", "--link", "ratio:1", *FAST, "--simulate-only"])
     assert r.exit_code == 0, r.output
     assert "trace replay" in r.stdout and "| policy   |" not in r.stdout  # no measured table
+    js2 = tmp_path / "router.json"  # the paper's predictor (the next routers) instead of the fitted maps
+    r = _invoke([path, "--policies", "fate", "--mem", "50%", "--link", "ratio:1", *FAST, "--simulate-only",
+                 "--predictor", "router", "--json", js2])
+    assert r.exit_code == 0, r.output
+    out = json.loads(js2.read_text())
+    assert out["meta"]["predictor"] == "router" and out["rows"][0]["simulated"]["decode"]["tokens_per_s"] > 0
 
 
 def test_anchored_replay_adds_the_replays_stall_to_the_measured_resident_time():

@@ -12,7 +12,7 @@ import fate
 from fate.formats import constants as C
 from fate.runtime.experts import simulate as S
 from fate.runtime.experts.offload import Offloader
-from fate.runtime.experts.prefetch import Prediction, rank_chances
+from fate.runtime.experts.prefetch import Prediction, prediction_maps, rank_chances
 from fate.runtime.experts.residency import ExpertCache
 from fate.runtime.experts.stats import ExpertStats
 from fate.runtime.experts.trace import RoutingTrace, record_trace
@@ -26,6 +26,25 @@ def _setup(path, n=12):
     out = m.generate(ids, n, temperature=0.0, stop_at_eos=False)
     trace = record_trace(m.model, ids + out.token_ids[:-1])
     return m, ids, out, trace
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_a_traces_prediction_scores_are_the_fitted_maps_products(converted, arch):
+    """With the bundle's fitted maps, the scores recorded for the prediction at a gate input are that input
+    times the stacked maps of the layers ahead (whatever the family's router ranks by); without them, the
+    routers' (here: the embedding's predictor input, by hand)."""
+    m = fate.load(converted[arch][1], experts="q4", verify=False)
+    cfg = m.config
+    ids = m.encode_prompt(PROMPT)
+    maps = prediction_maps(m.bundle, cfg)
+    fitted, plain = record_trace(m.model, ids, maps=maps), record_trace(m.model, ids)
+    with torch.inference_mode():
+        x = m.model.predictor_input(m.model.embed(torch.tensor(ids))).float()
+    targets = [j for j in (0, 1) if cfg.moe_layers[j]]
+    w = torch.cat([maps[(-1, j)] for j in targets])
+    torch.testing.assert_close(fitted.logits[-1], x @ w.T, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fitted.logits[-1], plain.logits[-1])
+    m.close()
 
 
 def test_a_trace_is_the_engines_routing(converted):

@@ -57,6 +57,7 @@ from fate.errors import BundleError, EngineError, UsageError, UserError
 from fate.runtime.experts import profile as P
 from fate.runtime.experts.budget import parse_mem
 from fate.runtime.experts.link import parse_link
+from fate.runtime.options import EngineOptions
 from fate.sysinfo import default_threads
 
 ALL_POLICIES = ("ondemand", "lru", "paper", "fate", "resident")
@@ -170,7 +171,8 @@ def _one_run(bundle, policy, mem, link, prompt_ids, n, opts) -> dict:
     """One fresh load and generation; its stats in the schema of docs/STATS.md."""
     kw = dict(experts=opts["experts"], policy=policy, verify=False, threads=opts["threads"])
     if policy != "resident":
-        kw.update(mem=mem, link=link, prefetch_extra=opts["prefetch_extra"], int2_share=opts["int2_share"])
+        kw.update(mem=mem, link=link, predictor=opts["predictor"], prefetch_extra=opts["prefetch_extra"],
+                  int2_share=opts["int2_share"])
     m = fate.load(bundle, **kw)
     try:
         out = m.generate(list(prompt_ids), n, temperature=0.0, stop_at_eos=False)
@@ -226,7 +228,7 @@ class BenchSession:
                  prompt_tokens: int | None = None, n: int = 32, reps: int = 3, experts: str = "q4",
                  prefetch_extra: int | None = None, int2_share: float = 0.3, threads: int | None = None,
                  verify: bool = False, warmup: bool = True, reprofile: bool = True, simulate: bool = False,
-                 measure: bool = True):
+                 measure: bool = True, predictor: str = "fitted"):
         self.policies = parse_policies(policies)
         offloaded = [p for p in self.policies if p != "resident"]
         self.mems = parse_mems(mems) if offloaded else []
@@ -248,7 +250,8 @@ class BenchSession:
         # every model of the session, the reference and each run, computes with the same -t (a model applies
         # its own thread split: fate's kernels get the threads where they compute, torch otherwise)
         self.threads = threads if threads is not None else default_threads()
-        self.opts = {"experts": experts, "prefetch_extra": prefetch_extra, "int2_share": int2_share,
+        EngineOptions(predictor=predictor).validate()
+        self.opts = {"experts": experts, "predictor": predictor, "prefetch_extra": prefetch_extra, "int2_share": int2_share,
                      "threads": self.threads}
 
         # the resident model: tokenizer, model figures, the optional integrity check and the warm-up
@@ -333,12 +336,11 @@ class BenchSession:
         from fate.runtime.experts.prefetch import prediction_maps, rank_chances
         from fate.runtime.experts.trace import record_trace
         from fate.formats import constants as C
-        from fate.runtime.options import EngineOptions
 
         ids = self.prompt_ids
         out = ref.generate(ids, self.n, temperature=0.0, stop_at_eos=False)
         cfg = ref.config
-        maps = prediction_maps(ref.bundle, cfg) if self.opts.get("predictor", "fitted") == "fitted" else None
+        maps = prediction_maps(ref.bundle, cfg) if self.opts["predictor"] == "fitted" else None
         trace = record_trace(ref.model, ids + out.token_ids[:-1], maps=maps)
         prof = self._profile_obj
         store = ref.store
@@ -435,7 +437,8 @@ class BenchSession:
         return {"bundle": str(self.bundle), "model": self.model_info, "prompt_tokens": len(self.prompt_ids),
                 "n": self.n, "reps": self.reps, "threads": self.threads, "policies": self.policies,
                 "mems": self.mems, "links": self.links, "plans": self.plans, "profile": self.profile,
-                "prefetch_extra": self.opts["prefetch_extra"], "int2_share": self.opts["int2_share"],
+                "predictor": self.opts["predictor"], "prefetch_extra": self.opts["prefetch_extra"],
+                "int2_share": self.opts["int2_share"],
                 "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
                 "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
@@ -445,7 +448,8 @@ def run_bench(bundle, policies: Sequence[str] | str = DEFAULT_POLICIES, mems: Se
               reps: int = 3, *, prompt_tokens: int | None = None, experts: str = "q4",
               prefetch_extra: int | None = None, int2_share: float = 0.3, threads: int | None = None,
               verify: bool = False, warmup: bool = True, reprofile: bool = True,
-              progress: bool = False, simulate: bool = False, measure: bool = True) -> list[dict]:
+              progress: bool = False, simulate: bool = False, measure: bool = True,
+              predictor: str = "fitted") -> list[dict]:
     """Benchmark ``policies`` x ``mems`` x ``links`` on ``bundle``; one dict per configuration (keys:
     see the module docstring).  Without ``prompt_ids``, ``prompt_tokens`` (default 128) tokens of the
     calibration text are the prompt.  ``simulate`` adds each configuration's trace replay (``simulated``);
@@ -453,7 +457,7 @@ def run_bench(bundle, policies: Sequence[str] | str = DEFAULT_POLICIES, mems: Se
     s = BenchSession(bundle, policies=policies, mems=mems, links=links, prompt_ids=prompt_ids,
                      prompt_tokens=prompt_tokens, n=n, reps=reps, experts=experts, prefetch_extra=prefetch_extra,
                      int2_share=int2_share, threads=threads, verify=verify, warmup=warmup, reprofile=reprofile,
-                     simulate=simulate or not measure, measure=measure)
+                     simulate=simulate or not measure, measure=measure, predictor=predictor)
     return s.run(progress=progress)
 
 
