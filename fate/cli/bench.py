@@ -48,8 +48,8 @@ from fate.tools.bench import (DEFAULT_POLICIES, DEFAULT_LINKS, DEFAULT_MEMS, DEF
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, reps, experts, predictor,
-         prefetch_extra, int2_share, threads, verify, cached_profile, json_path, csv_path, plot_path, simulate, simulate_only,
-         per_layer, no_progress, debug):
+         prefetch_extra, int2_share, threads, verify, cached_profile, json_path, csv_path, plot_path, simulate,
+         simulate_only, per_layer, no_progress, debug):
     """Benchmark expert offloading policies on a fate BUNDLE, side by side in one process.
 
     \b
@@ -60,14 +60,14 @@ def main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, r
     """
     with user_errors(debug):
         _main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, reps, experts,
-              predictor, prefetch_extra, int2_share, threads, verify, cached_profile, json_path, csv_path, plot_path,
-              per_layer, no_progress, simulate, simulate_only)
+              predictor, prefetch_extra, int2_share, threads, verify, cached_profile, json_path, csv_path,
+              plot_path, per_layer, no_progress, simulate, simulate_only)
     sys.exit(0)
 
 
-def _main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, reps, experts, predictor, prefetch_extra,
-          int2_share, threads, verify, cached_profile, json_path, csv_path, plot_path, per_layer, no_progress,
-          simulate=False, simulate_only=False):
+def _main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, reps, experts, predictor,
+          prefetch_extra, int2_share, threads, verify, cached_profile, json_path, csv_path, plot_path, per_layer,
+          no_progress, simulate=False, simulate_only=False):
     if not bundle:
         raise UsageError("no bundle given: fate-bench BUNDLE (see fate-bench --help)")
     # everything that can be checked without measuring is checked first
@@ -87,8 +87,7 @@ def _main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, 
         raise UsageError("give -p/-f or --prompt-tokens, not both")
     s = BenchSession(bundle, policies=policies, mems=mems, links=links, prompt=prompt, prompt_tokens=prompt_tokens,
                      n=n, reps=reps, experts=experts, predictor=predictor, prefetch_extra=prefetch_extra,
-                     int2_share=int2_share,
-                     threads=threads, verify=verify, reprofile=not cached_profile,
+                     int2_share=int2_share, threads=threads, verify=verify, reprofile=not cached_profile,
                      simulate=simulate or simulate_only, measure=not simulate_only)
     rows = s.run(progress=not no_progress)
     meta = s.meta()

@@ -16,7 +16,8 @@ the calibration text, counted on the other).  The statistics (recall, rank_hit, 
 prediction's, ranked by its scores, as fate's runtime ranks.
 
 Memory stays bounded: only one layer's non-expert weights and one expert are materialised at a time,
-plus the hidden states of the calibration tokens (tokens × hidden × 4 bytes).
+plus the hidden states of the calibration tokens (tokens × hidden × 4 bytes) and the Gram matrices of the
+two latest gate inputs (hidden² × 8 bytes each: 411 MB at DeepSeek-V3's 7168).
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ FIT_RIDGE = 1e-3  # the ridge of fit_map, relative to the mean diagonal of the i
 
 
 def fit_map(gram: torch.Tensor, x: torch.Tensor, y: torch.Tensor, ridge: float = FIT_RIDGE) -> torch.Tensor:
-    """``[E, H]`` float32 (float16 values): the map P minimising ||x P^T - y||^2 + lam ||P||^2 for inputs ``x`` [T, H] with Gram
-    matrix ``gram`` (x^T x, float64) and targets ``y`` [T, E]; lam = ``ridge`` x the Gram's mean diagonal (the
-    ridge keeps directions the calibration text never excites at 0)."""
+    """``[E, H]`` float32 (float16 values): the map P minimising ||x P^T - y||^2 + lam ||P||^2 for inputs
+    ``x`` [T, H] with Gram matrix ``gram`` (x^T x, float64) and targets ``y`` [T, E]; lam = ``ridge`` x the
+    Gram's mean diagonal (the ridge keeps directions the calibration text never excites at 0)."""
     a = gram.clone()
     a.diagonal().add_(ridge * float(a.diagonal().mean().clamp_min(1e-30)))
     p = torch.linalg.solve(a, (x.T.double() @ y.double())).T
@@ -130,7 +131,6 @@ def calibrate(ckpt: HFCheckpoint, spec: A.ArchSpec, cfg: ModelConfig, token_ids:
     recall = torch.full((L, len(extras)), float("nan"))
     rank_hit = torch.full((2, L, E), float("nan"))
     reuse = torch.full((2, L, E + 1), float("nan"))
-    predict = None  # [2, L, E, H] once the hidden size is known
 
     seqs = [torch.tensor(token_ids[s:s + seq_len], dtype=torch.long) for s in range(0, len(token_ids), seq_len)]
     lengths = [len(ids) for ids in seqs]

@@ -251,7 +251,8 @@ class BenchSession:
         # its own thread split: fate's kernels get the threads where they compute, torch otherwise)
         self.threads = threads if threads is not None else default_threads()
         EngineOptions(predictor=predictor).validate()
-        self.opts = {"experts": experts, "predictor": predictor, "prefetch_extra": prefetch_extra, "int2_share": int2_share,
+        self.opts = {"experts": experts, "predictor": predictor, "prefetch_extra": prefetch_extra,
+                     "int2_share": int2_share,
                      "threads": self.threads}
 
         # the resident model: tokenizer, model figures, the optional integrity check and the warm-up
@@ -369,7 +370,7 @@ class BenchSession:
             elif policy == "fate":
                 extra = max(extra, cfg.top_k)
             kw = dict(chances=chances, routers=routers, evict="lru" if policy == "lru" else "arc", extra=extra,
-                      max_new=max_new, decode_precision=ref.precision, warmup=len(ids), maps=maps)
+                      max_new=max_new, decode_precision=ref.precision, warmup=len(ids))
             r = S.simulate_policy(trace, timing, cfg, plan.slots_per_layer, policy, **kw)
             perfect = S.simulate_policy(trace, timing, cfg, plan.slots_per_layer, "perfect", **kw)
             resident = 1.0 / (cfg.n_layers * timing.layer_seconds)

@@ -305,7 +305,7 @@ def timing_for(profile, link, store, precision: str, layer_seconds: float | None
 
 def simulate_policy(trace: RoutingTrace, timing: SimTiming, cfg, plan_slots, policy: str, *, chances,
                     routers, evict: str = "arc", extra: int = 0, max_new: int | None = None,
-                    decode_precision: str = "q4", warmup: int = 0, maps=None) -> SimResult:
+                    decode_precision: str = "q4", warmup: int = 0) -> SimResult:
     """One policy of the engine (``fate``, ``paper``, ``lru``, ``ondemand``) or the bound ``perfect`` (fate's
     policy told the next two layers' experts exactly) on ``trace``, with ``plan_slots`` slots per layer."""
     from fate.runtime.experts.prefetch import AHEAD
@@ -313,7 +313,7 @@ def simulate_policy(trace: RoutingTrace, timing: SimTiming, cfg, plan_slots, pol
     pred = None
     if policy in ("fate", "paper"):
         pred = Predictor(cfg, routers, chances, decode_precision=decode_precision, low_precision=None,
-                         int2_share=0.0, ahead=AHEAD if policy == "fate" else (1,), maps=maps)
+                         int2_share=0.0, ahead=AHEAD if policy == "fate" else (1,))
     name = "perfect2" if policy == "perfect" else policy
     make = factory(trace, timing, cfg, plan_slots, name, evict=evict, predictor=pred, extra=extra, max_new=max_new,
                    decode_precision=decode_precision)
