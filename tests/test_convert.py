@@ -17,13 +17,13 @@ import fate
 from fate import quant as Q
 from fate.model import arch as A
 from fate.cli.convert import main as convert_main
-from fate.convert.calibrate import FIT_RIDGE
+from fate.convert.calibrate import RIDGES, folds_of
 from fate.runtime.experts.prefetch import prediction_maps
 from fate.errors import ConvertError
 from fate.formats import constants as C
 from fate.formats.bundle import Bundle
 from tests.conftest import CALIB_TEXT, CALIB_TOKENS, assert_one_line_error
-from tests.tiny_models import ARCHS, load_oracle, make_checkpoint
+from tests.tiny_models import ARCHS, load_oracle, make_checkpoint, oracle_prediction_fit
 
 def _hf(ckpt: Path):
     from fate.formats.hf import HFCheckpoint
@@ -132,9 +132,10 @@ def _selection(arch: str, router, x: torch.Tensor, cfg) -> torch.Tensor:
 
 def _oracle_stats(arch: str, ckpt_dir: Path, ids: list[int], cfg, maps: torch.Tensor):
     """Calibration statistics computed independently: transformers' forward, gate inputs captured with
-    hooks on post_attention_layernorm, routers applied by hand from the oracle's own parameters; the recall
-    is the stored prediction maps' (``maps``, fate.calib.predict), each map checked to be the ridge
-    least-squares fit from the oracle's earlier gate input to its router logits."""
+    hooks on post_attention_layernorm, routers applied by hand from the oracle's own parameters; each stored
+    prediction map (``maps``, fate.calib.predict) checked against the least-squares oracle's fit from the
+    transformers gate input a layers back to the router logits (tests.tiny_models.oracle_prediction_fit), and
+    the recall counted with the oracle's held-out scores."""
     model = load_oracle(arch, ckpt_dir)
     layers = model.model.layers
     captured: dict[int, torch.Tensor] = {}
@@ -162,15 +163,16 @@ def _oracle_stats(arch: str, ckpt_dir: Path, ids: list[int], cfg, maps: torch.Te
             top = router(captured[i])[2].sort(dim=-1).values
             # ... are the top k of the family's selection rule, written out here by hand
             assert torch.equal(_selection(arch, router, captured[i], cfg).topk(k, dim=-1).indices.sort(dim=-1).values, top)
-            pred = captured[i - 1] @ maps[0, i].float().T
+            fold = folds_of([len(ids)])  # the calibration's one sequence (CALIB_TOKENS fit in one)
+            w = router.weight.float()
             for a in (1, 2):
                 if i - a < -1:
                     continue
-                x, y = captured[i - a].double(), (captured[i] @ router.weight.T.float()).double()
-                lam = FIT_RIDGE * (x.T @ x).diagonal().mean()
-                want = torch.linalg.solve(x.T @ x + lam * torch.eye(x.shape[1], dtype=x.dtype), x.T @ y).T
+                want, scores = oracle_prediction_fit(captured[i - a], captured[i] @ w.T, w, top, fold, RIDGES)
                 got = maps[a - 1, i].double()
                 assert torch.allclose(got, want, rtol=0, atol=3e-3 * want.abs().max().item()), (i, a)
+                if a == 1:
+                    pred = scores
         pop[i] = torch.bincount(top.flatten(), minlength=E)
         cos[i] = torch.nn.functional.cosine_similarity(captured[i - 1].double(), captured[i].double(), dim=-1).mean()
         for j, m in enumerate((0, 1, 2, 4)):

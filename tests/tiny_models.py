@@ -547,3 +547,43 @@ def load_oracle(arch: str, ckpt_dir: str | os.PathLike, dtype: torch.dtype = tor
     model = model.to(dtype)
     rot.inv_freq, rot.original_inv_freq = inv, orig
     return model.eval()
+
+
+def oracle_prediction_fit(x: torch.Tensor, y: torch.Tensor, router: torch.Tensor, topk: torch.Tensor,
+                          fold: torch.Tensor, ridges) -> tuple[torch.Tensor, torch.Tensor]:
+    """What fate.convert.calibrate.fit_map should give, written independently: each candidate map pulled
+    towards ``router`` solved as one least-squares problem on the stacked system [x; sqrt(lam) I] P^T =
+    [y; sqrt(lam) router^T] (float64), the candidates (the router, then each ridge) scored by the other fold's
+    needed experts among their top k and top 2k, counted with sets; returns the winner's map over all tokens
+    and each token's scores under the winner fitted on the other fold."""
+    x, y, w = x.double(), y.double(), router.double()
+    H, E, k = x.shape[1], w.shape[0], topk.shape[1]
+    masks = (~fold, fold)
+
+    def solve(m, ridge):
+        xm = x[m]
+        lam = ridge * (xm.T @ xm).diagonal().mean()
+        a = torch.cat([xm, lam.sqrt() * torch.eye(H, dtype=x.dtype)])
+        b = torch.cat([y[m], lam.sqrt() * w.T])
+        return torch.linalg.lstsq(a, b).solution.T
+
+    def hits(scores, need):
+        total = 0
+        for n in (k, min(2 * k, E)):
+            top = scores.topk(n, dim=-1).indices.tolist()
+            total += sum(len(set(t) & set(c)) for t, c in zip(top, need.tolist()))
+        return total
+
+    best = (sum(hits(x[m] @ w.T, topk[m]) for m in masks), None, None)
+    for ridge in ridges:
+        maps = [solve(masks[1 - f], ridge) for f in (0, 1)]
+        h = sum(hits(x[m] @ p.T, topk[m]) for p, m in zip(maps, masks))
+        if h > best[0]:
+            best = (h, ridge, maps)
+    _, ridge, maps = best
+    if ridge is None:
+        return w, x @ w.T
+    scores = torch.empty(x.shape[0], E, dtype=x.dtype)
+    for p, m in zip(maps, masks):
+        scores[m] = x[m] @ p.T
+    return solve(torch.ones_like(fold), ridge), scores

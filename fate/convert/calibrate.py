@@ -8,16 +8,18 @@ for layer 0 the token embedding through layer 0's post-attention norm (:meth:`Mo
 what the runtime's prefetcher uses).
 
 The prediction is fitted here (:func:`fit_map`): per layer i and distance a (1, 2), the linear map from the
-gate input a layers earlier to layer i's router logits that is closest on the calibration tokens (ridge
-least squares).  The paper applies layer i's own router to the earlier input; the fitted map starts from
-that input as it really is, and on the trained 8-layer model of docs/BENCHMARKS.md names 92.6 % of the
-needed experts among 4 candidates one layer ahead where the router names 86.8 % (fitted on one half of
-the calibration text, counted on the other).  The statistics (recall, rank_hit, reuse) are the fitted
-prediction's, ranked by its scores, as fate's runtime ranks.
+gate input a layers earlier to layer i's router logits, by least squares on the calibration tokens pulled
+towards layer i's own router (the paper's prediction: layer i's router applied to the earlier input).
+How hard it is pulled is chosen per map by two-fold cross-validation over the calibration sequences, the
+router itself among the candidates, so with few tokens for the hidden size the map stays the router and
+with many it becomes the fit.  On the trained 8-layer model of docs/BENCHMARKS.md the fit names 92.6 % of
+the needed experts among 4 candidates one layer ahead where the router names 86.8 % (fitted on one half
+of the calibration text, counted on the other).  The statistics (recall, rank_hit, reuse) are the fitted
+prediction's, each token ranked by the map fitted on the other fold: what a text the fit never saw gets.
 
 Memory stays bounded: only one layer's non-expert weights and one expert are materialised at a time,
-plus the hidden states of the calibration tokens (tokens × hidden × 4 bytes) and the Gram matrices of the
-two latest gate inputs (hidden² × 8 bytes each: 411 MB at DeepSeek-V3's 7168).
+plus the hidden states of the calibration tokens (tokens × hidden × 4 bytes) and the two folds' Gram matrices
+of the two latest gate inputs (hidden² × 8 bytes each: 411 MB at DeepSeek-V3's 7168).
 """
 
 from __future__ import annotations
@@ -46,17 +48,72 @@ class CalibStats:
     predict: torch.Tensor | None = None  # [2, L, E, H] (fate.calib.predict, stored F16), NaN where undefined
 
 
-FIT_RIDGE = 1e-3  # the ridge of fit_map, relative to the mean diagonal of the inputs' Gram matrix
+# the pulls towards the router fit_map chooses among (relative to the Gram matrix's mean diagonal), besides
+# the router itself
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0)
 
 
-def fit_map(gram: torch.Tensor, x: torch.Tensor, y: torch.Tensor, ridge: float = FIT_RIDGE) -> torch.Tensor:
-    """``[E, H]`` float32 (float16 values): the map P minimising ||x P^T - y||^2 + lam ||P||^2 for inputs
-    ``x`` [T, H] with Gram matrix ``gram`` (x^T x, float64) and targets ``y`` [T, E]; lam = ``ridge`` x the
-    Gram's mean diagonal (the ridge keeps directions the calibration text never excites at 0)."""
+class FitSource:
+    """A gate input that predicts later layers: its tokens ``x`` [T, H] in two folds (``fold`` bool [T]) and
+    each fold's Gram matrix (float64), computed once for the maps of every layer it predicts."""
+
+    def __init__(self, x: torch.Tensor, fold: torch.Tensor):
+        self.x = x
+        self.masks = (~fold, fold)
+        self.grams = [(x[m].T @ x[m]).double() for m in self.masks]  # float32 products: the fits' largest cost
+
+
+def folds_of(lengths: list[int]) -> torch.Tensor:
+    """bool [sum(lengths)]: every other calibration sequence in the second fold (one sequence: its second half)."""
+    if len(lengths) == 1:
+        n = lengths[0]
+        return torch.arange(n) >= n // 2
+    return torch.cat([torch.full((n,), j % 2 == 1) for j, n in enumerate(lengths)])
+
+
+def _pulled(gram: torch.Tensor, xy: torch.Tensor, wt: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``[E, H]``: argmin ||x P^T - y||^2 + lam ||P - W||^2 from x^T x, x^T y and W^T (lam = ``ridge`` x the
+    Gram's mean diagonal)."""
+    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-30))
     a = gram.clone()
-    a.diagonal().add_(ridge * float(a.diagonal().mean().clamp_min(1e-30)))
-    p = torch.linalg.solve(a, (x.T.double() @ y.double())).T
-    return p.to(torch.float16).to(torch.float32)  # as the bundle stores it, so the statistics are its own
+    a.diagonal().add_(lam)
+    return torch.linalg.solve(a, xy + lam * wt).T.to(torch.float32)
+
+
+def _hits(scores: torch.Tensor, topk: torch.Tensor, n: int) -> int:
+    cand = scores.topk(n, dim=-1).indices
+    return int((topk.unsqueeze(-1) == cand.unsqueeze(1)).any(-1).sum())
+
+
+def fit_map(src: FitSource, y: torch.Tensor, router: torch.Tensor,
+            topk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prediction map from ``src`` to a layer with router logits ``y`` [T, E], router weight ``router``
+    [E, H] and routing ``topk`` [T, k]: ``(P, scores)``.  P [E, H] float32 (float16 values, as the bundle
+    stores it) minimises ||x P^T - y||^2 + lam ||P - router||^2 over all tokens, for the candidate in
+    :data:`RIDGES` (or the router itself) whose maps fitted on one fold name the most of the other fold's
+    needed experts among the top k and the top 2k; ``scores`` [T, E] are each token's scores under that
+    candidate fitted on the other fold."""
+    E, k = router.shape[0], topk.shape[1]
+    wt = router.T.double()
+    xys = [src.x[m].T.double() @ y[m].double() for m in src.masks]
+
+    def held_out(maps):  # the needed experts each fold's tokens get from the map fitted on the other fold
+        return sum(_hits(src.x[m] @ p.T, topk[m], n) for p, m in zip(maps, src.masks) for n in (k, min(2 * k, E)))
+
+    best, best_ridge, best_maps = held_out([router, router]), None, None
+    for ridge in RIDGES:
+        maps = [_pulled(src.grams[1 - f], xys[1 - f], wt, ridge) for f in (0, 1)]
+        h = held_out(maps)
+        if h > best:
+            best, best_ridge, best_maps = h, ridge, maps
+    if best_ridge is None:
+        p, scores = router.to(torch.float32), src.x @ router.T
+    else:
+        p = _pulled(src.grams[0] + src.grams[1], xys[0] + xys[1], wt, best_ridge)
+        scores = torch.empty(src.x.shape[0], E)
+        for q, m in zip(best_maps, src.masks):
+            scores[m] = src.x[m] @ q.T
+    return p.to(torch.float16).to(torch.float32), scores
 
 
 def rank_hits(order: torch.Tensor, topk: torch.Tensor) -> torch.Tensor:
@@ -143,8 +200,8 @@ def calibrate(ckpt: HFCheckpoint, spec: A.ArchSpec, cfg: ModelConfig, token_ids:
         del table
         prev_g = model.predictor_input(h)  # layer 0 is predicted from the token embedding
         prev2_g = None  # the gate input two layers back (layer 1: the embedding's)
-        gram = lambda x: (x.T @ x).double()  # noqa: E731  (float32 product: the largest cost of the fits)
-        prev_gram, prev2_gram = gram(prev_g), None
+        fold = folds_of(lengths)
+        prev_src, prev2_src = FitSource(prev_g, fold), None
         predict = torch.full((2, L, E, prev_g.shape[1]), float("nan"))
         for i in range(L):
             # attention runs per sequence (causal within it); everything after it is per token, so the
@@ -155,10 +212,11 @@ def calibrate(ckpt: HFCheckpoint, spec: A.ArchSpec, cfg: ModelConfig, token_ids:
             if cfg.moe_layers[i]:
                 _, topk, _ = model.route(i, g)
                 popularity[i] = torch.bincount(topk.flatten(), minlength=E)
-                logits = g @ weights.get(C.T_FFN_GATE_INP.format(i=i)).T  # what the fitted maps predict
-                if prev_g is not None:  # ranked by the fitted prediction's scores
-                    predict[0, i] = fit_map(prev_gram, prev_g, logits)
-                    order = (prev_g @ predict[0, i].T).argsort(dim=-1, descending=True, stable=True)
+                router = weights.get(C.T_FFN_GATE_INP.format(i=i))
+                logits = g @ router.T  # what the fitted maps predict
+                if prev_g is not None:  # ranked by the fitted prediction's (held-out) scores
+                    predict[0, i], scores = fit_map(prev_src, logits, router, topk)
+                    order = scores.argsort(dim=-1, descending=True, stable=True)
                     for j, m in enumerate(extras):
                         cand = order[:, : min(k + m, E)]
                         hit = (topk.unsqueeze(-1) == cand.unsqueeze(1)).any(-1).sum(-1)
@@ -166,13 +224,13 @@ def calibrate(ckpt: HFCheckpoint, spec: A.ArchSpec, cfg: ModelConfig, token_ids:
                     cosine[i] = F.cosine_similarity(prev_g.double(), g.double(), dim=-1).mean().item()
                     rank_hit[0, i] = rank_hits(order, topk)
                     if prev2_g is not None:
-                        predict[1, i] = fit_map(prev2_gram, prev2_g, logits)
-                        order2 = (prev2_g @ predict[1, i].T).argsort(dim=-1, descending=True, stable=True)
+                        predict[1, i], scores2 = fit_map(prev2_src, logits, router, topk)
+                        order2 = scores2.argsort(dim=-1, descending=True, stable=True)
                         rank_hit[1, i] = rank_hits(order2, topk)
                     reuse[:, i] = reuse_curves(topk, order[:, :k], E, lengths)
             h = h + model.ffn(i, g)
             prev2_g, prev_g = prev_g, g
-            prev2_gram, prev_gram = prev_gram, gram(g) if i + 1 < L else None
+            prev2_src, prev_src = prev_src, FitSource(g, fold) if i + 1 < L else None
             weights.drop()
             if progress is not None:
                 progress.update(1)

@@ -153,7 +153,8 @@ T_CALIB_RANK_HIT = "fate.calib.rank_hit"
 # distance < s); [1, i, s] = share held or named among the top k by the prediction from layer i-1
 T_CALIB_REUSE = "fate.calib.reuse"
 # f16 [2, L, E, H]: [a-1, i] = the linear map from the gate input a layers before layer i (for i < a the token
-# embedding's) to layer i's router logits, fitted on the calibration text (ridge least squares); NaN where
+# embedding's) to layer i's router logits, fitted on the calibration text (least squares pulled towards the
+# router, the pull chosen by two-fold cross-validation: fate.convert.calibrate.fit_map); NaN where
 # undefined (dense layers, i = 0 at a = 2).  fate's prediction ranks by it; the statistics above are its own
 T_CALIB_PREDICT = "fate.calib.predict"
 
