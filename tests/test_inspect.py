@@ -82,7 +82,7 @@ def test_json_report_matches_bundle_tensors(converted, arch):
     assert r["chat_template"]["chars"] == len(b.metadata[C.K_CHAT_TEMPLATE])
     assert r["chat_template"]["head"][0] == b.metadata[C.K_CHAT_TEMPLATE].splitlines()[0]
     assert r["calibration"] == {"source": "calib.txt", "tokens": 200, "sha256": b.metadata[C.K_CALIB_SHA256],
-                                "recall_extra": [0, 1, 2, 4]}
+                                "recall_extra": [0, 1, 2, 4], "predictor": "fitted"}
     for k in (C.K_HF_MODEL_TYPE, C.K_SOURCE_NAME, C.K_SOURCE_CONFIG_SHA256, C.K_CREATED, C.K_FATE_VERSION,
               C.K_HQQ_VERSION):
         assert r["provenance"][k] == b.metadata[k]
@@ -122,6 +122,7 @@ def test_text_report(converted):
     out = res.stdout
     for word in ("architecture  deepseek", "layers 3: 2 MoE, 1 dense (0)", "q4            4     64",
                  "tokenizer     vocab 384", "<|im_end|>=2", "chat template", "calibration   source calib.txt, 200 tokens",
+                 "prediction by maps fitted on it",
                  "fate.created = ", "fate.fate_version = ", "fate.quant.hqq_version = "):
         assert word in out, word
     table = out[out.index("  layer  kind"):].splitlines()

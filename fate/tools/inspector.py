@@ -41,7 +41,8 @@ JSON keys (``--json``); sizes are bytes, shares are fractions in [0, 1], absent 
   ``null``)
 * ``chat_template``: ``null``, or ``chars``, ``lines`` and ``head`` (its first lines)
 * ``calibration``: ``null`` when the bundle has no statistics, else ``source``, ``tokens``, ``sha256``,
-  ``recall_extra`` (the m of each "k+m" recall column)
+  ``recall_extra`` (the m of each "k+m" recall column), ``predictor`` (``fitted``: the bundle has prediction
+  maps, ``fate.calib.predict``, which the runtime predicts by and the recall measured; ``router``: neither)
 * ``provenance``: the provenance keys present, with their values (``fate.source.*``, ``fate.created``,
   ``fate.fate_version``, ``fate.quant.hqq_version``)
 * ``top_n``: N of the ``top_share`` column (``--top``, 8 by default, at most the expert count)
@@ -234,7 +235,9 @@ def _report(b: Bundle, top_n: int, template_lines: int) -> dict:
     if has_calib:
         calibration = {"source": b.get(C.K_CALIB_SOURCE), "tokens": b.get(C.K_CALIB_TOKENS),
                        "sha256": b.get(C.K_CALIB_SHA256),
-                       "recall_extra": list(b.get(C.K_CALIB_RECALL_EXTRA) or C.RECALL_EXTRA)}
+                       "recall_extra": list(b.get(C.K_CALIB_RECALL_EXTRA) or C.RECALL_EXTRA),
+                       # how the runtime predicts by default, and what the recall columns measured
+                       "predictor": "fitted" if b.has(C.T_CALIB_PREDICT) else "router"}
 
     return {
         "path": str(b.path),
@@ -456,7 +459,8 @@ def format_report(r: dict) -> str:
     if c is None:
         out.append("calibration   none (converted with --no-calib)")
     else:
-        out.append(f"calibration   source {c['source']}, {c['tokens']} tokens, sha256 {c['sha256']}")
+        out.append(f"calibration   source {c['source']}, {c['tokens']} tokens, sha256 {c['sha256']}; prediction by "
+                   + ("maps fitted on it (fate.calib.predict)" if c["predictor"] == "fitted" else "the next routers"))
     out.append("provenance    none" if not r["provenance"] else "provenance")
     for k, v in r["provenance"].items():
         out.append(f"  {k} = {v}")
@@ -464,8 +468,10 @@ def format_report(r: dict) -> str:
     rows = r["layers"]
     labels = list(rows[0]["recall"]) if rows else []
     n = r["top_n"]
+    how = ("" if c is None else " by the fitted maps, held out" if c["predictor"] == "fitted"
+           else " by layer i's router")
     out.append("layers        popularity: token->expert assignments on the calibration text; recall: layer i's "
-               "experts predicted from layer i-1's gate input (layer 0: from the token embedding)")
+               f"experts predicted from layer i-1's gate input (layer 0: from the token embedding){how}")
     out.append(f"  layer  kind   assign  top-{n:<2}  max    unused  cosine " + "".join(f"{'r@' + lb:>7}" for lb in labels))
     for row in rows:
         assign = "-" if row["assignments"] is None else str(row["assignments"])
