@@ -200,11 +200,11 @@ def calibrate(ckpt: HFCheckpoint, spec: A.ArchSpec, cfg: ModelConfig, token_ids:
         table = ckpt.get(emb_name, emb_shape)
         h = table[torch.tensor(token_ids, dtype=torch.long)].to(torch.float32)
         del table
-        prev_g = model.predictor_input(h)  # layer 0 is predicted from the token embedding
-        prev2_g = None  # the gate input two layers back (layer 1: the embedding's)
         fold = folds_of(lengths)
-        prev_src, prev2_src = FitSource(prev_g, fold), None
-        predict = torch.full((2, L, E, prev_g.shape[1]), float("nan"))
+        # the gate inputs one and two layers back with their folds' Gram matrices: layer 0 is predicted from the
+        # token embedding (layer 1, two back, too)
+        prev, prev2 = FitSource(model.predictor_input(h), fold), None
+        predict = torch.full((2, L, E, prev.x.shape[1]), float("nan"))
         for i in range(L):
             # attention runs per sequence (causal within it); everything after it is per token, so the
             # FFN runs once over all tokens and each expert is read from the checkpoint once per layer
@@ -216,23 +216,21 @@ def calibrate(ckpt: HFCheckpoint, spec: A.ArchSpec, cfg: ModelConfig, token_ids:
                 popularity[i] = torch.bincount(topk.flatten(), minlength=E)
                 router = weights.get(C.T_FFN_GATE_INP.format(i=i))
                 logits = g @ router.T  # what the fitted maps predict
-                if prev_g is not None:  # ranked by the fitted prediction's (held-out) scores
-                    predict[0, i], scores = fit_map(prev_src, logits, router, topk)
-                    order = scores.argsort(dim=-1, descending=True, stable=True)
-                    for j, m in enumerate(extras):
-                        cand = order[:, : min(k + m, E)]
-                        hit = (topk.unsqueeze(-1) == cand.unsqueeze(1)).any(-1).sum(-1)
-                        recall[i, j] = hit.double().mean().item() / k
-                    cosine[i] = F.cosine_similarity(prev_g.double(), g.double(), dim=-1).mean().item()
-                    rank_hit[0, i] = rank_hits(order, topk)
-                    if prev2_g is not None:
-                        predict[1, i], scores2 = fit_map(prev2_src, logits, router, topk)
-                        order2 = scores2.argsort(dim=-1, descending=True, stable=True)
-                        rank_hit[1, i] = rank_hits(order2, topk)
-                    reuse[:, i] = reuse_curves(topk, order[:, :k], E, lengths)
+                # ranked by the fitted prediction's (held-out) scores
+                predict[0, i], scores = fit_map(prev, logits, router, topk)
+                order = scores.argsort(dim=-1, descending=True, stable=True)
+                for j, m in enumerate(extras):
+                    cand = order[:, : min(k + m, E)]
+                    hit = (topk.unsqueeze(-1) == cand.unsqueeze(1)).any(-1).sum(-1)
+                    recall[i, j] = hit.double().mean().item() / k
+                cosine[i] = F.cosine_similarity(prev.x.double(), g.double(), dim=-1).mean().item()
+                rank_hit[0, i] = rank_hits(order, topk)
+                if prev2 is not None:
+                    predict[1, i], scores2 = fit_map(prev2, logits, router, topk)
+                    rank_hit[1, i] = rank_hits(scores2.argsort(dim=-1, descending=True, stable=True), topk)
+                reuse[:, i] = reuse_curves(topk, order[:, :k], E, lengths)
             h = h + model.ffn(i, g)
-            prev2_g, prev_g = prev_g, g
-            prev2_src, prev_src = prev_src, FitSource(g, fold) if i + 1 < L else None
+            prev2, prev = prev, FitSource(g, fold) if i + 1 < L else None
             weights.drop()
             if progress is not None:
                 progress.update(1)

@@ -147,9 +147,7 @@ class FateModel:
         self.model = MoEModel(cfg, self.weights, experts, dtype=self.dtype, device=self.device, observer=observer,
                               max_ctx=self.context)
         if self.offloading is not None and self.offloading.predicts and not cfg.router_ranks_by_logits:
-            predictor = self.offloading.executor.predictor
-            if predictor.maps is None:  # the routers rank by their selection scores (fitted maps by their products)
-                predictor.select = self.model.selection_scores
+            self.offloading.executor.predictor.select = self.model.selection_scores
         self._share_threads()
         self.load_seconds = time.perf_counter() - t0
         self.last_stats: GenerationStats | None = None

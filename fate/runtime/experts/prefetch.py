@@ -107,8 +107,8 @@ class Predictor:
         self.cfg = cfg
         # routers whose order is not their logits' (a bias, a sigmoid plus correction, expert groups) rank by
         # the model's own selection scores: ``select(j, g)`` -> [T, E] (MoEModel.selection_scores)
-        self.select = select
-        self.maps = maps or None  # ranked by their products: ``select`` does not apply to them
+        self.select = select  # (it does not apply to fitted maps: they are ranked by their products)
+        self.maps = maps or None
         self.chances = chances.tolist()  # [ahead][layer][rank]: plain floats on the hot path
         self.decode_precision, self.low_precision, self.int2_share = decode_precision, low_precision, int2_share
         E = cfg.n_experts
@@ -128,6 +128,11 @@ class Predictor:
         self._sizes: dict[int, tuple] = {}  # layer -> (limit, n, made): see _sizes_for
         self._fused = False  # the native prediction + value rule (value_planner's class), resolved on first use
 
+    @property
+    def _selects(self) -> bool:
+        """Whether predictions rank by the model's selection scores (routers that need them, no fitted maps)."""
+        return self.select is not None and self.maps is None
+
     def weight(self, source: int, target: int, routers: dict[int, torch.Tensor]) -> torch.Tensor:
         """``[E, H]`` float32: what scores ``target``'s experts from ``source``'s gate input."""
         w = self.maps.get((source, target)) if self.maps else None
@@ -143,7 +148,7 @@ class Predictor:
         targets = self._targets.get(layer)
         if not targets:
             return []
-        if self.select is not None:
+        if self._selects:
             scores = torch.cat([self.select(j, g).detach().to("cpu", torch.float32) for j in targets], dim=1)
             return self.rank(layer, scores, limit)
         x = g if g.dtype is torch.float32 and g.is_cpu else g.detach().to("cpu", torch.float32)
@@ -171,7 +176,7 @@ class Predictor:
         ``cache`` would.  None where that path does not apply (nothing ahead, selection scores, the
         extension not built, no candidates): then predict, then decide."""
         targets = self._targets.get(layer)
-        if not targets or self.select is not None:
+        if not targets or self._selects:
             return None
         if self._fused is False:
             self._fused = native.value_planner()
