@@ -192,3 +192,51 @@ def test_a_demand_load_never_waits_behind_a_prefetch():
     d = r.experts["decode"]
     assert d["misses"] > 0 and d["prefetch_recall"] == 0.0
     assert d["stall_seconds"] <= d["misses"] * 2 * 0.8e-3 + 1e-9
+
+
+def test_a_prefetch_delays_the_next_layers_loads_once():
+    """The value rule's cost of a copy that overruns into layer i+1: its delay counts once, however many
+    demand loads layer i+1 is expected to have (they cross the link one after another, so each waits the
+    same), weighed by the chance of any miss there (at most 1, at most the expected misses).  A copy of 1.5
+    layers for layer i+2 with chance 0.5 saves 0.75 layers and delays layer i+1 by 0.5: fetched when layer
+    i+1 expects two misses (0.5 < 0.75; counted per miss the delay would be 1.0), refused beside a prefetch
+    that already holds the link (then its delay is a whole copy)."""
+    from types import SimpleNamespace
+
+    from fate.runtime.experts.offload import value_plan
+
+    E, k = 8, 2
+    slot_of = [[-1] * E for _ in range(4)]
+    cache = SimpleNamespace(slot_of=slot_of, pending=[[False] * 2 for _ in range(4)], free_slots=lambda j: 2,
+                            resident=lambda j: [])
+    preds = [Prediction(1, 1, [3, 4], [0.0, 0.0]),  # layer i+1: nothing cached, nothing worth fetching
+             Prediction(2, 2, [5], [0.5])]
+    assert value_plan(0, k, 0.0, 0.0, 1.0, 1.5, 1e-6, preds, cache) == [(2, 5, -1, 0.5)]
+    assert value_plan(0, k, 0.0, 1.0, 1.0, 1.5, 1e-6, preds, cache) == []  # the link is busy until i+1 starts
+
+
+def test_prefill_short_of_slots_computes_the_smallest_hits_first():
+    """A prefill step that needs more experts than its layer has slots: the cached experts are computed
+    fewest tokens first, so a slot frees soonest and the first waiting load starts after the shortest
+    compute; the loads go most tokens first."""
+    cfg = type("Cfg", (), {"n_layers": 1, "n_experts": 4, "top_k": 1, "moe_layers": [True]})()
+    stats = ExpertStats(1)
+    cache = ExpertCache([2], 4, on_evict=stats.evicted)
+    link = S.SimLink(cache, S.SimTiming(1e-3, 1e-4, {"q4": 1e-3}))
+    for e in (0, 1):
+        s = cache.reserve(0, e, "q4", prefetched=False)
+        cache.landed(0, s, cache.gen[0][s])
+    off = Offloader(cfg, cache, link, stats, layer_seconds=1e-3)
+    counts = {0: 10, 1: 3, 2: 5, 3: 1}
+    order, starts = [], []
+    demand = link.demand
+    link.demand = lambda layer, slot, inline: (starts.append((cache.expert_at[layer][slot], len(order))),
+                                                demand(layer, slot, inline=inline))
+
+    def compute(e, s, p):
+        order.append(e)
+        link.compute(1e-4 * counts[e])
+
+    off.run_layer(0, [0, 2, 1, 3], counts, 19, None, compute)
+    assert order == [1, 0, 2, 3]
+    assert starts == [(2, 1), (3, 2)]  # expert 2's load once expert 1 (3 tokens) is done, then expert 3's

@@ -115,7 +115,7 @@ static py::list value_core(int64_t layer, int64_t k, double now, double link_fre
     const double overrun = std::max(0.0, finish - t_next) - std::max(0.0, link_free - t_next);
     if (overrun > 0.0 && t_next + t_copy <= t_need) continue;
     const double saved = cd.p * (t_copy - std::max(0.0, finish - t_need));
-    const double cost = std::max(0.0, next_misses - (j == layer + 1 ? cd.p : 0.0)) * overrun + host;
+    const double cost = std::min(1.0, std::max(0.0, next_misses - (j == layer + 1 ? cd.p : 0.0))) * overrun + host;
     if (saved <= cost) continue;
     if (free[cd.i] < 0) free[cd.i] = cache.attr("free_slots")(j).cast<int64_t>();
     int64_t victim = -1;

@@ -12,14 +12,19 @@ Per MoE layer and forward step (:meth:`Offloader.run_layer`):
    most popular first; when the slots run out, later loads start as soon as computed experts free theirs;
 3. only then are the next layers predicted and their copies queued (a copy on the link cannot be
    interrupted, so nothing queued earlier may make this layer's misses wait);
-4. each expert is computed as soon as its bytes are ready, hits first.
+4. each expert is computed as soon as its bytes are ready, hits first — in prefill, while misses wait for
+   a slot, the hits with the fewest tokens first: each frees its slot for the next load soonest, so the
+   link starts early in the layer (2-5 % faster prefill at 25-50 % `ratio:1`, docs/BENCHMARKS.md).
 
 **Prefetching by expected value (decode).**  The prediction names candidates for layers i+1 and i+2, each
 with its calibrated chance ``p`` of being needed (:mod:`.prefetch`).  The link must be idle again by the
 time layer i+1 starts (one layer's compute from now), or its demand loads would wait: a candidate is
 fetched when what it saves, ``p`` × the copy it spares (less what arrives too late), is worth more than
-what it costs — the delay it would add to layer i+1's expected misses, and the chance that the expert it
+what it costs — the delay it would add to layer i+1's demand loads, and the chance that the expert it
 evicts (the least likely one the prediction sees there, ties by the cache's own order) is needed instead.
+The delay counts once, weighed by the chance that layer i+1 has a miss at all (at most 1, at most its
+expected misses): its demand loads cross the link one after another, so the first one's delay is every
+one's.
 The link is used whenever that balance is positive, whatever the layer; nothing needs a fixed window.
 Prefetches a layer turns out not to need are cancelled while still queued.
 
@@ -87,7 +92,7 @@ def value_plan(layer: int, k: int, now: float, link_free: float, t_layer: float,
         if overrun > 0.0 and t_next + t_copy <= t_need:
             continue  # started at the next layer it still lands in time, with a fresher prediction
         saved = p * (t_copy - max(0.0, finish - t_need))
-        cost = max(0.0, next_misses - (p if j == layer + 1 else 0.0)) * overrun + host
+        cost = min(1.0, max(0.0, next_misses - (p if j == layer + 1 else 0.0))) * overrun + host
         if saved <= cost:
             continue
         if i not in free:
@@ -291,6 +296,8 @@ class Offloader:
             mover.demand(layer, s, inline=decode)
             stall += mover.now() - t
             later.append((e, s))
+        if waiting and counts is not None:  # prefill short of slots: free one for the next load soonest
+            ready.sort(key=lambda es: counts[es[0]])
         if predict is not None and self.wants_prediction(layer, decode):
             self._predict_and_prefetch(layer, predict, decode)  # the next layers' copies queue behind these loads
         for e, s in ready + later + [(w, -1) for w in waiting]:
