@@ -1,6 +1,6 @@
 """TransferEngine on a throttled link: demand loads go before queued prefetches, a promoted prefetch goes
-before the other prefetches, a cancelled one is never copied, inline copies land at once, and every copy
-lands byte for byte in the slot the cache gave it."""
+before the other prefetches, a cancelled one is never copied, short inline copies land at once and long ones
+go to the copy thread, and every copy lands byte for byte in the slot the cache gave it."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 import fate
 from fate.runtime.experts.link import LinkSpec, Throttle
 from fate.runtime.experts.residency import ExpertCache
+from fate.runtime.experts import transfer as T
 from fate.runtime.experts.transfer import TransferEngine
 
 
@@ -56,7 +57,10 @@ def test_promoted_prefetch_goes_before_the_other_prefetches(setup):
     t.close()
 
 
-def test_a_queued_prefetch_a_layer_needs_is_copied_inline_at_once(setup):
+def test_a_queued_prefetch_a_layer_needs_is_copied_inline_at_once(setup, monkeypatch):
+    """Where copies are short enough to copy on the model's thread (here: the bound raised past this link's
+    copies, so the order on the link can be watched)."""
+    monkeypatch.setattr(T, "INLINE_MAX_SECONDS", 1.0)
     m, layer, n, engine = setup
     t, cache = engine(0.15)
     a, b = _reserve(cache, layer, 0), _reserve(cache, layer, 1)
@@ -67,6 +71,21 @@ def test_a_queued_prefetch_a_layer_needs_is_copied_inline_at_once(setup):
     assert not cache.pending[layer][b] and _landed(t, m, layer, b, 1, n)
     t.wait(layer, a)
     assert _landed(t, m, layer, a, 0, n)
+    t.close()
+
+
+def test_a_long_one_token_demand_load_goes_to_the_copy_thread(setup):
+    """A one-token step's demand load longer than a hand-off (an emulated link's 0.2 s) is not copied on the
+    calling thread: ``demand`` returns at once, the layer computes meanwhile, and ``wait`` gives the rest."""
+    m, layer, n, engine = setup
+    t, cache = engine(0.2)
+    d = _reserve(cache, layer, 3, prefetched=False)
+    t0 = time.perf_counter()
+    t.demand(layer, d, inline=True)
+    assert time.perf_counter() - t0 < 0.1 and cache.pending[layer][d]
+    waited = t.wait(layer, d)
+    assert 0.0 < waited and _landed(t, m, layer, d, 3, n)
+    assert T.copies_inline(5e-6) and not T.copies_inline(0.2)
     t.close()
 
 

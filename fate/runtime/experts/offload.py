@@ -8,10 +8,12 @@ Per MoE layer and forward step (:meth:`Offloader.run_layer`):
    ones, whose token→expert assignments add up to at most ``int2_share``, use INT2;
 2. resident-and-ready experts are hits; named-but-unfinished prefetches are late (promoted ahead of
    every other prefetch, or copied at once when still queued); everything else is a miss, loaded on demand
-   at once — in a one-token step on the calling thread (a copy of a few µs is cheaper than a hand-off) —
-   most popular first; when the slots run out, later loads start as soon as computed experts free theirs;
+   at once — in a one-token step a short copy on the calling thread (a copy of a few µs is cheaper than a
+   hand-off), a longer one by the copy thread — most popular first; when the slots run out, later loads start as soon as computed experts free theirs;
 3. only then are the next layers predicted and their copies queued (a copy on the link cannot be
-   interrupted, so nothing queued earlier may make this layer's misses wait);
+   interrupted, so nothing queued earlier may make this layer's misses wait) — in a one-token step whose
+   demand loads are long enough for the copy thread (:func:`.transfer.copies_inline`), once they have
+   landed, the hits computed while they crossed;
 4. each expert is computed as soon as its bytes are ready, hits first — in prefill, while misses wait for
    a slot, the hits with the fewest tokens first: each frees its slot for the next load soonest, so the
    link starts early in the layer (2-5 % faster prefill at 25-50 % `ratio:1`, docs/BENCHMARKS.md).
@@ -60,9 +62,10 @@ HOST_PREDICT_SECONDS = 30e-6
 def value_plan(layer: int, k: int, now: float, link_free: float, t_layer: float, t_copy: float, host: float,
                preds: Sequence[Prediction], cache: ExpertCache) -> list[tuple[int, int, int, float]]:
     """The value rule's prefetch decisions at ``layer``'s gate input (the module's docstring) for the
-    predictions ``preds`` and the state of ``cache`` (read only): ``now`` and ``link_free`` are the link's
-    clock and when it will be idle, ``t_layer`` one layer's compute, ``t_copy`` one copy and ``host`` what
-    queueing one costs the model's thread.  Returns ``(layer, expert, victim, chance)`` per copy to queue, in
+    predictions ``preds`` and the state of ``cache`` (read only): ``now`` is the link's clock when this
+    layer's experts began computing (layer i+1 starts one layer's compute later), ``link_free`` when the link
+    will be idle, ``t_layer`` one layer's compute, ``t_copy`` one copy and ``host`` what queueing one costs
+    the model's thread.  Returns ``(layer, expert, victim, chance)`` per copy to queue, in
     order; ``victim`` -1: a free slot, else the expert whose slot it takes.  The reference of the native
     version (:mod:`.native_policy`), which runs where it is built."""
     cands = []
@@ -148,19 +151,21 @@ class Offloader:
         self._limit = {j: min(cfg.n_experts, n, k + extra) for j, n in enumerate(cache.n_slots) if n > 0}
 
     # -- prediction and prefetching ---------------------------------------------------------------
-    def wants_prediction(self, layer: int, decode: bool = False) -> bool:
+    def wants_prediction(self, layer: int, decode: bool = False, computed: float = 0.0) -> bool:
         """Whether a prediction at ``layer``'s gate input can lead anywhere.  In decode with the value rule, not
         while the link is busy past the next layer's start and copies take no longer than a layer: then every
         candidate would either land too late or still land in time from the next layer (the rule fetches
-        neither), so the prediction is not even computed."""
+        neither), so the prediction is not even computed.  ``computed``: the seconds of this layer's expert
+        compute already done (the next layer starts that much sooner than a whole layer from now)."""
         if not self._predicts or layer + 1 >= self.cfg.n_layers:
             return False
         if decode and self.rule == "value" and self._t_copy <= self.layer_seconds:
-            return self.mover.free_at() < self.mover.now() + self.layer_seconds
+            return self.mover.free_at() < self.mover.now() - computed + self.layer_seconds
         return True
 
-    def prefetch(self, layer: int, preds: Sequence[Prediction], decode: bool) -> None:
-        """Act on the predictions made at ``layer``'s gate input (``layer`` -1: the embedding's)."""
+    def prefetch(self, layer: int, preds: Sequence[Prediction], decode: bool, computed: float = 0.0) -> None:
+        """Act on the predictions made at ``layer``'s gate input (``layer`` -1: the embedding's); ``computed`` as
+        for :meth:`wants_prediction`."""
         if not preds:
             return
         for pred in preds:
@@ -173,7 +178,7 @@ class Offloader:
                 if pred.ahead == 1:
                     self._prefetch_ranked(pred, self.max_new)
         else:
-            self._prefetch_by_value(layer, preds)
+            self._prefetch_by_value(layer, preds, computed)
 
     def _prefetch_ranked(self, pred: Prediction, budget: int | None) -> None:
         """The paper's rule: the candidates in rank order, into free slots or the cache's own victims (never
@@ -194,15 +199,15 @@ class Offloader:
             self._queued[j].append(s)
             left -= 1
 
-    def _plan_args(self) -> tuple:
-        mover = self.mover
-        return (self.cfg.top_k, mover.now(), mover.free_at(), self.layer_seconds, self._t_copy,
+    def _plan_args(self, computed: float) -> tuple:
+        mover = self.mover  # the rule's clock: when this layer's experts began computing
+        return (self.cfg.top_k, mover.now() - computed, mover.free_at(), self.layer_seconds, self._t_copy,
                 self.host_prefetch_seconds)
 
-    def _prefetch_by_value(self, layer: int, preds: Sequence[Prediction]) -> None:
+    def _prefetch_by_value(self, layer: int, preds: Sequence[Prediction], computed: float) -> None:
         if self._value_plan is False:
             self._value_plan = native.value_plan() or value_plan
-        self._queue_planned(self._value_plan(layer, *self._plan_args(), preds, self.cache))
+        self._queue_planned(self._value_plan(layer, *self._plan_args(computed), preds, self.cache))
 
     def _queue_planned(self, decisions) -> None:
         """Reserve the slots and queue the copies the value rule decided (:func:`value_plan`)."""
@@ -212,7 +217,7 @@ class Offloader:
             mover.prefetch(j, s, 2.0 - p)  # the likelier first, all behind any demand load
             self._queued[j].append(s)
 
-    def _predict_and_prefetch(self, layer: int, predict, decode: bool) -> None:
+    def _predict_and_prefetch(self, layer: int, predict, decode: bool, computed: float) -> None:
         """Predict at ``layer``'s gate input and act on it; in decode with the value rule, where ``predict`` is a
         :class:`GatePredict` over a CPU float32 gate input, as one native call per step (the layer's planner,
         :meth:`.prefetch.Predictor.value_planner`, made on first use)."""
@@ -225,12 +230,12 @@ class Offloader:
             g = predict.g
             if planner is not None and g.dtype is torch.float32 and g.is_cpu and g.is_contiguous():
                 mover = self.mover
-                named, decisions = planner(g.data_ptr(), mover.now(), mover.free_at())
+                named, decisions = planner(g.data_ptr(), mover.now() - computed, mover.free_at())
                 if named is not None:
                     self._named[layer + 1] = set(named)
                 self._queue_planned(decisions)
                 return
-        self.prefetch(layer, predict(), decode)
+        self.prefetch(layer, predict(), decode, computed)
 
     def _cancel_unneeded(self, layer: int, want: dict[int, str]) -> None:
         """Prefetches for ``layer`` that it turned out not to need and that are still queued are cancelled:
@@ -298,9 +303,17 @@ class Offloader:
             later.append((e, s))
         if waiting and counts is not None:  # prefill short of slots: free one for the next load soonest
             ready.sort(key=lambda es: counts[es[0]])
-        if predict is not None and self.wants_prediction(layer, decode):
-            self._predict_and_prefetch(layer, predict, decode)  # the next layers' copies queue behind these loads
-        for e, s in ready + later + [(w, -1) for w in waiting]:
+        # the next layers' copies queue behind these loads; in a one-token step whose own loads are still
+        # crossing the link, they are planned once those have landed (the cached experts compute meanwhile):
+        # the value rule's clock then starts where layer i+1 can
+        defer = decode and any(pending[s] for _, s in later)
+        plan_at = len(ready) if defer else 0
+        for i, (e, s) in enumerate(ready + later + [(w, -1) for w in waiting]):
+            if i == plan_at and predict is not None:
+                for _, s2 in later if defer else ():
+                    stall += mover.wait(layer, s2)
+                if self.wants_prediction(layer, decode, busy):
+                    self._predict_and_prefetch(layer, predict, decode, busy)
             if s < 0:
                 s = slot_of[e]
                 if s < 0:  # a waiting expert: a slot is free now, or will be once a copy lands

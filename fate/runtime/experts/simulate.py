@@ -6,6 +6,8 @@ the same :class:`.offload.Offloader`, :class:`.residency.ExpertCache`, eviction 
   routed expert is ``expert_seconds``, computed when its bytes are there (hits first);
 * one serial link: a copy takes ``copy_seconds[precision]`` (the profile's memcpy or the link's
   bytes / rate, whichever is slower), demand loads go before queued prefetches, nothing is interrupted;
+  as in the engine, a short demand load (:func:`.transfer.copies_inline`) holds the layer while it copies,
+  a longer one crosses the link while the layer computes its cached experts;
 * the host costs nothing: what the engine measures beyond the simulated time is its own overhead, so
   measured / simulated is the engine's efficiency.
 
@@ -27,6 +29,7 @@ from fate.runtime.experts.prefetch import Prediction, Predictor
 from fate.runtime.experts.residency import ExpertCache
 from fate.runtime.experts.stats import ExpertStats
 from fate.runtime.experts.trace import RoutingTrace
+from fate.runtime.experts.transfer import copies_inline
 
 
 @dataclass
@@ -106,8 +109,8 @@ class SimLink:
         self.cache.landed(layer, slot, self.cache.gen[layer][slot])
 
     def demand(self, layer: int, slot: int, *, inline: bool) -> None:
-        if inline:
-            self._copy_now(layer, slot)
+        if inline and copies_inline(self.copy_seconds(self.cache.precision_at[layer][slot])):
+            self._copy_now(layer, slot)  # as the TransferEngine: a short copy on the waiting layer's thread
         else:
             heapq.heappush(self._heap, (self.DEMAND, next(self._seq), layer, slot, self.cache.gen[layer][slot], self.t))
 

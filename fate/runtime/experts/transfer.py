@@ -6,12 +6,13 @@ tried and lost 10 points of hit rate, docs/BENCHMARKS.md).  The cache (:mod:`.re
 a copy goes to; this module moves the bytes and clears the slot's ``pending`` flag when they have landed.
 
 * **CPU.** The "device" slots are a RAM pool and a copy is a memcpy from the page cache (µs for a
-  small expert).  A one-token step's demand loads are copied on the calling thread: handing a copy that
-  short to another thread and waking up again costs more than the copy.  Prefetches and a prefill's demand
-  loads (which overlap the layer's compute) go to a copy thread: the native one of :mod:`.copier` (C++, it
-  never takes the GIL, so it costs the model's thread nothing), or a Python worker where that cannot be
-  built.  The emulated link (``--link``) makes every copy, inline or not, as slow as a PCIe generation on
-  one serial link timeline.
+  small expert).  A one-token step's demand loads are copied on the calling thread when the copy is short
+  (:func:`copies_inline`): handing a copy of a few µs to another thread and waiting for it costs more than
+  the copy.  Prefetches, a prefill's demand loads and any longer copy go to a copy thread — the native one
+  of :mod:`.copier` (C++, it never takes the GIL, so it costs the model's thread nothing), or a Python
+  worker where that cannot be built — while the layer computes its cached experts.  The emulated link
+  (``--link``) makes every copy, inline or not, as slow as a PCIe generation on one serial link timeline:
+  its copies are the copy thread's, as a device's are its copy engine's.
 * **CUDA.** Every copy goes through the worker: the blob is copied into one of a pool of pinned staging
   buffers, then to the slot on a copy stream, after the compute stream's last read of that slot (an event);
   an event recorded after the copy is what the compute stream waits on — the host never synchronizes the
@@ -37,6 +38,16 @@ from fate.runtime.experts.residency import ExpertCache
 
 _QUEUED, _RUNNING, _VOID = 0, 1, 2
 IDLE_SPIN_SECONDS = 2e-3  # a few layers' compute: the copy thread stays awake through a decode step
+# A one-token step's demand load is copied on the model's thread only when it takes no longer than this: a
+# hand-off to the copy thread and the wait for it cost a few µs, and a longer copy (an emulated link's, or a
+# large expert's memcpy) leaves the thread free to compute the layer's cached experts and queue the next
+# layers' prefetches meanwhile.
+INLINE_MAX_SECONDS = 20e-6
+
+
+def copies_inline(copy_seconds: float) -> bool:
+    """Whether a one-token step's demand load of ``copy_seconds`` is copied on the model's thread (CPU)."""
+    return copy_seconds <= INLINE_MAX_SECONDS
 
 
 def _cpus() -> int:
@@ -58,7 +69,8 @@ class TransferEngine:
             i: torch.empty((n, slot_bytes), dtype=torch.uint8, device=device)
             for i, n in enumerate(cache.n_slots) if n > 0}
         self._cuda = device.type == "cuda"
-        self.inline = not self._cuda  # CPU: a one-token step copies its demand loads itself
+        self.inline = not self._cuda  # CPU: a one-token step copies its short demand loads itself
+        self._inline: dict[str, bool] = {}  # precision -> whether its demand loads are copied on this thread
         self._native = None
         # per layer: slot -> (ticket, gen, nbytes) of its native copy not seen done yet
         self._tickets: list[dict[int, tuple[int, int, int]]] = [{} for _ in cache.n_slots]
@@ -147,11 +159,19 @@ class TransferEngine:
         if self._error is not None:
             raise self._error
 
+    def _copies_inline(self, layer: int, slot: int) -> bool:
+        p = self.cache.precision_at[layer][slot]
+        v = self._inline.get(p)
+        if v is None:
+            v = self._inline[p] = self.inline and copies_inline(self.copy_seconds(p))
+        return v
+
     def demand(self, layer: int, slot: int, *, inline: bool) -> None:
-        """Copy the expert the cache put in ``slot`` now (``inline``, on this thread) or ahead of every prefetch."""
+        """Copy the expert the cache put in ``slot`` now (``inline`` and a short copy: on this thread) or ahead
+        of every prefetch."""
         self._check()
         gen = self.cache.gen[layer][slot]
-        if inline and self.inline:
+        if inline and self._copies_inline(layer, slot):
             self._copy(layer, slot, gen, inline=True)
         else:
             self._push(self.DEMAND, layer, slot, gen)
@@ -202,8 +222,10 @@ class TransferEngine:
 
     def promote(self, layer: int, slot: int, *, inline: bool) -> None:
         """A queued prefetch that a layer now waits for becomes a demand load: copied at once on this thread
-        (``inline``, CPU) or moved ahead of every other prefetch.  One already on the link is left to land."""
+        (``inline`` and a short copy, CPU) or moved ahead of every other prefetch.  One already on the link is
+        left to land."""
         gen = self.cache.gen[layer][slot]
+        inline = inline and self._copies_inline(layer, slot)
         if self._native is not None:
             rec = self._tickets[layer].get(slot)
             if rec is not None and self._native.cancel(rec[0]):
@@ -216,7 +238,7 @@ class TransferEngine:
         with self._cv:
             taken = self._take(layer, slot, gen)
         if taken:
-            if inline and self.inline:
+            if inline:
                 self._copy(layer, slot, gen, inline=True)
             else:
                 self._push(self.DEMAND, layer, slot, gen)
