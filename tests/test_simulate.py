@@ -263,3 +263,36 @@ def test_a_long_demand_load_crosses_the_link_while_the_layer_computes_its_hits(c
     want = copy + 3e-4 if not copies_inline(copy) else copy + 2 * 3e-4
     assert link.t == pytest.approx(want)
     assert stats.to_dict()["decode"]["stall_seconds"] == pytest.approx(want - 2 * 3e-4)
+
+
+def test_the_next_layers_are_planned_while_the_layers_own_loads_cross():
+    """While a one-token step's miss crosses the link on the copy thread, the next layers are predicted at
+    once (the host work overlaps the copy), on the value rule's clock of when layer i+1 will start: the miss
+    lands at 1.0 ms, the hit computed meanwhile, so layer 1 starts at 1.7 ms (not a layer after the
+    prediction, 1.0 ms).  A copy for layer 1 with chance 0.9 then saves 0.63 ms against a 0.3 ms delay and is
+    queued straight behind the miss; on the plain clock it would look a whole copy late and be refused."""
+    cfg = type("Cfg", (), {"n_layers": 2, "n_experts": 4, "top_k": 2, "moe_layers": [True, True]})()
+    stats = ExpertStats(2)
+    cache = ExpertCache([2, 2], 4, on_evict=stats.evicted)
+    link = S.SimLink(cache, S.SimTiming(1e-3, 3e-4, {"q4": 1e-3}))
+    s = cache.reserve(0, 0, "q4", prefetched=False)
+    cache.landed(0, s, cache.gen[0][s])
+    told = []
+
+    class Once:
+        def targets(self, layer):
+            return [1]
+
+    off = Offloader(cfg, cache, link, stats, predictor=Once(), rule="value", layer_seconds=1e-3,
+                    expert_seconds=3e-4)
+
+    def predict():
+        told.append(link.t)
+        return [Prediction(1, 1, [3], [0.9])]
+
+    off.run_layer(0, [1, 0], None, 1, predict, lambda e, s, p: link.compute(3e-4))
+    assert told == [0.0]
+    assert cache.slot_of[1][3] >= 0 and cache.prefetched[1][cache.slot_of[1][3]]
+    link.compute(1e-3)
+    assert not cache.pending[1][cache.slot_of[1][3]]  # crossed from 1.0 to 2.0 ms, behind the miss
+    assert link.link_seconds == pytest.approx(2e-3)

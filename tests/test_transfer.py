@@ -128,9 +128,23 @@ def test_free_at_counts_what_is_queued(setup):
     for e in range(3):
         t.prefetch(layer, _reserve(cache, layer, e), 1.0 + e)
     assert t.free_at() - t.now() == pytest.approx(0.3, abs=0.05)  # one on the link, two queued
-    for s in range(3):
+    d = _reserve(cache, layer, 3, prefetched=False)
+    t.demand(layer, d, inline=False)
+    assert t.free_at() - t.now() == pytest.approx(0.4, abs=0.05)
+    # the demand load goes first: the link is done with it after the copy on the link (if the copy thread
+    # has started it yet) and itself, not after the queued prefetches
+    assert 0.05 < t.free_at(demand_only=True) - t.now() < 0.25
+    for s in range(4):
         t.wait(layer, s)
     t.close()
+
+
+def test_free_at_counts_what_is_queued_on_the_python_worker(setup, monkeypatch):
+    """The same figures where the native copy thread is not built (the Python worker, also CUDA's)."""
+    from fate.runtime.experts import copier
+
+    monkeypatch.setattr(copier, "available", lambda: False)
+    test_free_at_counts_what_is_queued(setup)
 
 
 def test_queued_copies_run_back_to_back_on_the_links_timeline(setup):

@@ -105,6 +105,7 @@ class Copier {
     TORCH_CHECK(state_[t % STATES].load() >= DONE || state_[t % STATES].load() == FREE, "too many copies outstanding");
     state_[t % STATES].store(QUEUED, std::memory_order_release);
     queued_ns_.fetch_add(duration_ns(n));
+    if (priority <= 0) demand_ns_.fetch_add(duration_ns(n));
     ring_[h % RING] = Job{priority, h, t, (uint8_t*)src, (uint8_t*)dst, n};
     head_.store(h + 1, std::memory_order_release);
     work_.fetch_add(1);
@@ -140,6 +141,11 @@ class Copier {
   double free_at() {  // when the link will have moved everything queued so far, in seconds
     int64_t base = std::max(now_ns(), link_free_.load());
     return (base + std::max<int64_t>(0, queued_ns_.load())) * 1e-9;
+  }
+
+  double demand_free_at() {  // ... the copy on it and the queued demand loads (priority <= 0: they go first)
+    int64_t base = std::max(now_ns(), link_free_.load());
+    return (base + std::max<int64_t>(0, demand_ns_.load())) * 1e-9;
   }
 
   void close() {
@@ -182,6 +188,7 @@ class Copier {
       q.pop();
       int64_t dur = duration_ns(j.n);
       queued_ns_.fetch_sub(dur);
+      if (j.priority <= 0) demand_ns_.fetch_sub(dur);
       auto& s = state_[j.ticket % STATES];
       int expected = QUEUED;
       if (!s.compare_exchange_strong(expected, RUNNING)) continue;  // cancelled meanwhile
@@ -197,7 +204,7 @@ class Copier {
   int64_t idle_spin_ns_;
   std::vector<Job> ring_;
   std::vector<std::atomic<int>> state_;
-  std::atomic<int64_t> head_{0}, tail_{0}, link_free_{0}, queued_ns_{0};
+  std::atomic<int64_t> head_{0}, tail_{0}, link_free_{0}, queued_ns_{0}, demand_ns_{0};
   std::atomic<int> work_{0};
   std::atomic<bool> closed_{false}, sleeping_{false};
   int64_t next_ticket_ = 1;
@@ -222,6 +229,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("wait", &Copier::wait)
       .def("cancel", &Copier::cancel)
       .def("free_at", &Copier::free_at)
+      .def("demand_free_at", &Copier::demand_free_at)
       .def("close", &Copier::close);
 }
 """

@@ -11,9 +11,10 @@ Per MoE layer and forward step (:meth:`Offloader.run_layer`):
    at once — in a one-token step a short copy on the calling thread (a copy of a few µs is cheaper than a
    hand-off), a longer one by the copy thread — most popular first; when the slots run out, later loads start as soon as computed experts free theirs;
 3. only then are the next layers predicted and their copies queued (a copy on the link cannot be
-   interrupted, so nothing queued earlier may make this layer's misses wait) — in a one-token step whose
-   demand loads are long enough for the copy thread (:func:`.transfer.copies_inline`), once they have
-   landed, the hits computed while they crossed;
+   interrupted, so nothing queued earlier may make this layer's misses wait) — while a one-token step's
+   own loads cross on the copy thread (:func:`.transfer.copies_inline`), the value rule's clock is when
+   they will have landed less the hits computed meanwhile, so the prediction's host work overlaps them and
+   the link goes straight on from them to the prefetches;
 4. each expert is computed as soon as its bytes are ready, hits first — in prefill, while misses wait for
    a slot, the hits with the fewest tokens first: each frees its slot for the next load soonest, so the
    link starts early in the layer (2-5 % faster prefill at 25-50 % `ratio:1`, docs/BENCHMARKS.md).
@@ -125,12 +126,13 @@ class Offloader:
     link): ``keep=False`` is Load-on-Demand; no ``predictor`` is LRU/ARC caching alone; with one, ``rule``
     "value" is fate's expected-value prefetch and "window" the paper's (top k + ``extra`` candidates of the
     next layer, at most ``max_new`` new copies per prediction).  ``layer_seconds`` is one layer's decode
-    compute (the timing profile): the time the link has before the next layer needs it."""
+    compute (the timing profile): the time the link has before the next layer needs it; ``expert_seconds``
+    one routed expert's on one token (the part of a layer its hits take while its misses cross)."""
 
     def __init__(self, cfg, cache: ExpertCache, mover, stats: ExpertStats, *, keep: bool = True,
                  decode_precision: str = "q4", low_precision: str | None = None, int2_share: float = 0.3,
                  predictor: Predictor | None = None, rule: str = "value", extra: int = 0,
-                 max_new: int | None = None, layer_seconds: float = 0.0):
+                 max_new: int | None = None, layer_seconds: float = 0.0, expert_seconds: float = 0.0):
         if rule not in RULES:
             raise ValueError(f"prefetch rule {rule!r}: choose one of {', '.join(RULES)}")
         self.cfg, self.cache, self.mover, self.stats = cfg, cache, mover, stats
@@ -138,6 +140,7 @@ class Offloader:
         self.low_precision, self.int2_share = low_precision, int2_share
         self.predictor, self.rule, self.extra, self.max_new = predictor, rule, extra, max_new
         self.layer_seconds = layer_seconds
+        self.expert_seconds = min(expert_seconds, layer_seconds / max(1, cfg.top_k))  # one expert, one token
         self.host_prefetch_seconds, self.host_predict_seconds = HOST_PREFETCH_SECONDS, HOST_PREDICT_SECONDS
         # the value rule predicts only where a copy can cost more than predicting it does
         # a free copy (no copy time known) still weighs one expert's chance against another's
@@ -151,20 +154,20 @@ class Offloader:
         self._limit = {j: min(cfg.n_experts, n, k + extra) for j, n in enumerate(cache.n_slots) if n > 0}
 
     # -- prediction and prefetching ---------------------------------------------------------------
-    def wants_prediction(self, layer: int, decode: bool = False, computed: float = 0.0) -> bool:
+    def wants_prediction(self, layer: int, decode: bool = False, clock: float | None = None) -> bool:
         """Whether a prediction at ``layer``'s gate input can lead anywhere.  In decode with the value rule, not
         while the link is busy past the next layer's start and copies take no longer than a layer: then every
         candidate would either land too late or still land in time from the next layer (the rule fetches
-        neither), so the prediction is not even computed.  ``computed``: the seconds of this layer's expert
-        compute already done (the next layer starts that much sooner than a whole layer from now)."""
+        neither), so the prediction is not even computed.  ``clock``: the value rule's clock, one layer's
+        compute before the next layer starts (None: now; later while this layer's own loads cross the link)."""
         if not self._predicts or layer + 1 >= self.cfg.n_layers:
             return False
         if decode and self.rule == "value" and self._t_copy <= self.layer_seconds:
-            return self.mover.free_at() < self.mover.now() - computed + self.layer_seconds
+            return self.mover.free_at() < (self.mover.now() if clock is None else clock) + self.layer_seconds
         return True
 
-    def prefetch(self, layer: int, preds: Sequence[Prediction], decode: bool, computed: float = 0.0) -> None:
-        """Act on the predictions made at ``layer``'s gate input (``layer`` -1: the embedding's); ``computed`` as
+    def prefetch(self, layer: int, preds: Sequence[Prediction], decode: bool, clock: float | None = None) -> None:
+        """Act on the predictions made at ``layer``'s gate input (``layer`` -1: the embedding's); ``clock`` as
         for :meth:`wants_prediction`."""
         if not preds:
             return
@@ -178,7 +181,7 @@ class Offloader:
                 if pred.ahead == 1:
                     self._prefetch_ranked(pred, self.max_new)
         else:
-            self._prefetch_by_value(layer, preds, computed)
+            self._prefetch_by_value(layer, preds, clock)
 
     def _prefetch_ranked(self, pred: Prediction, budget: int | None) -> None:
         """The paper's rule: the candidates in rank order, into free slots or the cache's own victims (never
@@ -199,15 +202,15 @@ class Offloader:
             self._queued[j].append(s)
             left -= 1
 
-    def _plan_args(self, computed: float) -> tuple:
-        mover = self.mover  # the rule's clock: when this layer's experts began computing
-        return (self.cfg.top_k, mover.now() - computed, mover.free_at(), self.layer_seconds, self._t_copy,
+    def _plan_args(self, clock: float | None) -> tuple:
+        mover = self.mover
+        return (self.cfg.top_k, mover.now() if clock is None else clock, mover.free_at(), self.layer_seconds, self._t_copy,
                 self.host_prefetch_seconds)
 
-    def _prefetch_by_value(self, layer: int, preds: Sequence[Prediction], computed: float) -> None:
+    def _prefetch_by_value(self, layer: int, preds: Sequence[Prediction], clock: float | None) -> None:
         if self._value_plan is False:
             self._value_plan = native.value_plan() or value_plan
-        self._queue_planned(self._value_plan(layer, *self._plan_args(computed), preds, self.cache))
+        self._queue_planned(self._value_plan(layer, *self._plan_args(clock), preds, self.cache))
 
     def _queue_planned(self, decisions) -> None:
         """Reserve the slots and queue the copies the value rule decided (:func:`value_plan`)."""
@@ -217,7 +220,7 @@ class Offloader:
             mover.prefetch(j, s, 2.0 - p)  # the likelier first, all behind any demand load
             self._queued[j].append(s)
 
-    def _predict_and_prefetch(self, layer: int, predict, decode: bool, computed: float) -> None:
+    def _predict_and_prefetch(self, layer: int, predict, decode: bool, clock: float | None) -> None:
         """Predict at ``layer``'s gate input and act on it; in decode with the value rule, where ``predict`` is a
         :class:`GatePredict` over a CPU float32 gate input, as one native call per step (the layer's planner,
         :meth:`.prefetch.Predictor.value_planner`, made on first use)."""
@@ -230,12 +233,12 @@ class Offloader:
             g = predict.g
             if planner is not None and g.dtype is torch.float32 and g.is_cpu and g.is_contiguous():
                 mover = self.mover
-                named, decisions = planner(g.data_ptr(), mover.now() - computed, mover.free_at())
+                named, decisions = planner(g.data_ptr(), mover.now() if clock is None else clock, mover.free_at())
                 if named is not None:
                     self._named[layer + 1] = set(named)
                 self._queue_planned(decisions)
                 return
-        self.prefetch(layer, predict(), decode, computed)
+        self.prefetch(layer, predict(), decode, clock)
 
     def _cancel_unneeded(self, layer: int, want: dict[int, str]) -> None:
         """Prefetches for ``layer`` that it turned out not to need and that are still queued are cancelled:
@@ -303,17 +306,14 @@ class Offloader:
             later.append((e, s))
         if waiting and counts is not None:  # prefill short of slots: free one for the next load soonest
             ready.sort(key=lambda es: counts[es[0]])
-        # the next layers' copies queue behind these loads; in a one-token step whose own loads are still
-        # crossing the link, they are planned once those have landed (the cached experts compute meanwhile):
-        # the value rule's clock then starts where layer i+1 can
-        defer = decode and any(pending[s] for _, s in later)
-        plan_at = len(ready) if defer else 0
-        for i, (e, s) in enumerate(ready + later + [(w, -1) for w in waiting]):
-            if i == plan_at and predict is not None:
-                for _, s2 in later if defer else ():
-                    stall += mover.wait(layer, s2)
-                if self.wants_prediction(layer, decode, busy):
-                    self._predict_and_prefetch(layer, predict, decode, busy)
+        clock = None  # the value rule's: layer i+1 starts one layer's compute after it
+        if decode and any(pending[s] for _, s in later):
+            # this layer's own loads cross the link while its hits compute: layer i+1 starts a layer less
+            # those hits after they have landed, if that is later
+            clock = max(mover.now(), mover.free_at(demand_only=True) - len(ready) * self.expert_seconds)
+        if predict is not None and self.wants_prediction(layer, decode, clock):
+            self._predict_and_prefetch(layer, predict, decode, clock)  # the next layers' copies queue behind these loads
+        for e, s in ready + later + [(w, -1) for w in waiting]:
             if s < 0:
                 s = slot_of[e]
                 if s < 0:  # a waiting expert: a slot is free now, or will be once a copy lands

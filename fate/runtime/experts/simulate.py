@@ -59,10 +59,10 @@ class SimLink:
     def copy_seconds(self, precision: str) -> float:
         return self.timing.copy_seconds[precision]
 
-    def free_at(self) -> float:
+    def free_at(self, demand_only: bool = False) -> float:
         self._advance(self.t)
         queued = sum(self.copy_seconds(self.cache.precision_at[j[2]][j[3]]) for j in self._heap
-                     if self.cache.gen[j[2]][j[3]] == j[4])
+                     if self.cache.gen[j[2]][j[3]] == j[4] and (j[0] == self.DEMAND or not demand_only))
         return max(self.t, self._free) + queued
 
     def _land(self) -> None:
@@ -286,7 +286,7 @@ def factory(trace: RoutingTrace, timing: SimTiming, cfg, slots_per_layer, policy
         rule = "window" if policy == "paper" else "value"
         off = Offloader(cfg, cache, link, stats, keep=policy != "ondemand", decode_precision=decode_precision,
                         predictor=pred, rule=rule, extra=extra, max_new=max_new if policy == "paper" else None,
-                        layer_seconds=timing.layer_seconds)
+                        layer_seconds=timing.layer_seconds, expert_seconds=timing.expert_seconds)
         return off, link, pred
     return make
 

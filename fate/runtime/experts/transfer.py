@@ -88,6 +88,8 @@ class TransferEngine:
         self._heap: list = []  # (priority, seq, layer, slot, gen)
         self._state: dict[tuple[int, int, int], int] = {}  # (layer, slot, gen) -> queued / running / void
         self._queued_s = 0.0  # link time of the queued (not yet started) copies
+        self._queued_demand_s = 0.0  # of those, the demand loads'
+        self._priority: dict[tuple[int, int, int], float] = {}  # (layer, slot, gen) of a queued copy -> priority
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)  # the worker waits here for copies to do
@@ -125,15 +127,16 @@ class TransferEngine:
             t = max(t, self.store.blob_bytes(precision) / self.throttle.spec.bytes_per_s)
         return t
 
-    def free_at(self) -> float:
-        """When the link will have finished every copy queued so far (an estimate: the emulated link's own
-        timeline, or now, plus the queued copies)."""
+    def free_at(self, demand_only: bool = False) -> float:
+        """When the link will have finished the copy on it and every copy queued so far — only the demand
+        loads (which go first) with ``demand_only`` (an estimate: the emulated link's own timeline, or now,
+        plus the queued copies)."""
         if self._native is not None:
-            return self._native.free_at()
+            return self._native.demand_free_at() if demand_only else self._native.free_at()
         base = self.now()
         if self.throttle is not None and self.throttle.active:
             base = max(base, self.throttle.link_free_at)
-        return base + self._queued_s
+        return base + (self._queued_demand_s if demand_only else self._queued_s)
 
     # -- slots -------------------------------------------------------------------------------------
     def slot(self, layer: int, slot: int, nbytes: int) -> torch.Tensor:
@@ -206,10 +209,22 @@ class TransferEngine:
             self._tickets[layer][slot] = (ticket, gen, n)
             return
         with self._cv:
-            self._state[(layer, slot, gen)] = _QUEUED
-            self._queued_s += self.copy_seconds(self.cache.precision_at[layer][slot])
+            key = (layer, slot, gen)
+            self._state[key] = _QUEUED
+            c = self.copy_seconds(self.cache.precision_at[layer][slot])
+            self._queued_s += c
+            if priority == self.DEMAND:
+                self._queued_demand_s += c
+            self._priority[key] = priority
             heapq.heappush(self._heap, (priority, next(self._seq), layer, slot, gen))
             self._cv.notify_all()
+
+    def _dequeued(self, key: tuple[int, int, int]) -> None:
+        """A queued copy leaves the queue (taken off it, or started): its link time leaves the totals."""
+        c = self.copy_seconds(self.cache.precision_at[key[0]][key[1]])
+        self._queued_s = max(0.0, self._queued_s - c)
+        if self._priority.pop(key, None) == self.DEMAND:
+            self._queued_demand_s = max(0.0, self._queued_demand_s - c)
 
     def _take(self, layer: int, slot: int, gen: int) -> bool:
         """Take a queued copy off the queue (it is void for the worker); False if it was not queued."""
@@ -217,7 +232,7 @@ class TransferEngine:
         if self._state.get(key) != _QUEUED:
             return False
         self._state[key] = _VOID
-        self._queued_s = max(0.0, self._queued_s - self.copy_seconds(self.cache.precision_at[layer][slot]))
+        self._dequeued(key)
         return True
 
     def promote(self, layer: int, slot: int, *, inline: bool) -> None:
@@ -290,7 +305,7 @@ class TransferEngine:
                     self._cv.wait()
                 _, _, layer, slot, gen = heapq.heappop(self._heap)
                 self._state[(layer, slot, gen)] = _RUNNING
-                self._queued_s = max(0.0, self._queued_s - self.copy_seconds(self.cache.precision_at[layer][slot]))
+                self._dequeued((layer, slot, gen))
             try:
                 self._copy(layer, slot, gen)
             except BaseException as e:  # surface in the forward pass (e.g. a checksum error)
