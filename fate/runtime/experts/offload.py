@@ -9,7 +9,8 @@ Per MoE layer and forward step (:meth:`Offloader.run_layer`):
 2. resident-and-ready experts are hits; named-but-unfinished prefetches are late (promoted ahead of
    every other prefetch, or copied at once when still queued); everything else is a miss, loaded on demand
    at once — in a one-token step a short copy on the calling thread (a copy of a few µs is cheaper than a
-   hand-off), a longer one by the copy thread — most popular first; when the slots run out, later loads start as soon as computed experts free theirs;
+   hand-off), a longer one by the copy thread — most popular first; when the slots run out, later loads
+   start as soon as computed experts free theirs;
 3. only then are the next layers predicted and their copies queued (a copy on the link cannot be
    interrupted, so nothing queued earlier may make this layer's misses wait) — while a one-token step's
    own loads cross on the copy thread (:func:`.transfer.copies_inline`), the value rule's clock is when
@@ -63,11 +64,11 @@ HOST_PREDICT_SECONDS = 30e-6
 def value_plan(layer: int, k: int, now: float, link_free: float, t_layer: float, t_copy: float, host: float,
                preds: Sequence[Prediction], cache: ExpertCache) -> list[tuple[int, int, int, float]]:
     """The value rule's prefetch decisions at ``layer``'s gate input (the module's docstring) for the
-    predictions ``preds`` and the state of ``cache`` (read only): ``now`` is the link's clock when this
-    layer's experts began computing (layer i+1 starts one layer's compute later), ``link_free`` when the link
-    will be idle, ``t_layer`` one layer's compute, ``t_copy`` one copy and ``host`` what queueing one costs
-    the model's thread.  Returns ``(layer, expert, victim, chance)`` per copy to queue, in
-    order; ``victim`` -1: a free slot, else the expert whose slot it takes.  The reference of the native
+    predictions ``preds`` and the state of ``cache`` (read only): ``now`` is the rule's clock — layer i+1
+    starts one layer's compute after it (the link's clock, or later while this layer's own loads cross) —,
+    ``link_free`` when the link will be idle, ``t_layer`` one layer's compute, ``t_copy`` one copy and
+    ``host`` what queueing one costs the model's thread.  Returns ``(layer, expert, victim, chance)`` per
+    copy to queue, in order; ``victim`` -1: a free slot, else the expert whose slot it takes.  The reference of the native
     version (:mod:`.native_policy`), which runs where it is built."""
     cands = []
     next_misses = 0.0  # expected demand loads of layer i+1 as things stand: k less what the cache holds
@@ -204,8 +205,8 @@ class Offloader:
 
     def _plan_args(self, clock: float | None) -> tuple:
         mover = self.mover
-        return (self.cfg.top_k, mover.now() if clock is None else clock, mover.free_at(), self.layer_seconds, self._t_copy,
-                self.host_prefetch_seconds)
+        return (self.cfg.top_k, mover.now() if clock is None else clock, mover.free_at(), self.layer_seconds,
+                self._t_copy, self.host_prefetch_seconds)
 
     def _prefetch_by_value(self, layer: int, preds: Sequence[Prediction], clock: float | None) -> None:
         if self._value_plan is False:
@@ -312,7 +313,7 @@ class Offloader:
             # those hits after they have landed, if that is later
             clock = max(mover.now(), mover.free_at(demand_only=True) - len(ready) * self.expert_seconds)
         if predict is not None and self.wants_prediction(layer, decode, clock):
-            self._predict_and_prefetch(layer, predict, decode, clock)  # the next layers' copies queue behind these loads
+            self._predict_and_prefetch(layer, predict, decode, clock)  # their copies queue behind these loads
         for e, s in ready + later + [(w, -1) for w in waiting]:
             if s < 0:
                 s = slot_of[e]
