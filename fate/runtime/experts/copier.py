@@ -138,14 +138,11 @@ class Copier {
     return state_[t % STATES].compare_exchange_strong(expected, CANCELLED);
   }
 
-  double free_at() {  // when the link will have moved everything queued so far, in seconds
+  // when the link will have moved the copy on it and everything queued so far (demand_only: only the
+  // queued demand loads, priority <= 0, which go first), in seconds
+  double free_at(bool demand_only) {
     int64_t base = std::max(now_ns(), link_free_.load());
-    return (base + std::max<int64_t>(0, queued_ns_.load())) * 1e-9;
-  }
-
-  double demand_free_at() {  // ... the copy on it and the queued demand loads (priority <= 0: they go first)
-    int64_t base = std::max(now_ns(), link_free_.load());
-    return (base + std::max<int64_t>(0, demand_ns_.load())) * 1e-9;
+    return (base + std::max<int64_t>(0, (demand_only ? demand_ns_ : queued_ns_).load())) * 1e-9;
   }
 
   void close() {
@@ -229,7 +226,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("wait", &Copier::wait)
       .def("cancel", &Copier::cancel)
       .def("free_at", &Copier::free_at)
-      .def("demand_free_at", &Copier::demand_free_at)
       .def("close", &Copier::close);
 }
 """

@@ -164,8 +164,11 @@ class Offloader:
         if not self._predicts or layer + 1 >= self.cfg.n_layers:
             return False
         if decode and self.rule == "value" and self._t_copy <= self.layer_seconds:
-            return self.mover.free_at() < (self.mover.now() if clock is None else clock) + self.layer_seconds
+            return self.mover.free_at() < self._clock(clock) + self.layer_seconds
         return True
+
+    def _clock(self, clock: float | None) -> float:
+        return self.mover.now() if clock is None else clock
 
     def prefetch(self, layer: int, preds: Sequence[Prediction], decode: bool, clock: float | None = None) -> None:
         """Act on the predictions made at ``layer``'s gate input (``layer`` -1: the embedding's); ``clock`` as
@@ -204,8 +207,7 @@ class Offloader:
             left -= 1
 
     def _plan_args(self, clock: float | None) -> tuple:
-        mover = self.mover
-        return (self.cfg.top_k, mover.now() if clock is None else clock, mover.free_at(), self.layer_seconds,
+        return (self.cfg.top_k, self._clock(clock), self.mover.free_at(), self.layer_seconds,
                 self._t_copy, self.host_prefetch_seconds)
 
     def _prefetch_by_value(self, layer: int, preds: Sequence[Prediction], clock: float | None) -> None:
@@ -233,8 +235,7 @@ class Offloader:
                     self.cache)
             g = predict.g
             if planner is not None and g.dtype is torch.float32 and g.is_cpu and g.is_contiguous():
-                mover = self.mover
-                named, decisions = planner(g.data_ptr(), mover.now() if clock is None else clock, mover.free_at())
+                named, decisions = planner(g.data_ptr(), self._clock(clock), self.mover.free_at())
                 if named is not None:
                     self._named[layer + 1] = set(named)
                 self._queue_planned(decisions)

@@ -89,7 +89,7 @@ class TransferEngine:
         self._state: dict[tuple[int, int, int], int] = {}  # (layer, slot, gen) -> queued / running / void
         self._queued_s = 0.0  # link time of the queued (not yet started) copies
         self._queued_demand_s = 0.0  # of those, the demand loads'
-        self._priority: dict[tuple[int, int, int], float] = {}  # (layer, slot, gen) of a queued copy -> priority
+        self._demand: set[tuple[int, int, int]] = set()  # (layer, slot, gen) of the queued demand loads
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)  # the worker waits here for copies to do
@@ -132,7 +132,7 @@ class TransferEngine:
         loads (which go first) with ``demand_only`` (an estimate: the emulated link's own timeline, or now,
         plus the queued copies)."""
         if self._native is not None:
-            return self._native.demand_free_at() if demand_only else self._native.free_at()
+            return self._native.free_at(demand_only)
         base = self.now()
         if self.throttle is not None and self.throttle.active:
             base = max(base, self.throttle.link_free_at)
@@ -215,7 +215,7 @@ class TransferEngine:
             self._queued_s += c
             if priority == self.DEMAND:
                 self._queued_demand_s += c
-            self._priority[key] = priority
+                self._demand.add(key)
             heapq.heappush(self._heap, (priority, next(self._seq), layer, slot, gen))
             self._cv.notify_all()
 
@@ -223,7 +223,8 @@ class TransferEngine:
         """A queued copy leaves the queue (taken off it, or started): its link time leaves the totals."""
         c = self.copy_seconds(self.cache.precision_at[key[0]][key[1]])
         self._queued_s = max(0.0, self._queued_s - c)
-        if self._priority.pop(key, None) == self.DEMAND:
+        if key in self._demand:
+            self._demand.discard(key)
             self._queued_demand_s = max(0.0, self._queued_demand_s - c)
 
     def _take(self, layer: int, slot: int, gen: int) -> bool:
