@@ -163,3 +163,44 @@ def test_queued_copies_run_back_to_back_on_the_links_timeline(setup):
     assert all(t.wait(layer, s) < 0.01 for s in slots[:-1])  # the earlier ones had landed by then
     assert all(_landed(t, m, layer, s, e, n) for e, s in enumerate(slots))
     t.close()
+
+
+def test_poll_settles_every_landed_copy_in_one_call(setup):
+    """The native copier reports the queued copies that landed since it was last asked (never a cancelled
+    one, each once): ``poll`` clears their ``pending`` flags without asking each copy, and copies that
+    ``wait`` already settled are not settled again."""
+    from fate.runtime.experts import copier
+
+    if not copier.available():
+        pytest.skip(f"native copier not built: {copier.why}")
+    m, layer, n, engine = setup
+    t, cache = engine(0.02)
+    a, b, c = (_reserve(cache, layer, e) for e in (0, 1, 2))
+    t.prefetch(layer, a, 1.0)
+    t.prefetch(layer, b, 2.0)
+    t.prefetch(layer, c, 3.0)
+    assert t.cancel(layer, c)
+    cache.drop(layer, 2)
+    t.wait(layer, a)  # settled by the wait
+    time.sleep(0.1)  # b lands meanwhile
+    assert cache.pending[layer][b]
+    t.poll(layer)
+    assert not cache.pending[layer][b] and _landed(t, m, layer, b, 1, n)
+    assert t._native.drain() == [] and not t._open and not t._tickets[layer]
+    t.close()
+
+
+def test_the_copiers_drain_reports_each_landed_copy_once():
+    from fate.runtime.experts import copier
+
+    if not copier.available():
+        pytest.skip(f"native copier not built: {copier.why}")
+    c = copier.Copier(0.0)
+    src, dst = torch.arange(64, dtype=torch.uint8), torch.zeros(3, 64, dtype=torch.uint8)
+    tickets = [c.submit(src.data_ptr(), dst[i].data_ptr(), 64, 1.0 + i) for i in range(3)]
+    for tk in tickets:
+        c.wait(tk)
+    assert sorted(c.drain()) == tickets and c.drain() == []
+    c.copy_now(src.data_ptr(), dst[0].data_ptr(), 64)  # inline: never reported
+    assert c.drain() == [] and torch.equal(dst, src.expand(3, 64))
+    c.close()

@@ -83,14 +83,15 @@ struct Later {
 };
 
 class Copier {
-  static constexpr int64_t RING = 1 << 12, STATES = 1 << 16;
+  static constexpr int64_t RING = 1 << 12, STATES = 1 << 16, DONE_RING = 1 << 12;
 
  public:
   // idle_spin_s: how long the idle copy thread polls for work before it sleeps.  Waking a sleeping
   // thread costs the submitting one a futex call and, on a VM, an interrupt to the other CPU (10-30 us
   // measured on the 2-core VM, per prefetch); a thread that polls needs no wake-up but holds a core.
   Copier(double bytes_per_s, double idle_spin_s)
-      : rate_(bytes_per_s), idle_spin_ns_((int64_t)(idle_spin_s * 1e9)), ring_(RING), state_(STATES) {
+      : rate_(bytes_per_s), idle_spin_ns_((int64_t)(idle_spin_s * 1e9)), ring_(RING), done_ring_(DONE_RING),
+        state_(STATES) {
     for (auto& s : state_) s.store(FREE);
     worker_ = std::thread([this] { run(); });
   }
@@ -122,6 +123,20 @@ class Copier {
   }
 
   bool done(int64_t t) { return state_[t % STATES].load(std::memory_order_acquire) >= DONE; }
+
+  // the queued copies that have landed since the last call (tickets, in the order they landed; cancelled
+  // ones never appear): one call where asking each ticket took one call apiece.  None if more landed
+  // than the ring holds since the last call (then ask each ticket).
+  pybind11::object drain() {
+    const int64_t h = done_head_.load(std::memory_order_acquire), t = done_tail_;
+    done_tail_ = h;
+    if (h - t > DONE_RING) return pybind11::none();
+    pybind11::list out(h - t);
+    for (int64_t i = t; i < h; ++i) PyList_SET_ITEM(out.ptr(), i - t, PyLong_FromLongLong(done_ring_[i % DONE_RING]));
+    // the copy thread may have gone on writing meanwhile: an entry read above is valid unless overwritten
+    if (done_head_.load(std::memory_order_acquire) - t > DONE_RING) return pybind11::none();
+    return out;
+  }
 
   void wait(int64_t t) {
     pybind11::gil_scoped_release nogil;
@@ -192,6 +207,9 @@ class Copier {
       int64_t done = occupy(dur);
       std::memcpy(j.dst, j.src, j.n);
       sleep_until_ns(done);
+      int64_t dh = done_head_.load(std::memory_order_relaxed);
+      done_ring_[dh % DONE_RING] = j.ticket;  // an overrun is seen by drain() from the count alone
+      done_head_.store(dh + 1, std::memory_order_release);
       s.store(DONE, std::memory_order_release);
       s.notify_all();
     }
@@ -200,6 +218,9 @@ class Copier {
   double rate_;
   int64_t idle_spin_ns_;
   std::vector<Job> ring_;
+  std::vector<int64_t> done_ring_;  // tickets of landed copies: the copy thread writes, drain() reads
+  std::atomic<int64_t> done_head_{0};
+  int64_t done_tail_ = 0;  // the model's thread's
   std::vector<std::atomic<int>> state_;
   std::atomic<int64_t> head_{0}, tail_{0}, link_free_{0}, queued_ns_{0}, demand_ns_{0};
   std::atomic<int> work_{0};
@@ -223,6 +244,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("submit", &Copier::submit)
       .def("copy_now", &Copier::copy_now)
       .def("done", &Copier::done)
+      .def("drain", &Copier::drain)
       .def("wait", &Copier::wait)
       .def("cancel", &Copier::cancel)
       .def("free_at", &Copier::free_at)

@@ -262,7 +262,8 @@ class Offloader:
                   compute: Callable[[int, int, str], None]) -> None:
         """Serve one MoE layer: ``ranked`` experts (most tokens first; ``counts[e]`` tokens each) of a ``T``-token
         step; ``predict()`` gives this gate input's predictions (called once the demand loads are queued);
-        ``compute(expert, slot, precision)`` runs one expert from its slot."""
+        ``compute(expert, slot, precision)`` runs one expert from its slot, once its copy has landed (the slot
+        is not reused before ``compute`` returns)."""
         decode = T == 1
         stats, cache, mover = self.stats, self.cache, self.mover
         t_start = mover.now()
@@ -328,7 +329,6 @@ class Offloader:
             t = mover.now()
             compute(e, s, precision_at[s])
             busy += mover.now() - t
-            mover.read_done(layer, s)
             pins.discard(e)
             nxt = next((w for w in waiting if slot_of[w] < 0 and w in pins), None) if waiting else None
             if nxt is not None:  # this expert's slot may be reused: start the next waiting load now
@@ -340,12 +340,12 @@ class Offloader:
         if not self.keep:  # Load-on-Demand keeps nothing beyond this layer's need
             for e in ranked:
                 cache.drop(layer, e)
+        host = max(0.0, mover.now() - t_start - busy - stall)
         if named is None:
-            stats.count(layer, len(ranked), hits, late, misses, 0, 0, 0)
+            stats.count(layer, len(ranked), hits, late, misses, 0, 0, 0, stall, host)
         else:
-            stats.count(layer, len(ranked), hits, late, misses, len(ranked), len(named), len(named.intersection(ranked)))
-        stats.stalled(layer, stall)
-        stats.hosted(layer, max(0.0, mover.now() - t_start - busy - stall))
+            stats.count(layer, len(ranked), hits, late, misses, len(ranked), len(named), len(named.intersection(ranked)),
+                        stall, host)
 
     def _reserve_waiting(self, layer: int, e: int, precision: str, pins) -> int:
         """A slot for ``e``; while every slot is pinned or in flight, wait for a copy to land."""
@@ -423,8 +423,15 @@ class OffloadedExperts:
         transfer = self.transfer
 
         def compute(e: int, s: int, precision: str) -> None:
-            transfer.before_read(layer, s)
             rows.put(e, self._compute[precision].swiglu(self._view(layer, s, precision), rows.tokens(e), one_token=one))
+
+        if transfer.tracks_reads:  # a device runs kernels after the host moves on: order the slot's copies and reads
+            run = compute
+
+            def compute(e: int, s: int, precision: str) -> None:
+                transfer.before_read(layer, s)
+                run(e, s, precision)
+                transfer.read_done(layer, s)
 
         predict = self._predict(layer, x) if self.predictor is not None else None
         self.offloader.run_layer(layer, ranked, counts, T, predict, compute)

@@ -148,9 +148,6 @@ class SimLink:
             self._land()
         return self.t - t0
 
-    def read_done(self, layer: int, slot: int) -> None:
-        pass
-
     def poll(self, layer: int) -> None:
         self._advance(self.t)
 

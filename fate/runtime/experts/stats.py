@@ -54,9 +54,13 @@ class ExpertStats:
             row[k] += v
 
     def count(self, layer: int, needed: int, hits: int, late: int, misses: int, predicted_needed: int, named: int,
-              named_needed: int) -> None:
-        """One step's counts of ``layer`` (the executor's hot path: no keyword dictionary)."""
-        row = self._c[self.phase][layer]
+              named_needed: int, stall: float = 0.0, host: float = 0.0) -> None:
+        """One step's counts of ``layer``, and its stall and host seconds (the executor's hot path: one call, no
+        keyword dictionary)."""
+        ph = self.phase
+        self._stall[ph][layer] += stall
+        self._host[ph][layer] += host
+        row = self._c[ph][layer]
         row["needed"] += needed
         row["hits"] += hits
         row["late_prefetches"] += late

@@ -69,11 +69,13 @@ class TransferEngine:
             i: torch.empty((n, slot_bytes), dtype=torch.uint8, device=device)
             for i, n in enumerate(cache.n_slots) if n > 0}
         self._cuda = device.type == "cuda"
+        self.tracks_reads = self._cuda  # whether before_read / read_done do anything (a device's stream order)
         self.inline = not self._cuda  # CPU: a one-token step copies its short demand loads itself
         self._inline: dict[str, bool] = {}  # precision -> whether its demand loads are copied on this thread
         self._native = None
-        # per layer: slot -> (ticket, gen, nbytes) of its native copy not seen done yet
-        self._tickets: list[dict[int, tuple[int, int, int]]] = [{} for _ in cache.n_slots]
+        # the native copies not seen landed yet: per layer, slot -> ticket; ticket -> (layer, slot, gen, nbytes)
+        self._tickets: list[dict[int, int]] = [{} for _ in cache.n_slots]
+        self._open: dict[int, tuple[int, int, int, int]] = {}
         self._base = {i: b.data_ptr() for i, b in self.buffers.items()}  # slot s of layer i: base + s * slot_bytes
         if not self._cuda and native_copier.available():
             rate = throttle.spec.bytes_per_s if throttle is not None and throttle.active else 0.0
@@ -185,28 +187,39 @@ class TransferEngine:
         self._push(priority, layer, slot, self.cache.gen[layer][slot])
 
     def poll(self, layer: int) -> None:
-        """Mark the native copies of ``layer`` that have landed (the cache's ``pending`` flags)."""
-        if layer < 0:
-            return
-        tickets = self._tickets[layer]
-        if tickets:  # a layer has a few copies outstanding: one cheap native query each
-            done = self._native.done
-            for slot in [s for s, rec in tickets.items() if done(rec[0])]:
-                self._settle(layer, slot)
+        """Mark the native copies that have landed since (the cache's ``pending`` flags), whatever their layer:
+        one native call for all of them."""
+        if self._open:
+            landed = self._native.drain()
+            if landed is None:  # more landed since the last call than the copier remembers: ask each
+                landed = [t for t in self._open if self._native.done(t)]
+            for t in landed:
+                self._settle(t)
 
-    def _settle(self, layer: int, slot: int) -> None:
-        ticket, gen, nbytes = self._tickets[layer].pop(slot)
+    def _settle(self, ticket: int) -> None:
+        """The native copy ``ticket`` has landed (a no-op once it has been settled)."""
+        rec = self._open.pop(ticket, None)
+        if rec is None:
+            return
+        layer, slot, gen, nbytes = rec
+        del self._tickets[layer][slot]
         if self.cache.gen[layer][slot] == gen:
             self.cache.landed(layer, slot, gen)
             if self.stats is not None:
                 self.stats.moved(self.cache.precision_at[layer][slot], nbytes)
+
+    def _forget(self, ticket: int) -> None:
+        """A cancelled native copy: it will never land."""
+        layer, slot = self._open.pop(ticket)[:2]
+        del self._tickets[layer][slot]
 
     def _push(self, priority: float, layer: int, slot: int, gen: int) -> None:
         if self._native is not None:
             cache = self.cache
             src, n = self.store.blob_address(layer, cache.expert_at[layer][slot], cache.precision_at[layer][slot])
             ticket = self._native.submit(src, self._base[layer] + slot * self.slot_bytes, n, priority)
-            self._tickets[layer][slot] = (ticket, gen, n)
+            self._tickets[layer][slot] = ticket
+            self._open[ticket] = (layer, slot, gen, n)
             return
         with self._cv:
             key = (layer, slot, gen)
@@ -243,9 +256,9 @@ class TransferEngine:
         gen = self.cache.gen[layer][slot]
         inline = inline and self._copies_inline(layer, slot)
         if self._native is not None:
-            rec = self._tickets[layer].get(slot)
-            if rec is not None and self._native.cancel(rec[0]):
-                del self._tickets[layer][slot]
+            ticket = self._tickets[layer].get(slot)
+            if ticket is not None and self._native.cancel(ticket):
+                self._forget(ticket)
                 if inline:
                     self._copy(layer, slot, gen, inline=True)
                 else:
@@ -262,10 +275,10 @@ class TransferEngine:
     def cancel(self, layer: int, slot: int) -> bool:
         """Cancel the queued copy into ``slot`` (True); one already on the link cannot be (False)."""
         if self._native is not None:
-            rec = self._tickets[layer].get(slot)
-            if rec is None or not self._native.cancel(rec[0]):
+            ticket = self._tickets[layer].get(slot)
+            if ticket is None or not self._native.cancel(ticket):
                 return False
-            del self._tickets[layer][slot]
+            self._forget(ticket)
             return True
         with self._cv:
             return self._take(layer, slot, self.cache.gen[layer][slot])
@@ -277,11 +290,11 @@ class TransferEngine:
             return 0.0
         t = time.perf_counter()
         if self._native is not None:
-            rec = self._tickets[layer].get(slot)
-            if rec is None:
+            ticket = self._tickets[layer].get(slot)
+            if ticket is None:
                 raise EngineError(f"layer {layer}: waiting for slot {slot}, but no copy into it is queued")
-            self._native.wait(rec[0])
-            self._settle(layer, slot)
+            self._native.wait(ticket)
+            self._settle(ticket)
             return time.perf_counter() - t
         with self._lock:
             while pending[slot]:
