@@ -1,13 +1,27 @@
-"""Eviction policies: hand-worked traces, ARC against a literal transcription of the paper, invariants."""
+"""Eviction policies: hand-worked traces, ARC against a literal transcription of the paper, invariants — each on
+the Python reference and on the native classes — and the native classes against the reference, step by step."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from collections import OrderedDict
 
 import pytest
 
-from fate.runtime.experts.evict import ARCPolicy, EvictionPolicy, LFUPolicy, LRUPolicy, make_policy
+from fate.runtime.experts import copier
+from fate.runtime.experts.evict import ARCPolicy, EvictionPolicy, LFUPolicy, LRUPolicy, make_policy, native_policies
+
+NATIVE = copier.available()
+needs_native = pytest.mark.skipif(not NATIVE, reason=f"native extension not built: {copier.why}")
+IMPLS = ["py", pytest.param("native", marks=needs_native)]  # the Python reference, the native classes
+N_KEYS = 128  # the native policies' key range in the behaviour tests
+
+
+def new(name: str, capacity: int, impl: str, n_keys: int = N_KEYS) -> EvictionPolicy:
+    return make_policy(name, capacity, n_keys=n_keys, native=impl == "native")
 
 
 def request(pol: EvictionPolicy, key: int, pinned=()) -> str:
@@ -25,14 +39,15 @@ def request(pol: EvictionPolicy, key: int, pinned=()) -> str:
     return "miss"
 
 
-def arc_state(a: ARCPolicy):
+def arc_state(a):
     return list(a.t1), list(a.t2), list(a.b1), list(a.b2), a.p
 
 
 # ---------------------------------------------------------------------------------------------- LRU
 
-def test_lru_hand_trace():
-    lru = LRUPolicy(3)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lru_hand_trace(impl):
+    lru = new("lru", 3, impl)
     for k in (1, 2, 3):
         lru.admit(k)
     assert lru.resident() == [1, 2, 3]          # admitted in order, 1 least recent
@@ -56,8 +71,9 @@ def test_lru_hand_trace():
 
 # ---------------------------------------------------------------------------------------------- LFU
 
-def test_lfu_hand_trace():
-    lfu = LFUPolicy(3)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lfu_hand_trace(impl):
+    lfu = new("lfu", 3, impl)
     for k in (1, 2, 3):
         lfu.admit(k)                            # counts 1:1 2:1 3:1
     assert lfu.resident() == [1, 2, 3]          # all tied: least recent first
@@ -84,9 +100,10 @@ def test_lfu_hand_trace():
 
 # ---------------------------------------------------------------------------------------------- ARC
 
-def test_arc_hand_trace():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_arc_hand_trace(impl):
     """c = 3; lists are written least recent first; (T1, T2, B1, B2, p) after each request."""
-    a = ARCPolicy(3)
+    a = new("arc", 3, impl)
 
     def step(key, pinned=()):
         return request(a, key, pinned)
@@ -148,9 +165,10 @@ def test_arc_hand_trace():
     assert arc_state(a) == ([], [6, 7, 9], [], [5, 1, 4], 2)
 
 
-def test_arc_clamps_p_at_capacity():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_arc_clamps_p_at_capacity(impl):
     """c = 3: a B1 ghost hit whose step would carry p past c stops at c."""
-    a = ARCPolicy(3)
+    a = new("arc", 3, impl)
     trace = [
         (4, ([4], [], [], [], 0)),
         (3, ([4, 3], [], [], [], 0)),
@@ -170,8 +188,9 @@ def test_arc_clamps_p_at_capacity():
         assert arc_state(a) == state, key
 
 
-def test_arc_pinned_falls_back_to_other_list():
-    a = ARCPolicy(3)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_arc_pinned_falls_back_to_other_list(impl):
+    a = new("arc", 3, impl)
     for k in (1, 2, 3):
         request(a, k)
     request(a, 1)                                # T1 [2, 3], T2 [1], p = 0 → REPLACE prefers T1
@@ -183,16 +202,17 @@ def test_arc_pinned_falls_back_to_other_list():
     assert arc_state(a) == ([2, 4, 5], [], [], [1], 0)
 
 
-def _arc_with_a_b1_ghost() -> ARCPolicy:
-    a = ARCPolicy(2)
+def _arc_with_a_b1_ghost(impl):
+    a = new("arc", 2, impl)
     for k in (1, 2, 1, 3):
         request(a, k)                            # 1 promoted to T2; new 3: |T1| = 1 > 0 → 2 to B1
     assert arc_state(a) == ([3], [1], [2], [], 0)
     return a
 
 
-def test_arc_refused_ghost_request_leaves_no_trace():
-    a = _arc_with_a_b1_ghost()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_arc_refused_ghost_request_leaves_no_trace(impl):
+    a = _arc_with_a_b1_ghost(impl)
     assert a.evict(2, lambda k: False) is None   # everything pinned: p must not move
     assert arc_state(a) == ([3], [1], [2], [], 0)
     # Now the request goes through: p = 0 + max(0/1, 1) = 1 first, so |T1| = 1 is not > p and
@@ -203,12 +223,33 @@ def test_arc_refused_ghost_request_leaves_no_trace():
     assert arc_state(a) == ([3], [2], [], [1], 1)
 
 
-def test_arc_ghost_hit_with_a_free_slot_adapts_in_admit():
-    a = _arc_with_a_b1_ghost()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_arc_ghost_hit_with_a_free_slot_adapts_in_admit(impl):
+    a = _arc_with_a_b1_ghost(impl)
     a.discard(3)                                 # a slot is free again; 3 is forgotten entirely
     assert arc_state(a) == ([], [1], [2], [], 0)
     a.admit(2)                                   # no evict(): admit performs the B1 adaptation
     assert arc_state(a) == ([], [1, 2], [], [], 1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_arc_an_abandoned_ghost_eviction(impl):
+    """evict(x) for a ghost adapts p once for x's request, however often it is repeated before x is
+    admitted; any other eviction in between ends that request, so a later admit(x) adapts afresh."""
+    a = _arc_with_a_b1_ghost(impl)
+    assert a.evict(2) == 1                       # p = 0 + max(0/1, 1) = 1; |T1| = 1 ≤ p → T2's 1 to B2
+    assert arc_state(a) == ([3], [], [2], [1], 1)
+    assert a.evict(2) == 3                       # the same request again (its load failed): no second step
+    assert arc_state(a) == ([], [], [2, 3], [1], 1)
+    a.admit(3)                                   # another key's admission ends 2's request (3 is a B1 ghost)
+    assert arc_state(a) == ([], [3], [2], [1], 2)
+    assert a.evict(5) == 3 and a.p == 2          # fresh 5; T1 empty → T2's 3 to B2
+    a.admit(2)                                   # B1 hit, a free slot: admit adapts, p = min(2, 2 + 2/1)
+    assert arc_state(a) == ([], [2], [], [1, 3], 2)
+    b = _arc_with_a_b1_ghost(impl)
+    assert b.evict(2) == 1 and b.evict(5) == 3   # the fresh 5's eviction ends 2's request …
+    b.admit(2)                                   # … so 2's admission adapts: p = min(2, 1 + max(1/2, 1))
+    assert arc_state(b) == ([], [2], [3], [1], 2)
 
 
 class PaperARC:
@@ -257,9 +298,10 @@ class PaperARC:
 
 
 @pytest.mark.parametrize("c", [1, 2, 3, 5, 8])
-def test_arc_matches_the_paper_on_random_traces(c):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_arc_matches_the_paper_on_random_traces(c, impl):
     rng = random.Random(c)
-    ours, ref = ARCPolicy(c), PaperARC(c)
+    ours, ref = new("arc", c, impl), PaperARC(c)
     universe = 3 * c + 2
     for _ in range(3000):
         # a skewed key distribution so that hits, ghost hits and fresh keys all happen
@@ -269,9 +311,10 @@ def test_arc_matches_the_paper_on_random_traces(c):
 
 
 @pytest.mark.parametrize("c", [0, 1, 2, 4, 7])
-def test_arc_invariants_on_random_traces_with_pins_and_discards(c):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_arc_invariants_on_random_traces_with_pins_and_discards(c, impl):
     rng = random.Random(1000 + c)
-    a = ARCPolicy(c)
+    a = new("arc", c, impl)
     universe = 3 * c + 3
     for _ in range(4000):
         x = rng.randrange(universe)
@@ -298,7 +341,8 @@ def _hit_rates(pol, trace, hot):
     return sum(hits) / len(hits), sum(hot_hits) / len(hot_hits)
 
 
-def test_arc_keeps_the_hot_set_through_a_looping_scan_where_lru_thrashes():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_arc_keeps_the_hot_set_through_a_looping_scan_where_lru_thrashes(impl):
     c = 8
     rng = random.Random(7)
     hot = {100, 101, 102}
@@ -308,8 +352,8 @@ def test_arc_keeps_the_hot_set_through_a_looping_scan_where_lru_thrashes():
             trace.append(k)
             if rng.random() < 0.5:
                 trace.append(rng.choice(sorted(hot)))
-    arc_all, arc_hot = _hit_rates(ARCPolicy(c), trace, hot)
-    lru_all, lru_hot = _hit_rates(LRUPolicy(c), trace, hot)
+    arc_all, arc_hot = _hit_rates(new("arc", c, impl), trace, hot)
+    lru_all, lru_hot = _hit_rates(new("lru", c, impl), trace, hot)
     assert arc_hot > 0.97                    # the hot set lives in T2 and stays there
     assert lru_hot < 0.8                     # the scan keeps pushing hot keys out of LRU
     assert arc_all > lru_all + 0.05
@@ -318,9 +362,10 @@ def test_arc_keeps_the_hot_set_through_a_looping_scan_where_lru_thrashes():
 # ------------------------------------------------------------------------------------ all policies
 
 @pytest.mark.parametrize("name", ["arc", "lru", "lfu"])
-def test_pinned_keys_are_never_evicted(name):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pinned_keys_are_never_evicted(name, impl):
     rng = random.Random(3)
-    pol = make_policy(name, 4)
+    pol = new(name, 4, impl)
     for _ in range(2000):
         x = rng.randrange(12)
         pinned = set(rng.sample(range(12), rng.randrange(0, 6))) - {x}
@@ -334,8 +379,9 @@ def test_pinned_keys_are_never_evicted(name):
 
 
 @pytest.mark.parametrize("name", ["arc", "lru", "lfu"])
-def test_evict_returns_none_when_all_pinned(name):
-    pol = make_policy(name, 2)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_evict_returns_none_when_all_pinned(name, impl):
+    pol = new(name, 2, impl)
     pol.admit(1)
     pol.admit(2)
     assert pol.evict(3, lambda k: False) is None
@@ -344,8 +390,9 @@ def test_evict_returns_none_when_all_pinned(name):
 
 
 @pytest.mark.parametrize("name", ["arc", "lru", "lfu"])
-def test_capacity_zero(name):
-    pol = make_policy(name, 0)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_capacity_zero(name, impl):
+    pol = new(name, 0, impl)
     for k in range(5):
         assert request(pol, k) == "bypass"
         assert pol.evict(k, lambda _: True) is None
@@ -355,8 +402,9 @@ def test_capacity_zero(name):
 
 
 @pytest.mark.parametrize("name", ["arc", "lru", "lfu"])
-def test_misuse_is_reported(name):
-    pol = make_policy(name, 2)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_misuse_is_reported(name, impl):
+    pol = new(name, 2, impl)
     pol.admit(1)
     with pytest.raises(ValueError, match="already resident"):
         pol.admit(1)
@@ -380,3 +428,194 @@ def test_make_policy():
         make_policy("fifo", 4)
     with pytest.raises(ValueError, match="non-negative"):
         make_policy("lru", -1)
+
+
+@pytest.mark.parametrize("name", ["arc", "lru", "lfu"])
+def test_make_policy_picks_the_native_class_given_the_key_range(name):
+    classes = native_policies()
+    assert (classes is not None) == NATIVE
+    pol = make_policy(name, 3, n_keys=8)
+    assert type(pol) is (classes[name] if NATIVE else type(make_policy(name, 3)))
+    assert isinstance(pol, EvictionPolicy) and pol.name == name and pol.capacity == 3
+    assert type(make_policy(name, 3, n_keys=8, native=False)) is type(make_policy(name, 3))
+    with pytest.raises(ValueError, match="needs n_keys"):
+        make_policy(name, 3, native=True)
+    with pytest.raises(ValueError, match="n_keys must be a non-negative integer"):
+        make_policy(name, 3, n_keys=-1)
+    with pytest.raises(ValueError, match="non-negative"):
+        make_policy(name, -1, n_keys=8)
+
+
+def test_without_the_extension_the_cache_runs_the_python_reference():
+    code = ("from fate.runtime.experts.residency import ExpertCache\n"
+            "from fate.runtime.experts.evict import make_policy\n"
+            "print(type(ExpertCache([2], 8, policy='lfu').policies[0]).__name__, "
+            "type(make_policy('arc', 2, n_keys=8)).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "FATE_NATIVE": "0"}).stdout
+    assert out.split() == ["LFUPolicy", "ARCPolicy"]
+
+
+# ------------------------------------------------------------------------- native against the reference
+
+def _outcome(fn):
+    """What a call returned, or the type and message of what it raised."""
+    try:
+        return "ok", fn()
+    except Exception as e:  # noqa: BLE001 - any error: the other implementation must raise the same
+        return type(e), str(e)
+
+
+def _state(pol, name: str, n_keys: int):
+    st = [pol.resident(), len(pol), [k for k in range(n_keys) if k in pol]]
+    if name == "arc":
+        st += [pol.p.hex(), pol.t1, pol.t2, pol.b1, pol.b2]  # hex: p to the bit
+    if name == "lfu":
+        st.append([pol.count(k) for k in range(n_keys)])
+    return st
+
+
+class _Asked:
+    """An evictable callable that records what it was asked and can raise at its n-th call."""
+
+    def __init__(self, pinned, fail_at=-1):
+        self.pinned, self.fail_at, self.asked = pinned, fail_at, []
+
+    def __call__(self, k):
+        self.asked.append(k)
+        if len(self.asked) == self.fail_at:
+            raise ZeroDivisionError(f"asked {k}")
+        return k not in self.pinned
+
+
+@needs_native
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("c", [0, 1, 2, 3, 5, 8])
+@pytest.mark.parametrize("name", ["arc", "lru", "lfu"])
+def test_native_policies_decide_exactly_as_the_reference(name, c, seed):
+    rng = random.Random(f"{name}/{c}/{seed}")
+    n_keys = 3 * c + 4
+    pols = make_policy(name, c, n_keys=n_keys, native=False), make_policy(name, c, n_keys=n_keys, native=True)
+    slot_of = [rng.randrange(-n_keys, n_keys) for _ in range(n_keys)]  # where evict_where reads each key's pending
+    pending = [False] * n_keys
+
+    def both(op):
+        a, b = (_outcome(lambda: op(pol)) for pol in pols)
+        assert a == b
+        return a
+
+    for step in range(3000):
+        # a skewed key distribution: hits, ghost hits and fresh keys all happen
+        x = int(rng.paretovariate(1.1)) % n_keys if rng.random() < 0.7 else rng.randrange(n_keys)
+        pending[rng.randrange(n_keys)] = rng.random() < 0.3
+        if rng.random() < 0.1:  # everything pinned: the request is refused
+            pinned = set(range(n_keys)) - {x}
+        else:
+            pinned = set(rng.sample(range(n_keys), rng.randrange(c + 2)))
+        pinned = rng.choice([set, frozenset, list, tuple])(pinned)
+        r = rng.random()
+        if r < 0.04:
+            both(lambda pol: pol.discard(x))
+        elif r < 0.12:  # calls out of turn: errors, or evictions while a slot is free
+            op = rng.choice(["admit", "hit", "evict", "evict"])
+            both(lambda pol: pol.evict(x) if op == "evict" else getattr(pol, op)(x))
+        elif x in pols[0]:
+            both(lambda pol: pol.hit(x))
+        elif len(pols[0]) < c:
+            both(lambda pol: pol.admit(x))
+        else:
+            mode = rng.random()
+            if mode < 0.4:  # an evictable callable: asked the same keys in the same order
+                fail_at = rng.randrange(1, 4) if rng.random() < 0.05 else -1
+                asks = [_Asked(pinned, fail_at) for _ in pols]
+                res = both(lambda pol: pol.evict(x, asks[0] if pol is pols[0] else asks[1]))
+                assert asks[0].asked == asks[1].asked
+            elif mode < 0.9:  # the cache's call
+                res = both(lambda pol: pol.evict_where(x, pinned, pending, slot_of) if pol is pols[1] else
+                           pol.evict(x, lambda k: k not in pinned and not pending[slot_of[k]]))
+            else:
+                res = both(lambda pol: pol.evict(x))
+            if res[0] == "ok" and res[1] is not None and rng.random() < 0.9:  # else the load "failed"
+                both(lambda pol: pol.admit(x))
+        assert _state(pols[0], name, n_keys) == _state(pols[1], name, n_keys), step
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["arc", "lru", "lfu"])
+def test_native_keys_are_expert_ids(name):
+    pol = make_policy(name, 2, n_keys=4, native=True)
+    pol.admit(3)
+    for bad in (-1, 4, 100):
+        for op in (pol.hit, pol.admit, pol.discard, pol.evict):
+            with pytest.raises(ValueError, match=rf"expert {bad} is out of range .*0 <= key < 4"):
+                op(bad)
+        with pytest.raises(ValueError, match="out of range"):
+            pol.evict_where(bad, (), [False] * 2, [0] * 4)
+        assert bad not in pol
+    with pytest.raises(ValueError, match="expert 1180591620717411303424 is out of range"):
+        pol.hit(2**70)
+    with pytest.raises(TypeError):
+        pol.hit(1.5)
+    if name == "lfu":
+        with pytest.raises(ValueError, match="out of range"):
+            pol.count(4)
+    assert 3 in pol and 3.0 in pol and 3.5 not in pol and "3" not in pol and None not in pol and 2**80 not in pol
+    assert pol.resident() == [3] and len(pol) == 1
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["arc", "lru", "lfu"])
+def test_native_evict_where_reads_the_cache_in_place(name):
+    pol = make_policy(name, 3, n_keys=6, native=True)
+    for k in (0, 1, 2):
+        pol.admit(k)
+    slot_of, pending = [2, 1, 0, -1, -1, -1], [False, True, False]  # expert 1's copy (slot 1) is in flight
+    assert pol.evict_where(5, [0], pending, slot_of) == 2
+    pol.admit(5)
+    slot_of[2], slot_of[5] = -1, 0
+    assert pol.evict_where(4, frozenset({0, 5}), pending, slot_of) is None  # 1 in flight, 0 and 5 pinned
+    pending[1] = False
+    assert pol.evict_where(4, (), pending, slot_of) == 0
+    with pytest.raises(TypeError):
+        pol.evict_where(3, (), tuple(pending), slot_of)
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["arc", "lru", "lfu"])
+def test_native_evictable_must_not_change_the_policy(name):
+    pol = make_policy(name, 2, n_keys=4, native=True)
+    pol.admit(0)
+    pol.admit(1)
+
+    def meddles(k):
+        pol.discard(1 - k)
+        return False
+
+    with pytest.raises(RuntimeError, match="changed during evict"):
+        pol.evict(2, meddles)
+
+
+@pytest.mark.parametrize("policy", ["arc", "lru", "lfu"])
+def test_the_cache_decides_the_same_on_either_policy(policy):
+    from fate.runtime.experts.residency import ExpertCache
+
+    rng = random.Random(policy)
+    caches = [ExpertCache([0, 4, 6], 12, policy=policy) for _ in range(2)]
+    caches[1].policies = [make_policy(policy, n, n_keys=12, native=False) for n in caches[1].n_slots]
+    for _ in range(3000):
+        layer, e = rng.choice((1, 2)), rng.randrange(12) if rng.random() < 0.5 else rng.randrange(4)
+        pinned = set(rng.sample(range(12), rng.randrange(4)))
+        r, lands = rng.random(), [rng.random() < 0.5 for _ in range(6)]
+        for c in caches:
+            if r < 0.05:
+                c.drop(layer, e)
+            elif c.lookup(layer, e) >= 0:
+                c.touch(layer, e)
+            else:
+                c.reserve(layer, e, "q4", prefetched=False, pinned=pinned)
+            for s, p in enumerate(c.pending[layer]):
+                if p and lands[s]:
+                    c.landed(layer, s, c.gen[layer][s])
+        a, b = caches
+        assert (a.slot_of, a.pending, a.evictions) == (b.slot_of, b.pending, b.evictions)
+        assert [a.resident(k) for k in range(3)] == [b.resident(k) for k in range(3)]

@@ -17,7 +17,7 @@ slower), as a CUDA event synchronize does by default.
 Built on first use with torch's cpp_extension (g++; a few seconds, once per machine); where it cannot be
 built, :func:`available` is False and the TransferEngine keeps its Python worker.  The same extension
 carries the policy's decode hot paths (:mod:`.native_policy`): :func:`rank_topn`, :func:`value_plan` and
-:func:`value_planner`.
+:func:`value_planner`, and the expert cache's eviction policies (:mod:`.native_evict`): :func:`eviction_policies`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import os
 import shutil
 import threading
 
-from fate.runtime.experts import native_policy
+from fate.runtime.experts import native_evict, native_policy
 
 
 _SOURCE = r"""
@@ -233,6 +233,7 @@ class Copier {
 
 _BINDINGS = r"""
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  bind_evict(m);
   m.def("rank_topn", &rank_topn);
   m.def("value_plan", &value_plan);
   pybind11::class_<ValuePlanner>(m, "ValuePlanner")
@@ -252,7 +253,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 }
 """
 
-_FULL_SOURCE = _SOURCE + native_policy.SOURCE + _BINDINGS
+_FULL_SOURCE = _SOURCE + native_policy.SOURCE + native_evict.SOURCE + _BINDINGS
 _NAME = "fate_copier_" + hashlib.sha1(_FULL_SOURCE.encode()).hexdigest()[:10]  # torch caches builds by name
 
 _lock = threading.Lock()
@@ -312,3 +313,9 @@ def value_planner():
     (:mod:`.native_policy`), or None where the extension is not built."""
     mod = _load()
     return None if mod is None else mod.ValuePlanner
+
+
+def eviction_policies():
+    """The module holding the native eviction policies ``NativeLRUPolicy``, ``NativeLFUPolicy`` and
+    ``NativeARCPolicy`` (:mod:`.native_evict`), or None where the extension is not built."""
+    return _load()

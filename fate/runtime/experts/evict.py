@@ -18,12 +18,32 @@ still in flight.  Policies skip pinned keys and take the next candidate in their
 
 ARC (Megiddo & Modha, "ARC: A Self-Tuning, Low Overhead Replacement Cache", FAST 2003) splits the
 paper's single "request x" step over ``evict`` and ``admit``; see :class:`ARCPolicy` for how.
+
+The classes here are the reference.  The runtime uses their native twins (:mod:`.native_evict`,
+``NativeLRUPolicy``, ``NativeLFUPolicy``, ``NativeARCPolicy``, built into the copier's extension), which
+make the same decisions without the OrderedDict work of the decode hot path: the same victims, the same
+``resident()`` order and, for ARC, the same ``p`` to the bit and the same lists (a test drives both on
+long random sequences and compares them after every step).  They differ only where these accept more:
+their keys are expert ids ``0 <= key < n_keys`` (another int is a ValueError, a non-integer a TypeError;
+``key in policy`` is False for them), an ``evictable`` that changes the policy it is asked for gets a
+RuntimeError, and their hot methods take positional arguments only.  They add ``evict_where(incoming,
+pinned, pending, slot_of)``, the cache's own ``evict`` call with its containers read in place
+(:meth:`.residency.ExpertCache.reserve`).
+
+:func:`make_policy` picks: ``make_policy(name, capacity)`` is always the Python class;
+``make_policy(name, capacity, n_keys=n)`` (the caller knows the key range: the cache does) is the native
+class where the extension is built (not with ``FATE_NATIVE=0``), else the Python one.  ``native=False``
+forces the Python class, ``native=True`` the native one (an error where it cannot be had): the tests
+compare the two.
 """
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
 from typing import Callable, Iterable, Protocol, runtime_checkable
+
+from fate.runtime.experts import copier
 
 Evictable = Callable[[int], bool]
 
@@ -314,10 +334,41 @@ class ARCPolicy(_Base):
 POLICIES: dict[str, type] = {"arc": ARCPolicy, "lru": LRUPolicy, "lfu": LFUPolicy}
 
 
-def make_policy(name: str, capacity: int) -> EvictionPolicy:
-    """``"arc"`` | ``"lru"`` | ``"lfu"`` (case-insensitive) for one layer of ``capacity`` slots."""
+def native_policies() -> dict[str, type] | None:
+    """The native classes by name (:mod:`.native_evict`), or None where the extension is not built
+    (``copier.why`` says why)."""
+    mod = copier.eviction_policies()
+    if mod is None:
+        return None
+    return {"arc": mod.NativeARCPolicy, "lru": mod.NativeLRUPolicy, "lfu": mod.NativeLFUPolicy}
+
+
+def make_policy(name: str, capacity: int, n_keys: int | None = None, *,
+                native: bool | None = None) -> EvictionPolicy:
+    """``"arc"`` | ``"lru"`` | ``"lfu"`` (case-insensitive) for one layer of ``capacity`` slots.
+
+    ``n_keys``: the keys are ``0 <= key < n_keys`` (the layer's number of experts); with it the policy is
+    the native class where the extension is built, else the Python reference.  ``native``: None (that
+    choice), False (always the Python class), True (always the native one: ValueError without ``n_keys``,
+    RuntimeError where the extension is not built)."""
     key = name.strip().lower() if isinstance(name, str) else name
     cls = POLICIES.get(key)
     if cls is None:
         raise ValueError(f"unknown eviction policy {name!r}; use one of {', '.join(POLICIES)}")
+    if n_keys is not None:
+        try:
+            n = -1 if isinstance(n_keys, bool) else operator.index(n_keys)
+        except TypeError:
+            n = -1
+        if n < 0:
+            raise ValueError(f"n_keys must be a non-negative integer, got {n_keys!r}")
+        n_keys = n
+    if native and n_keys is None:
+        raise ValueError("a native eviction policy needs n_keys")
+    if n_keys is not None and native is not False:
+        classes = native_policies()
+        if classes is not None:
+            return classes[key](_check_capacity(capacity), n_keys)
+        if native:
+            raise RuntimeError(f"native eviction policies are not available: {copier.why}")
     return cls(capacity)

@@ -1,7 +1,8 @@
 """Residency: which expert, in which precision, sits in which device slot of each layer, and whether its
 bytes have landed.  No tensors, no copies: the transfer queue (:mod:`.transfer`) owns the slot buffers and
 fills slot ``s`` of layer ``l``; this module decides which slot an expert gets and which expert gives its
-slot up, through an eviction policy from :mod:`.evict`.
+slot up, through an eviction policy from :mod:`.evict` (one per layer, over the keys ``0..n_experts-1``:
+the native class where the extension is built, else the Python reference, which decides the same).
 
 The state is kept as plain per-layer lists indexed by expert and by slot (a lookup is a list index, not
 an object per expert), so the decode hot path does a handful of list operations per expert:
@@ -45,7 +46,7 @@ class ExpertCache:
         self.prefetched = [[False] * n for n in slots_per_layer]
         self.gen = [[0] * n for n in slots_per_layer]
         self._free = [list(range(n - 1, -1, -1)) for n in slots_per_layer]  # a stack: the lowest slot on top
-        self.policies: list[EvictionPolicy] = [make_policy(policy, n) for n in slots_per_layer]
+        self.policies: list[EvictionPolicy] = [make_policy(policy, n, n_keys=n_experts) for n in slots_per_layer]
         self.evictions = [0] * L
 
     def __len__(self) -> int:
@@ -94,7 +95,11 @@ class ExpertCache:
         else:
             pending = self.pending[layer]
             if victim is None:
-                victim = policy.evict(expert, lambda k: k not in pinned and not pending[slot_of[k]])
+                evict_where = getattr(policy, "evict_where", None)  # the native policies': the same call
+                if evict_where is not None:
+                    victim = evict_where(expert, pinned, pending, slot_of)
+                else:
+                    victim = policy.evict(expert, lambda k: k not in pinned and not pending[slot_of[k]])
                 if victim is None:
                     return -1
             else:
