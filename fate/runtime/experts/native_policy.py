@@ -61,8 +61,7 @@ static std::vector<std::vector<int64_t>> rank_topn(int64_t w_ptr, int64_t x_ptr,
 // The value rule's decisions for one decode step: the same arithmetic, in the same order, as its Python
 // reference ``value_plan`` (fate.runtime.experts.offload, which documents the arguments): the predictions
 // (their layer, ahead, experts and chances) and the cache (slot_of, pending, free_slots(j), resident(j))
-// are read in place, a few items each: converting them to C++ containers cost more than the rule itself
-// (free_slots(j) as the length of the cache's free list, not a call).
+// are read in place, a few items each: converting them to C++ containers cost more than the rule itself.
 // Returns [(layer, expert, victim, chance), ...]: victim -1 a free slot, else the expert whose slot it takes.
 namespace py = pybind11;
 
@@ -78,7 +77,7 @@ static py::list value_core(int64_t layer, int64_t k, double now, double link_fre
                            double host, const std::vector<PredView>& preds, const py::object& cache) {
   struct Cand { double p; size_t i; int64_t e; };
   const size_t P = preds.size();
-  py::list all_slots = cache.attr("slot_of"), all_pending = cache.attr("pending"), all_free = cache.attr("_free");
+  py::list all_slots = cache.attr("slot_of"), all_pending = cache.attr("pending");
   std::vector<py::list> slot_of, pending;
   std::vector<Cand> cands;
   cands.reserve(32);
@@ -118,7 +117,7 @@ static py::list value_core(int64_t layer, int64_t k, double now, double link_fre
     const double saved = cd.p * (t_copy - std::max(0.0, finish - t_need));
     const double cost = std::min(1.0, std::max(0.0, next_misses - (j == layer + 1 ? cd.p : 0.0))) * overrun + host;
     if (saved <= cost) continue;
-    if (free[cd.i] < 0) free[cd.i] = PyList_GET_SIZE(all_free[j].ptr());  // ExpertCache.free_slots(j)
+    if (free[cd.i] < 0) free[cd.i] = cache.attr("free_slots")(j).cast<int64_t>();
     int64_t victim = -1;
     if (free[cd.i] == 0) {
       auto& v = victims[cd.i];
