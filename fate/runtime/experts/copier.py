@@ -10,7 +10,8 @@ model's thread never blocks on the copy thread), with ticket states the two thre
 emulates one serial link itself (a copy of n bytes occupies it for n / rate seconds after the previous one, non-
 preemptively), so inline copies (:meth:`Copier.copy_now`, on the calling thread with the GIL released)
 and queued ones share one link timeline.  Python never waits for the GIL of the copy thread: it asks
-whether a ticket is done, or waits for it with the GIL released.  The model's thread waits by spinning (a
+whether a ticket is done, takes the tickets landed since it last asked (a ring the copy thread appends to),
+or waits for a ticket with the GIL released.  The model's thread waits by spinning (a
 sleeping thread's CPU halts, and a virtual one then runs the next microseconds of work several times
 slower), as a CUDA event synchronize does by default.
 
