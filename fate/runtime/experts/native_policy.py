@@ -67,11 +67,20 @@ namespace py = pybind11;
 
 static inline int64_t int_at(PyObject* list, Py_ssize_t i) { return PyLong_AsLongLong(PyList_GET_ITEM(list, i)); }
 
-struct PredView {  // one prediction: its layer, distance, ranked experts and their chances (a list of floats)
+struct PredView {  // one prediction: its layer, distance, ranked experts and their chances (one per expert)
   int64_t layer, ahead;
   std::vector<int64_t> experts;
-  PyObject* chances;  // borrowed: its owner outlives the call
+  const double* chances;  // experts.size() of them, owned by the caller for the call
 };
+
+// a list of floats as doubles (once: reading a list's float objects in the hot path costs a cache line each)
+static std::vector<double> doubles_of(PyObject* list) {
+  TORCH_CHECK(PyList_Check(list), "value_plan: the chances are a list of floats");
+  std::vector<double> out((size_t)PyList_GET_SIZE(list));
+  for (size_t r = 0; r < out.size(); ++r) out[r] = PyFloat_AsDouble(PyList_GET_ITEM(list, (Py_ssize_t)r));
+  if (PyErr_Occurred()) throw py::error_already_set();
+  return out;
+}
 
 static py::list value_core(int64_t layer, int64_t k, double now, double link_free, double t_layer, double t_copy,
                            double host, const std::vector<PredView>& preds, const py::object& cache) {
@@ -87,12 +96,10 @@ static py::list value_core(int64_t layer, int64_t k, double now, double link_fre
     slot_of.push_back(all_slots[q.layer]);
     pending.push_back(all_pending[q.layer]);
     PyObject* so = slot_of[i].ptr();
-    TORCH_CHECK(PyList_Check(q.chances) && PyList_GET_SIZE(q.chances) == (Py_ssize_t)q.experts.size(),
-                "value_plan: one chance an expert");
     double held = 0.0;
     for (size_t r = 0; r < q.experts.size(); ++r) {
       int64_t e = q.experts[r];
-      double p = PyFloat_AsDouble(PyList_GET_ITEM(q.chances, r));
+      double p = q.chances[r];
       TORCH_CHECK(e >= 0 && e < PyList_GET_SIZE(so), "value_plan: expert out of range");
       if (int_at(so, e) >= 0) held += p;
       else if (p > 0.0) cands.push_back({p, i, e});
@@ -131,7 +138,7 @@ static py::list value_core(int64_t layer, int64_t k, double now, double link_fre
           if (s < 0 || PyObject_IsTrue(PyList_GET_ITEM(pd, s))) continue;
           double px = 0.0;
           for (size_t r = 0; r < q.experts.size(); ++r)
-            if (q.experts[r] == x) { px = PyFloat_AsDouble(PyList_GET_ITEM(q.chances, r)); break; }
+            if (q.experts[r] == x) { px = q.chances[r]; break; }
           v.emplace_back(px, x);
         }
         std::stable_sort(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
@@ -153,12 +160,15 @@ static py::list value_core(int64_t layer, int64_t k, double now, double link_fre
 static py::list value_plan(int64_t layer, int64_t k, double now, double link_free, double t_layer, double t_copy,
                            double host, const py::list& preds, const py::object& cache) {
   std::vector<PredView> views;
-  py::list keep;  // the chance lists, alive for the call
+  std::vector<std::vector<double>> chances;  // the views' chances, alive for the call
+  chances.reserve(py::len(preds));
   for (py::handle q : preds) {
-    py::list ex = q.attr("experts"), ch = q.attr("chances");
-    keep.append(ch);
-    PredView v{q.attr("layer").cast<int64_t>(), q.attr("ahead").cast<int64_t>(), {}, ch.ptr()};
+    py::list ex = q.attr("experts");
+    py::object ch = q.attr("chances");
+    chances.push_back(doubles_of(ch.ptr()));
+    PredView v{q.attr("layer").cast<int64_t>(), q.attr("ahead").cast<int64_t>(), {}, chances.back().data()};
     for (py::handle e : ex) v.experts.push_back(e.cast<int64_t>());
+    TORCH_CHECK(v.experts.size() == chances.back().size(), "value_plan: one chance an expert");
     views.push_back(std::move(v));
   }
   return value_core(layer, k, now, link_free, t_layer, t_copy, host, views, cache);
@@ -176,15 +186,17 @@ class ValuePlanner {
   ValuePlanner(torch::Tensor w, int64_t E, int64_t H, int64_t n, py::list made, int64_t layer, int64_t k,
                double t_layer, double t_copy, double host, py::object cache)
       : w_(std::move(w)), E_(E), H_(H), n_(n), layer_(layer), k_(k), t_layer_(t_layer), t_copy_(t_copy),
-        host_(host), made_(std::move(made)), cache_(std::move(cache)) {
+        host_(host), cache_(std::move(cache)) {
     TORCH_CHECK(w_.scalar_type() == torch::kFloat32 && w_.is_contiguous() && w_.device().is_cpu() &&
-                    w_.numel() == (int64_t)made_.size() * E * H,
+                    w_.numel() == (int64_t)made.size() * E * H,
                 "ValuePlanner: the routers are a contiguous float32 CPU tensor [layers ahead * E, H]");
     W_ = w_.data_ptr<float>();
-    for (py::handle t : made_) {
+    for (py::handle t : made) {
       py::tuple tt = py::reinterpret_borrow<py::tuple>(t);
       TORCH_CHECK(tt.size() == 4 && PyList_Check(tt[3].ptr()), "ValuePlanner: made is (layer, ahead, m, chances)");
-      spec_.push_back({tt[0].cast<int64_t>(), tt[1].cast<int64_t>(), tt[2].cast<int64_t>(), tt[3].ptr()});
+      Spec sp{tt[0].cast<int64_t>(), tt[1].cast<int64_t>(), tt[2].cast<int64_t>(), doubles_of(tt[3].ptr())};
+      TORCH_CHECK(sp.m <= 0 || (int64_t)sp.chances.size() == sp.m, "ValuePlanner: m chances a layer ahead");
+      spec_.push_back(std::move(sp));
     }
   }
 
@@ -198,7 +210,7 @@ class ValuePlanner {
       if (sp.m <= 0) continue;
       PredView v{sp.layer, sp.ahead,
                  std::vector<int64_t>(order[g].begin(), order[g].begin() + std::min<size_t>(sp.m, order[g].size())),
-                 sp.chances};
+                 sp.chances.data()};
       if (v.ahead == 1) {
         py::list l;
         for (int64_t e : v.experts) l.append(e);
@@ -210,12 +222,11 @@ class ValuePlanner {
   }
 
  private:
-  struct Spec { int64_t layer, ahead, m; PyObject* chances; };  // chances: borrowed from made_
+  struct Spec { int64_t layer, ahead, m; std::vector<double> chances; };  // chances: of ranks < m, fixed
   torch::Tensor w_;
   const float* W_ = nullptr;
   int64_t E_, H_, n_, layer_, k_;
   double t_layer_, t_copy_, host_;
-  py::list made_;  // keeps the chance lists alive
   py::object cache_;
   std::vector<Spec> spec_;
 };
