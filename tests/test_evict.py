@@ -531,8 +531,7 @@ def test_native_policies_decide_exactly_as_the_reference(name, c, seed):
                 res = both(lambda pol: pol.evict(x, asks[0] if pol is pols[0] else asks[1]))
                 assert asks[0].asked == asks[1].asked
             elif mode < 0.9:  # the cache's call
-                res = both(lambda pol: pol.evict_where(x, pinned, pending, slot_of) if pol is pols[1] else
-                           pol.evict(x, lambda k: k not in pinned and not pending[slot_of[k]]))
+                res = both(lambda pol: pol.evict_where(x, pinned, pending, slot_of))
             else:
                 res = both(lambda pol: pol.evict(x))
             if res[0] == "ok" and res[1] is not None and rng.random() < 0.9:  # else the load "failed"

@@ -26,9 +26,9 @@ make the same decisions without the OrderedDict work of the decode hot path: the
 long random sequences and compares them after every step).  They differ only where these accept more:
 their keys are expert ids ``0 <= key < n_keys`` (another int is a ValueError, a non-integer a TypeError;
 ``key in policy`` is False for them), an ``evictable`` that changes the policy it is asked for gets a
-RuntimeError, and their hot methods take positional arguments only.  They add ``evict_where(incoming,
-pinned, pending, slot_of)``, the cache's own ``evict`` call with its containers read in place
-(:meth:`.residency.ExpertCache.reserve`).
+RuntimeError, and their hot methods take positional arguments only.  Both have ``evict_where(incoming,
+pinned, pending, slot_of)``, the cache's own ``evict`` call (:meth:`.residency.ExpertCache.reserve`): the
+native one reads the cache's containers in place, with no callable per candidate.
 
 :func:`make_policy` picks: ``make_policy(name, capacity)`` is always the Python class;
 ``make_policy(name, capacity, n_keys=n)`` (the caller knows the key range: the cache does) is the native
@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import operator
 from collections import OrderedDict
-from typing import Callable, Iterable, Protocol, runtime_checkable
+from typing import Callable, Collection, Iterable, Protocol, runtime_checkable
 
 from fate.runtime.experts import copier
 
@@ -73,6 +73,8 @@ class EvictionPolicy(Protocol):
     def hit(self, key: int) -> None: ...
     def admit(self, key: int) -> None: ...
     def evict(self, incoming: int, evictable: Evictable | None = None) -> int | None: ...
+    def evict_where(self, incoming: int, pinned: Collection[int], pending: list[bool],
+                    slot_of: list[int]) -> int | None: ...
     def discard(self, key: int) -> None: ...
     def __contains__(self, key: object) -> bool: ...
     def __len__(self) -> int: ...
@@ -84,6 +86,12 @@ class _Base:
 
     def __init__(self, capacity: int):
         self.capacity = _check_capacity(capacity)
+
+    def evict_where(self, incoming: int, pinned: Collection[int], pending: list[bool],
+                    slot_of: list[int]) -> int | None:
+        """The cache's own call: evict, sparing the keys in ``pinned`` and those whose slot
+        (``slot_of[key]``) is ``pending`` — their bytes are in flight."""
+        return self.evict(incoming, lambda k: k not in pinned and not pending[slot_of[k]])  # type: ignore[attr-defined]
 
     def _check_admit(self, key: int) -> None:
         if key in self:  # type: ignore[operator]

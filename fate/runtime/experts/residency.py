@@ -95,11 +95,7 @@ class ExpertCache:
         else:
             pending = self.pending[layer]
             if victim is None:
-                evict_where = getattr(policy, "evict_where", None)  # the native policies': the same call
-                if evict_where is not None:
-                    victim = evict_where(expert, pinned, pending, slot_of)
-                else:
-                    victim = policy.evict(expert, lambda k: k not in pinned and not pending[slot_of[k]])
+                victim = policy.evict_where(expert, pinned, pending, slot_of)
                 if victim is None:
                     return -1
             else:
