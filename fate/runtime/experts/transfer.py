@@ -198,20 +198,22 @@ class TransferEngine:
 
     def _settle(self, ticket: int) -> None:
         """The native copy ``ticket`` has landed (a no-op once it has been settled)."""
-        rec = self._open.pop(ticket, None)
+        rec = self._forget(ticket)
         if rec is None:
             return
         layer, slot, gen, nbytes = rec
-        del self._tickets[layer][slot]
         if self.cache.gen[layer][slot] == gen:
             self.cache.landed(layer, slot, gen)
             if self.stats is not None:
                 self.stats.moved(self.cache.precision_at[layer][slot], nbytes)
 
-    def _forget(self, ticket: int) -> None:
-        """A cancelled native copy: it will never land."""
-        layer, slot = self._open.pop(ticket)[:2]
-        del self._tickets[layer][slot]
+    def _forget(self, ticket: int) -> tuple[int, int, int, int] | None:
+        """Stop tracking the native copy ``ticket`` (landed or cancelled): its (layer, slot, gen, nbytes), or
+        None if it was not tracked."""
+        rec = self._open.pop(ticket, None)
+        if rec is not None:
+            del self._tickets[rec[0]][rec[1]]
+        return rec
 
     def _push(self, priority: float, layer: int, slot: int, gen: int) -> None:
         if self._native is not None:
