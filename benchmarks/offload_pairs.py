@@ -9,7 +9,8 @@ a cell is in memory at once (meant for the small trained models of docs/BENCHMAR
 
 A policy may name its predictor: ``paper/router`` is the paper's rule with the paper's predictor (the next
 layer's router), ``fate/router`` fate's rule with it; a plain name takes the default (the bundle's fitted
-maps where it has them).
+maps where it has them).  A ``:evict`` suffix names the cache's eviction policy: ``fate:arc`` is fate with
+ARC caching instead of its default LRFU.
 
 Per policy: decode ms per token, split into the stall (waiting for copies), fate's host work (prediction,
 lookups, queueing: the ``host_seconds`` of the stats) and the rest (the model's compute); the decode hit
@@ -35,10 +36,11 @@ def measure_cell(bundle: str, mem: str, link: str, policies, rounds: int, n: int
                  prompt_ids: list[int]) -> list[dict]:
     """One cell: ``policies`` at ``mem`` over ``link`` and the resident reference, ``rounds`` alternated rounds."""
     models = {"resident": fate.load(bundle, policy="resident", no_mmap=True, threads=threads, verify=False)}
-    for p in policies:  # "policy" or "policy/predictor" (paper/router: the paper's rule with the paper's predictor)
-        name, _, predictor = p.partition("/")
+    for p in policies:  # "policy[/predictor][:evict]" (paper/router: the paper's rule with the paper's predictor)
+        spec, _, evict = p.partition(":")
+        name, _, predictor = spec.partition("/")
         models[p] = fate.load(bundle, policy=name, mem=mem, link=link, threads=threads, verify=False,
-                              **({"predictor": predictor} if predictor else {}))
+                              **({"predictor": predictor} if predictor else {}), **({"evict": evict} if evict else {}))
     try:
         for m in models.values():  # torch's first calls, the caches' first fill
             m.generate(prompt_ids, 8, temperature=0.0, stop_at_eos=False)
@@ -125,7 +127,7 @@ def write_json(path: str | None, rows: list[dict]) -> None:
 def main() -> None:
     ap = cell_parser("python -m benchmarks.offload_pairs", __doc__, "25%,50%", 8)
     ap.add_argument("--policies", default=",".join(POLICIES),
-                    help=f"policies, each NAME or NAME/PREDICTOR (paper/router, fate/router) [{','.join(POLICIES)}]")
+                    help=f"policies, each NAME[/PREDICTOR][:EVICT] (paper/router, fate/router, fate:arc) [{','.join(POLICIES)}]")
     a = ap.parse_args()
     prompt, n_layers = probe(a.bundle, a.threads, a.prompt_tokens)
     policies = [p for p in a.policies.split(",") if p]

@@ -12,7 +12,8 @@ from collections import OrderedDict
 import pytest
 
 from fate.runtime.experts import copier
-from fate.runtime.experts.evict import ARCPolicy, EvictionPolicy, LFUPolicy, LRUPolicy, make_policy, native_policies
+from fate.runtime.experts.evict import (ARCPolicy, EvictionPolicy, LFUPolicy, LRFUPolicy, LRUPolicy, make_policy,
+                                       native_policies)
 
 NATIVE = copier.available()
 needs_native = pytest.mark.skipif(not NATIVE, reason=f"native extension not built: {copier.why}")
@@ -359,9 +360,60 @@ def test_arc_keeps_the_hot_set_through_a_looping_scan_where_lru_thrashes(impl):
     assert arc_all > lru_all + 0.05
 
 
+# --------------------------------------------------------------------------------------------- LRFU
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lrfu_hand_trace(impl):
+    pol = new("lrfu", 2, impl)                   # half-life 8 requests: each request multiplies scores by d
+    d = 0.5 ** (1 / 8)
+    assert pol.half_life == 8.0
+    pol.admit(1)                                 # clock 1: 1 -> 1
+    pol.admit(2)                                 # clock 2: 1 -> d, 2 -> 1
+    assert pol.resident() == [1, 2] and pol.score(1) == d and pol.score(2) == 1.0
+    pol.hit(1)                                   # clock 3: 1 -> d*d + 1, 2 -> d
+    assert pol.score(1) == d ** 2 + 1 and pol.resident() == [2, 1]
+    assert pol.evict(3, lambda k: True) == 2     # the lowest score
+    pol.admit(3)                                 # clock 4: 3 -> 1, 1 -> (d*d + 1) * d
+    assert pol.resident() == [3, 1] and pol.score(2) == 0.0
+    for _ in range(3):
+        pol.hit(3)                               # clock 7: 3 -> 1*d^3 + d^2 + d + 1
+    assert pol.resident() == [1, 3]
+    assert pol.evict(4, lambda k: k != 1) == 3   # 1 is pinned: the next lowest goes
+    pol.admit(4)
+    assert pol.evict(5, lambda k: False) is None and sorted(pol.resident()) == [1, 4]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lrfu_keeps_a_popular_key_through_a_burst_and_lets_an_old_one_go(impl):
+    """Between LRU and LFU: two fresh keys in a row evict LRU's most used key but not LRFU's; a key used
+    often long ago, then no more, keeps LFU's slot for good (three keys taking turns share the other two)
+    but leaves LRFU's once its uses have aged."""
+    def run(name):
+        pol = new(name, 3, impl)
+        for k in (0, 0, 0, 0, 1, 2):  # 0 used four times, then 1 and 2
+            request(pol, k)
+        burst = [request(pol, k) for k in (3, 4)] and (0 in pol)  # two fresh keys: is 0 still there?
+        for _ in range(20):  # 0 is never asked for again; 5, 6 and 7 take turns, one slot short
+            for k in (5, 6, 7):
+                request(pol, k)
+        return burst, 0 in pol
+    assert run("lru") == (False, False)   # recency: the burst evicts the most used key
+    assert run("lfu") == (True, True)     # counts: 0 squats a slot forever
+    assert run("lrfu") == (True, False)   # both: 0 survives the burst, and goes once its uses age
+
+
+def test_fate_caches_by_lrfu_and_the_paper_by_arc():
+    from fate.runtime.options import EngineOptions
+
+    assert EngineOptions(policy="fate").eviction() == "lrfu"
+    assert EngineOptions(policy="paper").eviction() == "arc"
+    assert EngineOptions(policy="lru", evict="lrfu").eviction() == "lru"  # the baseline stays LRU
+    assert EngineOptions(policy="fate", evict="arc").eviction() == "arc"
+
+
 # ------------------------------------------------------------------------------------ all policies
 
-@pytest.mark.parametrize("name", ["arc", "lru", "lfu"])
+@pytest.mark.parametrize("name", ["arc", "lru", "lfu", "lrfu"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_pinned_keys_are_never_evicted(name, impl):
     rng = random.Random(3)
@@ -378,7 +430,7 @@ def test_pinned_keys_are_never_evicted(name, impl):
         assert len(pol) <= 4
 
 
-@pytest.mark.parametrize("name", ["arc", "lru", "lfu"])
+@pytest.mark.parametrize("name", ["arc", "lru", "lfu", "lrfu"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_evict_returns_none_when_all_pinned(name, impl):
     pol = new(name, 2, impl)
@@ -389,7 +441,7 @@ def test_evict_returns_none_when_all_pinned(name, impl):
     assert pol.evict(3, lambda k: k == 2) == 2
 
 
-@pytest.mark.parametrize("name", ["arc", "lru", "lfu"])
+@pytest.mark.parametrize("name", ["arc", "lru", "lfu", "lrfu"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_capacity_zero(name, impl):
     pol = new(name, 0, impl)
@@ -401,7 +453,7 @@ def test_capacity_zero(name, impl):
         pol.admit(1)
 
 
-@pytest.mark.parametrize("name", ["arc", "lru", "lfu"])
+@pytest.mark.parametrize("name", ["arc", "lru", "lfu", "lrfu"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_misuse_is_reported(name, impl):
     pol = new(name, 2, impl)
@@ -424,13 +476,14 @@ def test_make_policy():
     assert isinstance(make_policy(" lfu ", 4), LFUPolicy)
     assert make_policy("arc", 4).capacity == 4
     assert isinstance(make_policy("arc", 1), EvictionPolicy)
-    with pytest.raises(ValueError, match="unknown eviction policy 'fifo'; use one of arc, lru, lfu"):
+    assert isinstance(make_policy("LRFU", 4), LRFUPolicy)
+    with pytest.raises(ValueError, match="unknown eviction policy 'fifo'; use one of arc, lru, lfu, lrfu"):
         make_policy("fifo", 4)
     with pytest.raises(ValueError, match="non-negative"):
         make_policy("lru", -1)
 
 
-@pytest.mark.parametrize("name", ["arc", "lru", "lfu"])
+@pytest.mark.parametrize("name", ["arc", "lru", "lfu", "lrfu"])
 def test_make_policy_picks_the_native_class_given_the_key_range(name):
     classes = native_policies()
     assert (classes is not None) == NATIVE
@@ -472,6 +525,8 @@ def _state(pol, name: str, n_keys: int):
         st += [pol.p.hex(), pol.t1, pol.t2, pol.b1, pol.b2]  # hex: p to the bit
     if name == "lfu":
         st.append([pol.count(k) for k in range(n_keys)])
+    if name == "lrfu":
+        st.append([pol.score(k).hex() for k in range(n_keys)])  # the scores to the bit
     return st
 
 
@@ -491,7 +546,7 @@ class _Asked:
 @needs_native
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("c", [0, 1, 2, 3, 5, 8])
-@pytest.mark.parametrize("name", ["arc", "lru", "lfu"])
+@pytest.mark.parametrize("name", ["arc", "lru", "lfu", "lrfu"])
 def test_native_policies_decide_exactly_as_the_reference(name, c, seed):
     rng = random.Random(f"{name}/{c}/{seed}")
     n_keys = 3 * c + 4
@@ -540,7 +595,7 @@ def test_native_policies_decide_exactly_as_the_reference(name, c, seed):
 
 
 @needs_native
-@pytest.mark.parametrize("name", ["arc", "lru", "lfu"])
+@pytest.mark.parametrize("name", ["arc", "lru", "lfu", "lrfu"])
 def test_native_keys_are_expert_ids(name):
     pol = make_policy(name, 2, n_keys=4, native=True)
     pol.admit(3)
@@ -555,15 +610,15 @@ def test_native_keys_are_expert_ids(name):
         pol.hit(2**70)
     with pytest.raises(TypeError):
         pol.hit(1.5)
-    if name == "lfu":
+    if name in ("lfu", "lrfu"):
         with pytest.raises(ValueError, match="out of range"):
-            pol.count(4)
+            pol.count(4) if name == "lfu" else pol.score(4)
     assert 3 in pol and 3.0 in pol and 3.5 not in pol and "3" not in pol and None not in pol and 2**80 not in pol
     assert pol.resident() == [3] and len(pol) == 1
 
 
 @needs_native
-@pytest.mark.parametrize("name", ["arc", "lru", "lfu"])
+@pytest.mark.parametrize("name", ["arc", "lru", "lfu", "lrfu"])
 def test_native_evict_where_reads_the_cache_in_place(name):
     pol = make_policy(name, 3, n_keys=6, native=True)
     for k in (0, 1, 2):
@@ -580,7 +635,7 @@ def test_native_evict_where_reads_the_cache_in_place(name):
 
 
 @needs_native
-@pytest.mark.parametrize("name", ["arc", "lru", "lfu"])
+@pytest.mark.parametrize("name", ["arc", "lru", "lfu", "lrfu"])
 def test_native_evictable_must_not_change_the_policy(name):
     pol = make_policy(name, 2, n_keys=4, native=True)
     pol.admit(0)
@@ -594,7 +649,7 @@ def test_native_evictable_must_not_change_the_policy(name):
         pol.evict(2, meddles)
 
 
-@pytest.mark.parametrize("policy", ["arc", "lru", "lfu"])
+@pytest.mark.parametrize("policy", ["arc", "lru", "lfu", "lrfu"])
 def test_the_cache_decides_the_same_on_either_policy(policy):
     from fate.runtime.experts.residency import ExpertCache
 

@@ -16,7 +16,7 @@ def test_defaults_are_fate_runs():
     o = EngineOptions()
     assert dataclasses.asdict(o) == {
         "experts": "q4", "device": None, "compute_dtype": None, "context": None, "threads": None, "verify": True,
-        "no_mmap": False, "mem": None, "policy": "fate", "evict": "arc", "cache_alloc": "auto", "predictor": "fitted",
+        "no_mmap": False, "mem": None, "policy": "fate", "evict": "auto", "cache_alloc": "auto", "predictor": "fitted",
         "prefetch_extra": None, "int2_share": 0.3, "link": None, "profile": False,
         "kernels": "int8"}
     assert EngineOptions.fields() == tuple(f.name for f in dataclasses.fields(EngineOptions))

@@ -29,7 +29,7 @@ from fate.tools.bench import (DEFAULT_POLICIES, DEFAULT_LINKS, DEFAULT_MEMS, DEF
               help=f"Synthetic prompt: N tokens of the built-in calibration text [default: {DEFAULT_PROMPT_TOKENS}].")
 @click.option("-n", "--n-predict", "n", default=32, show_default=True, help="Tokens to generate per run.")
 @click.option("-r", "--repetitions", "reps", default=3, show_default=True, help="Repetitions (median reported).")
-@engine_options(only=("experts", "predictor", "prefetch_extra", "int2_share", "threads"))
+@engine_options(only=("experts", "predictor", "evict", "prefetch_extra", "int2_share", "threads"))
 @click.option("--verify", is_flag=True, help="Check every expert blob's crc32 once before measuring.")
 @click.option("--cached-profile", is_flag=True,
               help="Use the cached timing profile (ratio:R links, fate's prefetch width) instead of measuring "
@@ -47,7 +47,7 @@ from fate.tools.bench import (DEFAULT_POLICIES, DEFAULT_LINKS, DEFAULT_MEMS, DEF
               help="Also print per-layer hit rate, recall and stalls of each configuration.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-def main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, reps, experts, predictor,
+def main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, reps, experts, predictor, evict,
          prefetch_extra, int2_share, threads, verify, cached_profile, json_path, csv_path, plot_path, simulate,
          simulate_only, per_layer, no_progress, debug):
     """Benchmark expert offloading policies on a fate BUNDLE, side by side in one process.
@@ -60,12 +60,12 @@ def main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, r
     """
     with user_errors(debug):
         _main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, reps, experts,
-              predictor, prefetch_extra, int2_share, threads, verify, cached_profile, json_path, csv_path,
+              predictor, evict, prefetch_extra, int2_share, threads, verify, cached_profile, json_path, csv_path,
               plot_path, per_layer, no_progress, simulate, simulate_only)
     sys.exit(0)
 
 
-def _main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, reps, experts, predictor,
+def _main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, reps, experts, predictor, evict,
           prefetch_extra, int2_share, threads, verify, cached_profile, json_path, csv_path, plot_path, per_layer,
           no_progress, simulate=False, simulate_only=False):
     if not bundle:
@@ -86,7 +86,7 @@ def _main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, 
     if prompt is not None and prompt_tokens is not None:
         raise UsageError("give -p/-f or --prompt-tokens, not both")
     s = BenchSession(bundle, policies=policies, mems=mems, links=links, prompt=prompt, prompt_tokens=prompt_tokens,
-                     n=n, reps=reps, experts=experts, predictor=predictor, prefetch_extra=prefetch_extra,
+                     n=n, reps=reps, experts=experts, predictor=predictor, evict=evict, prefetch_extra=prefetch_extra,
                      int2_share=int2_share, threads=threads, verify=verify, reprofile=not cached_profile,
                      simulate=simulate or simulate_only, measure=not simulate_only)
     rows = s.run(progress=not no_progress)

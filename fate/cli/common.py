@@ -84,12 +84,14 @@ ENGINE_OPTIONS = {
                         help="Device memory budget for the whole model: 6GiB, 512MiB, or P% (resident weights + KV "
                              "+ P% of all experts). Default: everything resident."),
     "policy": click.option("--policy", type=click.Choice(POLICIES), default="fate", show_default=True,
-                           help="Expert offloading policy: fate (prefetch by expected value + ARC + INT2 prefill), "
+                           help="Expert offloading policy: fate (prefetch by expected value + LRFU caching + INT2 prefill), "
                                 "paper (the Fate paper's rule: top k+m of the next layer within one window), "
                                 "ondemand (load on demand), lru (mixtral-offloading), resident (everything "
                                 "resident)."),
-    "evict": click.option("--evict", type=click.Choice(EVICTIONS), default="arc", show_default=True,
-                          help="Cache eviction policy per layer."),
+    "evict": click.option("--evict", type=click.Choice(EVICTIONS), default="auto", show_default=True,
+                          help="Cache eviction policy per layer: lrfu (uses weighed by their age: decayed "
+                               "frequency), arc, lru or lfu; auto: lrfu for fate, arc for paper (lru caching "
+                               "is always LRU)."),
     "cache_alloc": click.option("--cache-alloc", type=click.Choice(ALLOCS), default="auto", show_default=True,
                                 help="How expert slots are spread over layers (auto: to minimise the expected misses "
                                      "by the bundle's reuse statistics; else by its recall statistics; else "

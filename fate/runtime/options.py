@@ -10,7 +10,7 @@ from fate.errors import RequestError, UsageError
 from fate.quant.expert import KERNELS
 
 POLICIES = ("fate", "paper", "ondemand", "lru", "resident")
-EVICTIONS = ("arc", "lru", "lfu")
+EVICTIONS = ("auto", "lrfu", "arc", "lru", "lfu")  # auto: lrfu for fate, arc for paper (eviction_for)
 PREDICTORS = ("fitted", "router")  # the bundle's fitted maps (fate.calib.predict), or the paper's next router
 ALLOCS = ("auto", "reuse", "recall", "shallow4", "even")
 COMPUTE_DTYPES = ("fp32", "fp16", "bf16")
@@ -30,7 +30,7 @@ class EngineOptions:
       ``fp32`` float32 activations, the reference; ``torch`` torch operations only, bit for bit the plain
       dequantize-then-matmul);
     * offloading: ``mem`` (budget: bytes, a size like ``6GiB`` or ``P%``; None: everything resident),
-      ``policy``, ``evict``, ``cache_alloc``, ``predictor`` (:data:`PREDICTORS`), ``prefetch_extra`` (None: from the
+      ``policy``, ``evict`` (:data:`EVICTIONS`; ``auto``: :meth:`eviction`), ``cache_alloc``, ``predictor`` (:data:`PREDICTORS`), ``prefetch_extra`` (None: from the
       timing profile),
       ``int2_share``, ``link`` (emulated link; None: none), ``profile`` (re-measure the timing profile).
     """
@@ -45,7 +45,7 @@ class EngineOptions:
     kernels: str = "int8"
     mem: str | int | None = None
     policy: str = "fate"
-    evict: str = "arc"
+    evict: str = "auto"
     cache_alloc: str = "auto"
     predictor: str = "fitted"
     prefetch_extra: int | None = None
@@ -94,6 +94,16 @@ class EngineOptions:
         if self.prefetch_extra is not None and self.prefetch_extra < 0:
             raise RequestError("--prefetch-extra must be ≥ 0")
         return self
+
+    def eviction(self) -> str:
+        """The eviction policy of each layer's cache: ``lru`` caching is LRU whatever ``evict`` says (the
+        mixtral-offloading baseline); ``auto`` is LRFU for fate (decayed frequency: ahead of ARC on every
+        replayed cell, docs/BENCHMARKS.md) and ARC for the paper's policy and load-on-demand."""
+        if self.policy == "lru":
+            return "lru"
+        if self.evict != "auto":
+            return self.evict
+        return "lrfu" if self.policy == "fate" else "arc"
 
     @property
     def offloads(self) -> bool:

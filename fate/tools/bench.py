@@ -172,7 +172,7 @@ def _one_run(bundle, policy, mem, link, prompt_ids, n, opts) -> dict:
     kw = dict(experts=opts["experts"], policy=policy, verify=False, threads=opts["threads"])
     if policy != "resident":
         kw.update(mem=mem, link=link, predictor=opts["predictor"], prefetch_extra=opts["prefetch_extra"],
-                  int2_share=opts["int2_share"])
+                  int2_share=opts["int2_share"], evict=opts["evict"])
     m = fate.load(bundle, **kw)
     try:
         out = m.generate(list(prompt_ids), n, temperature=0.0, stop_at_eos=False)
@@ -228,7 +228,7 @@ class BenchSession:
                  prompt_tokens: int | None = None, n: int = 32, reps: int = 3, experts: str = "q4",
                  prefetch_extra: int | None = None, int2_share: float = 0.3, threads: int | None = None,
                  verify: bool = False, warmup: bool = True, reprofile: bool = True, simulate: bool = False,
-                 measure: bool = True, predictor: str = "fitted"):
+                 measure: bool = True, predictor: str = "fitted", evict: str = "auto"):
         self.policies = parse_policies(policies)
         offloaded = [p for p in self.policies if p != "resident"]
         self.mems = parse_mems(mems) if offloaded else []
@@ -250,8 +250,8 @@ class BenchSession:
         # every model of the session, the reference and each run, computes with the same -t (a model applies
         # its own thread split: fate's kernels get the threads where they compute, torch otherwise)
         self.threads = threads if threads is not None else default_threads()
-        EngineOptions(predictor=predictor).validate()
-        self.opts = {"experts": experts, "predictor": predictor, "prefetch_extra": prefetch_extra,
+        EngineOptions(predictor=predictor, evict=evict).validate()
+        self.opts = {"experts": experts, "predictor": predictor, "prefetch_extra": prefetch_extra, "evict": evict,
                      "int2_share": int2_share,
                      "threads": self.threads}
 
@@ -355,7 +355,7 @@ class BenchSession:
             link = parse_link(ln)
             if link.kind == "ratio":
                 link = resolve_ratio(link, prof.layer_decode_seconds, slot_bytes)
-            opts = EngineOptions(experts=ref.precision, policy=policy, mem=mem, link=ln)
+            opts = EngineOptions(experts=ref.precision, policy=policy, mem=mem, link=ln, evict=self.opts["evict"])
             copies = OFF.copies_per_layer(parse_link(ln), lambda: prof, slot_bytes)
             plan = OFF.plan(cfg, store, ref.bundle, opts, ref.precision, ref.weights.nbytes, ref.kv.nbytes,
                             ref.dtype, ref.context, copies)
@@ -369,7 +369,7 @@ class BenchSession:
                 extra, max_new = self.opts["prefetch_extra"], None
             elif policy == "fate":
                 extra = max(extra, cfg.top_k)
-            kw = dict(chances=chances, routers=routers, evict="lru" if policy == "lru" else "arc", extra=extra,
+            kw = dict(chances=chances, routers=routers, evict=opts.eviction(), extra=extra,
                       max_new=max_new, decode_precision=ref.precision, warmup=len(ids))
             r = S.simulate_policy(trace, timing, cfg, plan.slots_per_layer, policy, **kw)
             perfect = S.simulate_policy(trace, timing, cfg, plan.slots_per_layer, "perfect", **kw)
@@ -439,7 +439,7 @@ class BenchSession:
                 "n": self.n, "reps": self.reps, "threads": self.threads, "policies": self.policies,
                 "mems": self.mems, "links": self.links, "plans": self.plans, "profile": self.profile,
                 "predictor": self.opts["predictor"], "prefetch_extra": self.opts["prefetch_extra"],
-                "int2_share": self.opts["int2_share"],
+                "int2_share": self.opts["int2_share"], "evict": self.opts["evict"],
                 "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
                 "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
@@ -450,7 +450,7 @@ def run_bench(bundle, policies: Sequence[str] | str = DEFAULT_POLICIES, mems: Se
               prefetch_extra: int | None = None, int2_share: float = 0.3, threads: int | None = None,
               verify: bool = False, warmup: bool = True, reprofile: bool = True,
               progress: bool = False, simulate: bool = False, measure: bool = True,
-              predictor: str = "fitted") -> list[dict]:
+              predictor: str = "fitted", evict: str = "auto") -> list[dict]:
     """Benchmark ``policies`` x ``mems`` x ``links`` on ``bundle``; one dict per configuration (keys:
     see the module docstring).  Without ``prompt_ids``, ``prompt_tokens`` (default 128) tokens of the
     calibration text are the prompt.  ``simulate`` adds each configuration's trace replay (``simulated``);
@@ -458,7 +458,7 @@ def run_bench(bundle, policies: Sequence[str] | str = DEFAULT_POLICIES, mems: Se
     s = BenchSession(bundle, policies=policies, mems=mems, links=links, prompt_ids=prompt_ids,
                      prompt_tokens=prompt_tokens, n=n, reps=reps, experts=experts, prefetch_extra=prefetch_extra,
                      int2_share=int2_share, threads=threads, verify=verify, warmup=warmup, reprofile=reprofile,
-                     simulate=simulate or not measure, measure=measure, predictor=predictor)
+                     simulate=simulate or not measure, measure=measure, predictor=predictor, evict=evict)
     return s.run(progress=progress)
 
 

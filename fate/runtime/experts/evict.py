@@ -1,4 +1,4 @@
-"""Eviction policies for one layer's expert cache: LRU, LFU and ARC behind one interface.
+"""Eviction policies for one layer's expert cache: LRU, LFU, LRFU and ARC behind one interface.
 
 A policy only tracks *which* expert ids are resident in a layer's ``capacity`` slots and which one to
 give up next; it owns no memory and does no copying (``fate.runtime.experts.residency`` maps keys to slots).
@@ -19,10 +19,15 @@ still in flight.  Policies skip pinned keys and take the next candidate in their
 ARC (Megiddo & Modha, "ARC: A Self-Tuning, Low Overhead Replacement Cache", FAST 2003) splits the
 paper's single "request x" step over ``evict`` and ``admit``; see :class:`ARCPolicy` for how.
 
+LRFU (Lee et al., 2001) weighs each use of a key by its age: see :class:`LRFUPolicy`.  It is fate's
+default (:func:`fate.runtime.experts.offloading.eviction_for`): on the trace replay it beats ARC in every
+cell measured (docs/BENCHMARKS.md).
+
 The classes here are the reference.  The runtime uses their native twins (:mod:`.native_evict`,
-``NativeLRUPolicy``, ``NativeLFUPolicy``, ``NativeARCPolicy``, built into the copier's extension), which
-make the same decisions without the OrderedDict work of the decode hot path: the same victims, the same
-``resident()`` order and, for ARC, the same ``p`` to the bit and the same lists (a test drives both on
+``NativeLRUPolicy``, ``NativeLFUPolicy``, ``NativeLRFUPolicy``, ``NativeARCPolicy``, built into the copier's
+extension), which make the same decisions without the OrderedDict work of the decode hot path: the same
+victims, the same ``resident()`` order and, for ARC, the same ``p`` to the bit and the same lists, for LRFU
+the same scores to the bit (a test drives both on
 long random sequences and compares them after every step).  They differ only where these accept more:
 their keys are expert ids ``0 <= key < n_keys`` (another int is a ValueError, a non-integer a TypeError;
 ``key in policy`` is False for them), an ``evictable`` that changes the policy it is asked for gets a
@@ -67,7 +72,7 @@ def _first_evictable(keys: Iterable[int], evictable: Evictable) -> int | None:
 
 @runtime_checkable
 class EvictionPolicy(Protocol):
-    name: str  # "arc" | "lru" | "lfu"
+    name: str  # "arc" | "lru" | "lfu" | "lrfu"
     capacity: int
 
     def hit(self, key: int) -> None: ...
@@ -195,6 +200,74 @@ class LFUPolicy(_Base):
     def resident(self) -> list[int]:
         # sorted() is stable, so equal counts stay in recency order (least recent first).
         return sorted(self._count, key=self._count.__getitem__)
+
+
+# LRFU's half-life, in requests to the layer (hits and admissions) per slot of its cache: a use counts half
+# after four cache-fulls of requests.  Chosen on the trace replay of docs/BENCHMARKS.md ("Eviction by
+# decayed frequency"): 2, 4, 8 and 16 slots' worth all beat ARC there, 4 by the most on average.
+LRFU_HALF_LIFE_PER_SLOT = 4
+
+
+class LRFUPolicy(_Base):
+    """Least recently/frequently used (LRFU: Lee et al., IEEE Trans. Computers 2001): a resident key's score
+    is the sum of its uses (its admission counts as one), each weighed ``2 ** (-age / half_life)``, the age
+    counted in requests to this policy (hits and admissions); the victim is the lowest score, ties by least
+    recent use.  ``half_life`` is :data:`LRFU_HALF_LIFE_PER_SLOT` requests per slot.  A long ``half_life``
+    is in-cache LFU, a short one LRU; in between, an expert that was popular a while ago keeps its slot
+    through a few unlucky tokens (which LRU's recency would not give it), and gives it up once its uses stop
+    (which LFU's count would not let it do).
+
+    Each key keeps its score as of its last use and the request clock then; the score now is that times
+    ``decay ** (clock - last)`` (the same operations, in the same order, as the native twin: the same bits)."""
+
+    name = "lrfu"
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self.half_life = float(max(1, LRFU_HALF_LIFE_PER_SLOT * self.capacity))
+        self._decay = 0.5 ** (1.0 / self.half_life)
+        self._clock = 0
+        self._score: dict[int, float] = {}  # as of the key's last use
+        self._last: dict[int, int] = {}  # the clock at that use
+
+    def score(self, key: int) -> float:
+        """A resident key's score now; 0.0 if it is not resident."""
+        if key not in self._score:
+            return 0.0
+        return self._score[key] * self._decay ** (self._clock - self._last[key])
+
+    def hit(self, key: int) -> None:
+        if key not in self._score:
+            raise self._missing(key)
+        self._clock += 1
+        self._score[key] = self.score(key) + 1.0
+        self._last[key] = self._clock
+
+    def admit(self, key: int) -> None:
+        self._check_admit(key)
+        self._clock += 1
+        self._score[key] = 1.0
+        self._last[key] = self._clock
+
+    def evict(self, incoming: int, evictable: Evictable | None = None) -> int | None:
+        self._check_incoming(incoming)
+        victim = _first_evictable(self.resident(), evictable or _always)
+        if victim is not None:
+            self.discard(victim)
+        return victim
+
+    def discard(self, key: int) -> None:
+        self._score.pop(key, None)
+        self._last.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._score
+
+    def __len__(self) -> int:
+        return len(self._score)
+
+    def resident(self) -> list[int]:
+        return sorted(self._score, key=lambda k: (self.score(k), self._last[k]))
 
 
 class ARCPolicy(_Base):
@@ -339,7 +412,7 @@ class ARCPolicy(_Base):
         return list(self._t2) + list(self._t1)
 
 
-POLICIES: dict[str, type] = {"arc": ARCPolicy, "lru": LRUPolicy, "lfu": LFUPolicy}
+POLICIES: dict[str, type] = {"arc": ARCPolicy, "lru": LRUPolicy, "lfu": LFUPolicy, "lrfu": LRFUPolicy}
 
 
 def native_policies() -> dict[str, type] | None:
@@ -348,12 +421,13 @@ def native_policies() -> dict[str, type] | None:
     mod = copier.eviction_policies()
     if mod is None:
         return None
-    return {"arc": mod.NativeARCPolicy, "lru": mod.NativeLRUPolicy, "lfu": mod.NativeLFUPolicy}
+    return {"arc": mod.NativeARCPolicy, "lru": mod.NativeLRUPolicy, "lfu": mod.NativeLFUPolicy,
+            "lrfu": mod.NativeLRFUPolicy}
 
 
 def make_policy(name: str, capacity: int, n_keys: int | None = None, *,
                 native: bool | None = None) -> EvictionPolicy:
-    """``"arc"`` | ``"lru"`` | ``"lfu"`` (case-insensitive) for one layer of ``capacity`` slots.
+    """``"arc"`` | ``"lru"`` | ``"lfu"`` | ``"lrfu"`` (case-insensitive) for one layer of ``capacity`` slots.
 
     ``n_keys``: the keys are ``0 <= key < n_keys`` (the layer's number of experts); with it the policy is
     the native class where the extension is built, else the Python reference.  ``native``: None (that

@@ -1,10 +1,11 @@
 """The eviction policies of :mod:`.evict` in C++, compiled into the copier's extension (:mod:`.copier` builds
 it; its ``eviction_policies()`` hands the module out, or None where it is not built).
 
-``NativeLRUPolicy``, ``NativeLFUPolicy`` and ``NativeARCPolicy`` make the same decisions as the Python
-classes of :mod:`.evict` (which stay the reference, and serve where the extension is not built): the same
-victims, the same ``resident()`` order, for ARC the same ``p`` to the bit (doubles, the same formulas in the
-same order) and the same lists; the same errors with the same messages.  A test drives the two side by side
+``NativeLRUPolicy``, ``NativeLFUPolicy``, ``NativeLRFUPolicy`` and ``NativeARCPolicy`` make the same decisions as
+the Python classes of :mod:`.evict` (which stay the reference, and serve where the extension is not built):
+the same victims, the same ``resident()`` order, for ARC the same ``p`` and for LRFU the same scores to the
+bit (doubles, the same formulas in the same order) and the same lists; the same errors with the same
+messages.  A test drives the two side by side
 on long random request sequences and compares them after every step.
 
 Where the Python classes keep OrderedDicts, these keep intrusive doubly-linked lists over arrays indexed by
@@ -19,8 +20,8 @@ Where they differ from the reference (documented in :mod:`.evict` as well):
   integer a TypeError (the reference takes any hashable: a KeyError from ``hit``, 0 from ``count``...);
   ``key in policy`` is False for it, and for anything no integer equals;
 * an ``evictable`` callable that changes the policy it is asked for (a hit, an admit, a discard...) gets a
-  RuntimeError, where the reference's OrderedDict iteration raises one for LRU and ARC and LFU's snapshot
-  does not;
+  RuntimeError, where the reference's OrderedDict iteration raises one for LRU and ARC and the snapshots of
+  LFU and LRFU do not;
 * ``hit``, ``admit``, ``discard``, ``evict_where`` and ``resident`` take positional arguments only: they
   are plain CPython methods set on the pybind11 classes, as pybind11's dispatch (150-300 ns a call on the
   2-core VM) cost several times the policies' own work; they cost some 50 ns.
@@ -35,7 +36,7 @@ The classes themselves (namespace ``fate_evict``) are plain C++ for other code i
 in the policy's preference order; the victim, or -1 and no change), ``for_each_resident(f)`` in eviction
 order; misuse throws ``std::invalid_argument`` (ValueError), a hit of a key that is not resident
 ``fate_evict::NotResident`` (KeyError at the binding).  From a Python policy object:
-``pybind11::handle(obj).cast<fate_evict::ARC&>()`` (or ``LRU``, ``LFU``).
+``pybind11::handle(obj).cast<fate_evict::ARC&>()`` (or ``LRU``, ``LFU``, ``LRFU``).
 """
 
 SOURCE = r"""
@@ -44,6 +45,7 @@ SOURCE = r"""
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace fate_evict {
@@ -294,6 +296,94 @@ class LFU : public Base {
   std::vector<int64_t> count_;  // by bucket
   std::vector<int32_t> free_;   // unused bucket ids
   int64_t size_ = 0;
+};
+
+// LRFU: each resident key's score as of its last use (s_) and the request clock then (last_); its score now
+// is s_ * pow(decay, clock - last), the reference's operations in its order, so the same bits (no fused
+// multiply-add: ISO C++ does not contract across this extension's baseline x86-64).  The resident keys sit
+// unordered in res_ (pos_: a key's index there, -1 not resident); the eviction order is made when asked
+// for, by score, ties by last use (unique: every hit and admission ticks the clock).  O(1) but evictions
+// and listings, O(n log n) in the resident keys.
+class LRFU : public Base {
+ public:
+  static constexpr const char* NAME = "lrfu";
+  static constexpr int64_t HALF_LIFE_PER_SLOT = 4;  // the reference's LRFU_HALF_LIFE_PER_SLOT
+  LRFU(int64_t capacity, int64_t n_keys)
+      : Base(NAME, capacity, n_keys), half_life_((double)std::max<int64_t>(1, HALF_LIFE_PER_SLOT * capacity)),
+        decay_(std::pow(0.5, 1.0 / half_life_)), s_(n_keys, 0.0), last_(n_keys, 0), pos_(n_keys, -1) {}
+  double half_life() const { return half_life_; }
+  int64_t size() const { return (int64_t)res_.size(); }
+  bool contains(int64_t k) const { return in_range(k) && pos_[k] >= 0; }
+  // a resident key's score now; 0.0 if it is not resident
+  double score(int64_t k) const {
+    check_key(k);
+    return pos_[k] < 0 ? 0.0 : now(k);
+  }
+  void hit(int64_t k) {
+    check_key(k);
+    if (pos_[k] < 0) throw missing(k);
+    ++version_;
+    ++clock_;
+    s_[k] = now(k) + 1.0;
+    last_[k] = clock_;
+  }
+  void admit(int64_t k) {
+    check_admit(k, contains(k), size());
+    ++version_;
+    ++clock_;
+    s_[k] = 1.0;
+    last_[k] = clock_;
+    pos_[k] = (int32_t)res_.size();
+    res_.push_back((int32_t)k);
+  }
+  template <class Pred> int64_t evict_if(int64_t incoming, Pred&& ok) {
+    check_incoming(incoming, contains(incoming));
+    const uint64_t v = version_;
+    for (int32_t k : ordered()) {
+      bool yes = ok((int64_t)k);
+      check_unchanged(v);
+      if (yes) {
+        remove(k);
+        return k;
+      }
+    }
+    return -1;
+  }
+  int64_t evict(int64_t incoming) { return evict_if(incoming, [](int64_t) { return true; }); }
+  void discard(int64_t k) {
+    check_key(k);
+    if (pos_[k] >= 0) remove((int32_t)k);
+  }
+  template <class F> void for_each_resident(F&& f) const {
+    for (int32_t k : ordered()) f(k);
+  }
+
+ private:
+  double now(int64_t k) const { return s_[k] * std::pow(decay_, (double)(clock_ - last_[k])); }
+  std::vector<int32_t> ordered() const {
+    // (score, last use): the reference's sort key; the last use is unique, so the key never decides
+    std::vector<std::tuple<double, int64_t, int32_t>> by;
+    by.reserve(res_.size());
+    for (int32_t k : res_) by.emplace_back(now(k), last_[k], k);
+    std::sort(by.begin(), by.end());
+    std::vector<int32_t> keys;
+    keys.reserve(by.size());
+    for (const auto& b : by) keys.push_back(std::get<2>(b));
+    return keys;
+  }
+  void remove(int32_t k) {
+    ++version_;
+    const int32_t i = pos_[k], back = res_.back();
+    res_[i] = back;
+    pos_[back] = i;
+    res_.pop_back();
+    pos_[k] = -1;
+  }
+  double half_life_, decay_;
+  std::vector<double> s_;
+  std::vector<int64_t> last_;
+  std::vector<int32_t> pos_, res_;
+  int64_t clock_ = 0;
 };
 
 // Adaptive Replacement Cache: the lists T1, T2, B1, B2 (least recent first), the target size p of T1 and
@@ -603,6 +693,9 @@ static void bind_evict(pybind11::module& m) {
   using namespace fate_evict;
   bind_policy<LRU>(m, "NativeLRUPolicy");
   bind_policy<LFU>(m, "NativeLFUPolicy").def("count", &LFU::count, py::arg("key"));
+  bind_policy<LRFU>(m, "NativeLRFUPolicy")
+      .def("score", &LRFU::score, py::arg("key"))
+      .def_property_readonly("half_life", &LRFU::half_life);
   bind_policy<ARC>(m, "NativeARCPolicy")
       .def_property_readonly("p", &ARC::p)
       .def_property_readonly("t1", [](const ARC& a) { return arc_list(a, ARC::T1); })

@@ -104,8 +104,7 @@ def build(cfg, bundle, store, weights, opts, plan_: BudgetPlan, precision: str, 
     if low is not None and store.blob_bytes("q2") > slot_bytes:
         low = None
     stats = ExpertStats(cfg.n_layers)
-    evict = "lru" if policy == "lru" else opts.evict
-    cache = ExpertCache(plan_.slots_per_layer, cfg.n_experts, policy=evict, on_evict=stats.evicted)
+    cache = ExpertCache(plan_.slots_per_layer, cfg.n_experts, policy=opts.eviction(), on_evict=stats.evicted)
     copy_s = dict(timing.expert_copy_seconds) if timing is not None else None
     transfer = TransferEngine(store, cache, slot_bytes, device, throttle, stats, copy_seconds=copy_s,
                               compute_threads=threads)
