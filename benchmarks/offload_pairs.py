@@ -39,8 +39,8 @@ def measure_cell(bundle: str, mem: str, link: str, policies, rounds: int, n: int
     for p in policies:  # "policy[/predictor][:evict]" (paper/router: the paper's rule with the paper's predictor)
         spec, _, evict = p.partition(":")
         name, _, predictor = spec.partition("/")
-        models[p] = fate.load(bundle, policy=name, mem=mem, link=link, threads=threads, verify=False,
-                              **({"predictor": predictor} if predictor else {}), **({"evict": evict} if evict else {}))
+        extra = {k: v for k, v in (("predictor", predictor), ("evict", evict)) if v}
+        models[p] = fate.load(bundle, policy=name, mem=mem, link=link, threads=threads, verify=False, **extra)
     try:
         for m in models.values():  # torch's first calls, the caches' first fill
             m.generate(prompt_ids, 8, temperature=0.0, stop_at_eos=False)
@@ -127,7 +127,8 @@ def write_json(path: str | None, rows: list[dict]) -> None:
 def main() -> None:
     ap = cell_parser("python -m benchmarks.offload_pairs", __doc__, "25%,50%", 8)
     ap.add_argument("--policies", default=",".join(POLICIES),
-                    help=f"policies, each NAME[/PREDICTOR][:EVICT] (paper/router, fate/router, fate:arc) [{','.join(POLICIES)}]")
+                    help="policies, each NAME[/PREDICTOR][:EVICT] (paper/router, fate/router, fate:arc) "
+                         f"[{','.join(POLICIES)}]")
     a = ap.parse_args()
     prompt, n_layers = probe(a.bundle, a.threads, a.prompt_tokens)
     policies = [p for p in a.policies.split(",") if p]

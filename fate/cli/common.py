@@ -84,8 +84,8 @@ ENGINE_OPTIONS = {
                         help="Device memory budget for the whole model: 6GiB, 512MiB, or P% (resident weights + KV "
                              "+ P% of all experts). Default: everything resident."),
     "policy": click.option("--policy", type=click.Choice(POLICIES), default="fate", show_default=True,
-                           help="Expert offloading policy: fate (prefetch by expected value + LRFU caching + INT2 prefill), "
-                                "paper (the Fate paper's rule: top k+m of the next layer within one window), "
+                           help="Expert offloading policy: fate (prefetch by expected value + LRFU caching + INT2 "
+                                "prefill), paper (the Fate paper's rule: top k+m of the next layer within one window), "
                                 "ondemand (load on demand), lru (mixtral-offloading), resident (everything "
                                 "resident)."),
     "evict": click.option("--evict", type=click.Choice(EVICTIONS), default="auto", show_default=True,

@@ -30,8 +30,8 @@ class EngineOptions:
       ``fp32`` float32 activations, the reference; ``torch`` torch operations only, bit for bit the plain
       dequantize-then-matmul);
     * offloading: ``mem`` (budget: bytes, a size like ``6GiB`` or ``P%``; None: everything resident),
-      ``policy``, ``evict`` (:data:`EVICTIONS`; ``auto``: :meth:`eviction`), ``cache_alloc``, ``predictor`` (:data:`PREDICTORS`), ``prefetch_extra`` (None: from the
-      timing profile),
+      ``policy``, ``evict`` (:data:`EVICTIONS`; ``auto``: :meth:`eviction`), ``cache_alloc``, ``predictor``
+      (:data:`PREDICTORS`), ``prefetch_extra`` (None: from the timing profile),
       ``int2_share``, ``link`` (emulated link; None: none), ``profile`` (re-measure the timing profile).
     """
 

@@ -20,8 +20,8 @@ ARC (Megiddo & Modha, "ARC: A Self-Tuning, Low Overhead Replacement Cache", FAST
 paper's single "request x" step over ``evict`` and ``admit``; see :class:`ARCPolicy` for how.
 
 LRFU (Lee et al., 2001) weighs each use of a key by its age: see :class:`LRFUPolicy`.  It is fate's
-default (:func:`fate.runtime.experts.offloading.eviction_for`): on the trace replay it beats ARC in every
-cell measured (docs/BENCHMARKS.md).
+default (:meth:`fate.runtime.options.EngineOptions.eviction`): on the trace replay it is ahead of ARC in
+every cell of a 256-token continuation (docs/BENCHMARKS.md, "eviction by decayed frequency").
 
 The classes here are the reference.  The runtime uses their native twins (:mod:`.native_evict`,
 ``NativeLRUPolicy``, ``NativeLFUPolicy``, ``NativeLRFUPolicy``, ``NativeARCPolicy``, built into the copier's
@@ -203,8 +203,9 @@ class LFUPolicy(_Base):
 
 
 # LRFU's half-life, in requests to the layer (hits and admissions) per slot of its cache: a use counts half
-# after four cache-fulls of requests.  Chosen on the trace replay of docs/BENCHMARKS.md ("Eviction by
-# decayed frequency"): 2, 4, 8 and 16 slots' worth all beat ARC there, 4 by the most on average.
+# after four cache-fulls of requests.  Chosen on the trace replay of docs/BENCHMARKS.md ("eviction by
+# decayed frequency"): within 0.5 % of the best half-life on each of three traces and never below ARC
+# (2 and 16 slots' worth each fell below it in a cell).
 LRFU_HALF_LIFE_PER_SLOT = 4
 
 

@@ -299,8 +299,8 @@ class LFU : public Base {
 };
 
 // LRFU: each resident key's score as of its last use (s_) and the request clock then (last_); its score now
-// is s_ * pow(decay, clock - last), the reference's operations in its order, so the same bits (no fused
-// multiply-add: ISO C++ does not contract across this extension's baseline x86-64).  The resident keys sit
+// is s_ * pow(decay, clock - last), the reference's operations in its order, so the same bits (built with
+// -std=c++20, where GCC fuses no multiply-add: each operation rounds as Python's does).  The resident keys sit
 // unordered in res_ (pos_: a key's index there, -1 not resident); the eviction order is made when asked
 // for, by score, ties by last use (unique: every hit and admission ticks the clock).  O(1) but evictions
 // and listings, O(n log n) in the resident keys.
