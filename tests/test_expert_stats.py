@@ -44,7 +44,7 @@ def test_the_doc_and_the_code_name_the_same_fields():
     block = re.search(r"```json\n(.*?)```", experts, re.S).group(1)
     assert _json_keys(block)[:1] == ["experts"]
     assert set(_json_keys(block)[1:]) - {"kind", "bytes_per_s", "ratio", "label", "emulated", "q4", "q2", "layer"} \
-        == {"policy", "link", "bytes_by_precision", "total", "prefill", "decode", "layers"}
+        == {"policy", "evict", "link", "bytes_by_precision", "total", "prefill", "decode", "layers"}
     assert _table_names(experts) == list(EXPERT_FIELDS) == list(summarize({}, 0.0))
 
 
@@ -166,7 +166,7 @@ def offloaded_stats(converted):
 def test_an_offloaded_generation_adds_up(offloaded_stats):
     d, n_moe, top_k, layers = offloaded_stats
     ex = d["experts"]
-    assert list(ex) == ["policy", "link", "total", "prefill", "decode", "layers", "bytes_by_precision"]
+    assert list(ex) == ["policy", "evict", "link", "total", "prefill", "decode", "layers", "bytes_by_precision"]
     assert ex["policy"] == "fate" and len(ex["layers"]) == layers
     for k in ALL:
         total = ex["total"][k]

@@ -43,9 +43,12 @@ def test_offloading_never_changes_greedy_tokens(converted, arch, device):
         e = stats.experts["total"]
         assert e["needed"] > 0 and e["hits"] + e["misses"] + e["late_prefetches"] == e["needed"]
         assert stats.budget["slots_per_layer"] and not stats.budget["fully_resident"]
-    for policy in ("ondemand", "lru", "paper"):
-        got, _ = _tokens(path, mem="25%", policy=policy, device=device, int2_share=0.0)
-        assert got == want, (arch, policy)
+        assert stats.experts["evict"] == "lrfu"  # fate's caching
+    for policy, evict, caching in (("ondemand", "auto", "arc"), ("lru", "lfu", "lru"), ("paper", "auto", "arc"),
+                                   ("fate", "arc", "arc")):
+        got, stats = _tokens(path, mem="25%", policy=policy, evict=evict, device=device, int2_share=0.0)
+        assert got == want, (arch, policy, evict)
+        assert stats.experts["evict"] == caching  # what --evict resolved to (lru caching is always LRU)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -168,7 +171,7 @@ def test_cli_budget_errors_and_stats_json(converted, tmp_path):
     assert res.exit_code == 0, res.output
     d = json.loads(out.read_text())
     ex = d["experts"]
-    assert set(ex) == {"policy", "link", "total", "prefill", "decode", "layers", "bytes_by_precision"}
+    assert set(ex) == {"policy", "evict", "link", "total", "prefill", "decode", "layers", "bytes_by_precision"}
     for part in [ex["total"], ex["prefill"], ex["decode"]] + ex["layers"]:
         for k in ("needed", "hits", "late_prefetches", "misses", "evictions", "predicted_needed", "named",
                   "named_needed", "stall_seconds", "hit_rate", "prefetch_recall", "prefetch_precision"):

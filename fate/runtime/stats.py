@@ -5,7 +5,7 @@ fate-serve /metrics share (docs/STATS.md is the table; change both together).
      "decode":  {"tokens", "seconds", "tokens_per_s"},
      "generated_tokens", "stop_reason", "load_seconds", "peak_rss_bytes",
      "prompt_token_ids", "generated_token_ids",
-     "experts": null | {"policy", "link", "bytes_by_precision",
+     "experts": null | {"policy", "evict", "link", "bytes_by_precision",
                         "total": C, "prefill": C, "decode": C, "layers": [C + {"layer"}]},
      "budget": null | the memory plan (fate.runtime.experts.budget.BudgetPlan.to_dict)}
 
@@ -103,6 +103,7 @@ def experts_line(e: dict) -> str:
     moved = ", ".join(f"{p} {format_size(n)}" for p, n in e["bytes_by_precision"].items()) or "nothing"
     link = e["link"]
     tag = f" [link {link['label']}]" if link.get("kind") != "none" else ""
-    return (f"experts ({e['policy']}) = hit rate {pct(t['hit_rate'])}, prefetch recall {pct(t['prefetch_recall'])}, "
+    name = f"{e['policy']}, {e['evict']} caching" if e.get("evict") else e["policy"]
+    return (f"experts ({name}) = hit rate {pct(t['hit_rate'])}, prefetch recall {pct(t['prefetch_recall'])}, "
             f"misses {t['misses']}, evictions {t['evictions']}, stall {1000 * t['stall_seconds']:.1f} ms, "
             f"moved {moved}{tag}")

@@ -210,7 +210,7 @@ def _config_row(policy, mem, link, all_runs: list[dict]) -> dict:
         row[ph] = {**p, "tokens_per_s_min": min(rates), "tokens_per_s_max": max(rates), "x_ondemand": None,
                    "x_resident": None}
     if all(r["experts"] is not None for r in runs):
-        ex = median_tree([{k: v for k, v in r["experts"].items() if k not in ("policy", "link")} for r in runs])
+        ex = median_tree([{k: v for k, v in r["experts"].items() if k not in ("policy", "evict", "link")} for r in runs])
         order = sorted(ex["bytes_by_precision"], key=lambda q: PRECISION_ORDER.index(q) if q in PRECISION_ORDER else 99)
         ex["bytes_by_precision"] = {q: ex["bytes_by_precision"][q] for q in order}
         ex["mb_by_precision"] = {q: v / 1e6 for q, v in ex["bytes_by_precision"].items()}

@@ -81,7 +81,7 @@ class Offloading:
 
     def report(self, policy: str) -> dict:
         """The ``experts`` block of the stats schema for what ran since the last ``stats.reset()``."""
-        return {"policy": policy, "link": self.link.to_dict(), **self.stats.to_dict()}
+        return {"policy": policy, "evict": self.cache.policy_name, "link": self.link.to_dict(), **self.stats.to_dict()}
 
     def close(self) -> None:
         self.transfer.close()
