@@ -325,6 +325,25 @@ def test_simulate_replays_every_configuration(converted, tmp_path):
     assert r.exit_code == 0, r.output
     out = json.loads(js2.read_text())
     assert out["meta"]["predictor"] == "router" and out["rows"][0]["simulated"]["decode"]["tokens_per_s"] > 0
+    assert "--predictor router" in r.stdout  # the header says what differs from the defaults
+
+
+def test_evict_reaches_every_run(converted, tmp_path):
+    """--evict: each measured run caches with it (its stats say so), the replay is told, the header says it."""
+    path = converted[ARCH][1]
+    js = tmp_path / "arc.json"
+    r = _invoke([path, "--policies", "fate,lru", "--mem", "50%", "--link", "ratio:1", *FAST, "--evict", "arc",
+                 "--simulate", "--json", js])
+    assert r.exit_code == 0, r.output
+    assert "--evict arc" in r.stdout
+    out = json.loads(js.read_text())
+    assert out["meta"]["evict"] == "arc"
+    caching = {row["policy"]: {run["experts"]["evict"] for run in row["runs"]} for row in out["rows"]}
+    assert caching == {"fate": {"arc"}, "lru": {"lru"}}  # lru caching stays LRU
+    r = _invoke([path, "--policies", "fate", "--mem", "50%", "--link", "ratio:1", *FAST, "--json", js])
+    assert r.exit_code == 0, r.output
+    assert "--evict" not in r.stdout
+    assert {run["experts"]["evict"] for run in json.loads(js.read_text())["rows"][0]["runs"]} == {"lrfu"}
 
 
 def test_anchored_replay_adds_the_replays_stall_to_the_measured_resident_time():

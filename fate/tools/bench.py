@@ -578,7 +578,9 @@ def header_text(meta: dict) -> str:
             f"{m['experts']} experts ({m['expert_blob_bytes'] / 1e6:.3f} MB each); prompt {meta['prompt_tokens']} "
             f"tokens, -n {meta['n']}; median of {meta['reps']} (min–max); {meta['threads']} threads"
             + (f"; profiled layer decode {1e3 * meta['profile']['layer_decode_seconds']:.2f} ms"
-               if meta.get("profile") else ""))
+               if meta.get("profile") else "")
+            + "".join(f"; --{k} {meta[k]}" for k, default in (("predictor", "fitted"), ("evict", "auto"))
+                      if meta.get(k, default) != default))
 
 
 def footer_text(rows: list[dict]) -> str:
