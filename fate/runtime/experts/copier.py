@@ -317,6 +317,7 @@ def value_planner():
 
 
 def eviction_policies():
-    """The module holding the native eviction policies ``NativeLRUPolicy``, ``NativeLFUPolicy`` and
-    ``NativeARCPolicy`` (:mod:`.native_evict`), or None where the extension is not built."""
+    """The module holding the native eviction policies ``NativeLRUPolicy``, ``NativeLFUPolicy``,
+    ``NativeLRFUPolicy`` and ``NativeARCPolicy`` (:mod:`.native_evict`), or None where the extension is not
+    built."""
     return _load()

@@ -30,6 +30,7 @@ from fate.runtime.experts.residency import ExpertCache
 from fate.runtime.experts.stats import ExpertStats
 from fate.runtime.experts.trace import RoutingTrace
 from fate.runtime.experts.transfer import copies_inline
+from fate.runtime.options import EngineOptions
 
 
 @dataclass
@@ -264,14 +265,17 @@ def _prefill(trace: RoutingTrace, n: int, off: Offloader, link: SimLink, predict
         link.compute(0.0)
 
 
-def factory(trace: RoutingTrace, timing: SimTiming, cfg, slots_per_layer, policy: str, *, evict: str = "arc",
+def factory(trace: RoutingTrace, timing: SimTiming, cfg, slots_per_layer, policy: str, *, evict: str = "auto",
             predictor: Predictor | None = None, extra: int = 0, max_new: int | None = None,
             decode_precision: str = "q4"):
-    """The offloader factory :func:`simulate` takes, for one of fate's policies (or ``perfect``)."""
+    """The offloader factory :func:`simulate` takes, for one of fate's policies (or ``perfect``: fate's policy
+    told the truth); ``evict`` as ``--evict``, resolved as the engine resolves it (:meth:`EngineOptions.eviction`)."""
+    engine_policy = "fate" if policy.startswith("perfect") else policy
+    caching = EngineOptions(policy=engine_policy, evict=evict).eviction()
+
     def make():
         stats = ExpertStats(trace.n_layers)
-        cache = ExpertCache(slots_per_layer, trace.n_experts, policy="lru" if policy == "lru" else evict,
-                            on_evict=stats.evicted)
+        cache = ExpertCache(slots_per_layer, trace.n_experts, policy=caching, on_evict=stats.evicted)
         link = SimLink(cache, timing)
         pred = None
         if policy in ("fate", "paper"):
@@ -304,7 +308,7 @@ def timing_for(profile, link, store, precision: str, layer_seconds: float | None
 
 
 def simulate_policy(trace: RoutingTrace, timing: SimTiming, cfg, plan_slots, policy: str, *, chances,
-                    routers, evict: str = "arc", extra: int = 0, max_new: int | None = None,
+                    routers, evict: str = "auto", extra: int = 0, max_new: int | None = None,
                     decode_precision: str = "q4", warmup: int = 0) -> SimResult:
     """One policy of the engine (``fate``, ``paper``, ``lru``, ``ondemand``) or the bound ``perfect`` (fate's
     policy told the next two layers' experts exactly) on ``trace``, with ``plan_slots`` slots per layer."""
