@@ -428,7 +428,8 @@ def test_fused_prediction_and_value_rule_equal_the_two_steps(converted):
         if planner is None:  # nothing to rank at this layer under this limit: predict names nothing either
             assert want == (None, [])
             continue
-        got = planner(g.data_ptr(), now, link_free)
+        got = planner(g, now, link_free)
+        assert planner(g.to(torch.float64), now, link_free) is None  # not float32: the caller predicts itself
         assert (got[0], list(got[1])) == want
         decided += len(want[1])
     assert decided > 50

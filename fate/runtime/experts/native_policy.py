@@ -82,11 +82,20 @@ static std::vector<double> doubles_of(PyObject* list) {
   return out;
 }
 
+// what value_core reads of the cache: its per-layer lists (the outer lists never change) and two methods
+struct CacheView {
+  py::list slot_of, pending;
+  py::object free_slots, resident;
+  explicit CacheView(const py::object& cache)
+      : slot_of(cache.attr("slot_of")), pending(cache.attr("pending")), free_slots(cache.attr("free_slots")),
+        resident(cache.attr("resident")) {}
+};
+
 static py::list value_core(int64_t layer, int64_t k, double now, double link_free, double t_layer, double t_copy,
-                           double host, const std::vector<PredView>& preds, const py::object& cache) {
+                           double host, const std::vector<PredView>& preds, const CacheView& cache) {
   struct Cand { double p; size_t i; int64_t e; };
   const size_t P = preds.size();
-  py::list all_slots = cache.attr("slot_of"), all_pending = cache.attr("pending");
+  const py::list &all_slots = cache.slot_of, &all_pending = cache.pending;
   std::vector<py::list> slot_of, pending;
   std::vector<Cand> cands;
   cands.reserve(32);
@@ -124,13 +133,13 @@ static py::list value_core(int64_t layer, int64_t k, double now, double link_fre
     const double saved = cd.p * (t_copy - std::max(0.0, finish - t_need));
     const double cost = std::min(1.0, std::max(0.0, next_misses - (j == layer + 1 ? cd.p : 0.0))) * overrun + host;
     if (saved <= cost) continue;
-    if (free[cd.i] < 0) free[cd.i] = cache.attr("free_slots")(j).cast<int64_t>();
+    if (free[cd.i] < 0) free[cd.i] = cache.free_slots(j).cast<int64_t>();
     int64_t victim = -1;
     if (free[cd.i] == 0) {
       auto& v = victims[cd.i];
       if (!built[cd.i]) {
         built[cd.i] = true;
-        py::list od = cache.attr("resident")(j);
+        py::list od = cache.resident(j);
         PyObject *so = slot_of[cd.i].ptr(), *pd = pending[cd.i].ptr();
         for (Py_ssize_t a = 0; a < PyList_GET_SIZE(od.ptr()); ++a) {
           int64_t x = int_at(od.ptr(), a);
@@ -171,14 +180,14 @@ static py::list value_plan(int64_t layer, int64_t k, double now, double link_fre
     TORCH_CHECK(v.experts.size() == chances.back().size(), "value_plan: one chance an expert");
     views.push_back(std::move(v));
   }
-  return value_core(layer, k, now, link_free, t_layer, t_copy, host, views, cache);
+  return value_core(layer, k, now, link_free, t_layer, t_copy, host, views, CacheView(cache));
 }
 
 // The one-token prediction and the value rule in one call, fate's decode hot path, for one layer's gate
 // input: made once per layer with what does not change between steps (the stacked routers W [groups * E,
 // H] of the layers ahead, how many to rank, ``made`` — a list of (layer, ahead, m, chances of ranks < m)
 // per layer ahead, the Predictor's — the rule's constants and the cache), then called per step with the
-// gate input's address and the link's clock: the product and ranking as rank_topn, then value_core.
+// gate input and the link's clock: the product and ranking as rank_topn, then value_core.
 // Returns (the experts named for the next layer or None, the decisions).
 class ValuePlanner {
  public:
@@ -186,7 +195,7 @@ class ValuePlanner {
   ValuePlanner(torch::Tensor w, int64_t E, int64_t H, int64_t n, py::list made, int64_t layer, int64_t k,
                double t_layer, double t_copy, double host, py::object cache)
       : w_(std::move(w)), E_(E), H_(H), n_(n), layer_(layer), k_(k), t_layer_(t_layer), t_copy_(t_copy),
-        host_(host), cache_(std::move(cache)) {
+        host_(host), cache_(cache) {
     TORCH_CHECK(w_.scalar_type() == torch::kFloat32 && w_.is_contiguous() && w_.device().is_cpu() &&
                     w_.numel() == (int64_t)made.size() * E * H,
                 "ValuePlanner: the routers are a contiguous float32 CPU tensor [layers ahead * E, H]");
@@ -200,9 +209,13 @@ class ValuePlanner {
     }
   }
 
-  py::tuple operator()(int64_t x_ptr, double now, double link_free) {
+  // x: the gate input [1, H]; None where it is not a contiguous float32 CPU tensor (then the caller predicts
+  // and decides in two steps)
+  py::object operator()(const torch::Tensor& x, double now, double link_free) {
+    if (x.scalar_type() != torch::kFloat32 || !x.device().is_cpu() || !x.is_contiguous() || x.numel() != H_)
+      return py::none();
     std::vector<std::vector<int64_t>> order;
-    top_n(W_, (const float*)x_ptr, (int64_t)spec_.size(), E_, H_, n_, order);
+    top_n(W_, x.data_ptr<float>(), (int64_t)spec_.size(), E_, H_, n_, order);
     std::vector<PredView> views;
     py::object named = py::none();
     for (size_t g = 0; g < spec_.size(); ++g) {
@@ -227,7 +240,7 @@ class ValuePlanner {
   const float* W_ = nullptr;
   int64_t E_, H_, n_, layer_, k_;
   double t_layer_, t_copy_, host_;
-  py::object cache_;
+  CacheView cache_;
   std::vector<Spec> spec_;
 };
 """

@@ -161,18 +161,25 @@ class Offloader:
         candidate would either land too late or still land in time from the next layer (the rule fetches
         neither), so the prediction is not even computed.  ``clock``: the value rule's clock, one layer's
         compute before the next layer starts (None: now; later while this layer's own loads cross the link)."""
+        return self._prediction_clocks(layer, decode, clock) is not None
+
+    def _prediction_clocks(self, layer: int, decode: bool, clock: float | None) -> tuple[float, float] | None:
+        """``(the value rule's clock, when the link is free)`` where :meth:`wants_prediction` says yes, else None:
+        read once, and handed on to the rule (each reading is a call into the copier)."""
         if not self._predicts or layer + 1 >= self.cfg.n_layers:
-            return False
-        if decode and self.rule == "value" and self._t_copy <= self.layer_seconds:
-            return self.mover.free_at() < self._clock(clock) + self.layer_seconds
-        return True
+            return None
+        now, free = self._clock(clock), self.mover.free_at()
+        if decode and self.rule == "value" and self._t_copy <= self.layer_seconds and free >= now + self.layer_seconds:
+            return None
+        return now, free
 
     def _clock(self, clock: float | None) -> float:
         return self.mover.now() if clock is None else clock
 
-    def prefetch(self, layer: int, preds: Sequence[Prediction], decode: bool, clock: float | None = None) -> None:
+    def prefetch(self, layer: int, preds: Sequence[Prediction], decode: bool, clock: float | None = None,
+                 clocks: tuple[float, float] | None = None) -> None:
         """Act on the predictions made at ``layer``'s gate input (``layer`` -1: the embedding's); ``clock`` as
-        for :meth:`wants_prediction`."""
+        for :meth:`wants_prediction` (``clocks``: the rule's clock and the link's, read already)."""
         if not preds:
             return
         for pred in preds:
@@ -185,7 +192,7 @@ class Offloader:
                 if pred.ahead == 1:
                     self._prefetch_ranked(pred, self.max_new)
         else:
-            self._prefetch_by_value(layer, preds, clock)
+            self._prefetch_by_value(layer, preds, clocks or (self._clock(clock), self.mover.free_at()))
 
     def _prefetch_ranked(self, pred: Prediction, budget: int | None) -> None:
         """The paper's rule: the candidates in rank order, into free slots or the cache's own victims (never
@@ -206,14 +213,11 @@ class Offloader:
             self._queued[j].append(s)
             left -= 1
 
-    def _plan_args(self, clock: float | None) -> tuple:
-        return (self.cfg.top_k, self._clock(clock), self.mover.free_at(), self.layer_seconds,
-                self._t_copy, self.host_prefetch_seconds)
-
-    def _prefetch_by_value(self, layer: int, preds: Sequence[Prediction], clock: float | None) -> None:
+    def _prefetch_by_value(self, layer: int, preds: Sequence[Prediction], clocks: tuple[float, float]) -> None:
         if self._value_plan is False:
             self._value_plan = native.value_plan() or value_plan
-        self._queue_planned(self._value_plan(layer, *self._plan_args(clock), preds, self.cache))
+        self._queue_planned(self._value_plan(layer, self.cfg.top_k, *clocks, self.layer_seconds, self._t_copy,
+                                             self.host_prefetch_seconds, preds, self.cache))
 
     def _queue_planned(self, decisions) -> None:
         """Reserve the slots and queue the copies the value rule decided (:func:`value_plan`)."""
@@ -223,24 +227,27 @@ class Offloader:
             mover.prefetch(j, s, 2.0 - p)  # the likelier first, all behind any demand load
             self._queued[j].append(s)
 
-    def _predict_and_prefetch(self, layer: int, predict, decode: bool, clock: float | None) -> None:
-        """Predict at ``layer``'s gate input and act on it; in decode with the value rule, where ``predict`` is a
+    def _predict_and_prefetch(self, layer: int, predict, decode: bool, clocks: tuple[float, float]) -> None:
+        """Predict at ``layer``'s gate input and act on it (``clocks``: the rule's clock and the link's, as
+        :meth:`_prediction_clocks` read them); in decode with the value rule, where ``predict`` is a
         :class:`GatePredict` over a CPU float32 gate input, as one native call per step (the layer's planner,
         :meth:`.prefetch.Predictor.value_planner`, made on first use)."""
-        if decode and self.rule == "value" and isinstance(predict, GatePredict):
+        if decode and self.rule == "value" and type(predict) is GatePredict:
             planner = self._planners.get(layer, False)
             if planner is False:
                 planner = self._planners[layer] = predict.predictor.value_planner(
                     layer, predict.limit, self.cfg.top_k, self.layer_seconds, self._t_copy, self.host_prefetch_seconds,
                     self.cache)
-            g = predict.g
-            if planner is not None and g.dtype is torch.float32 and g.is_cpu and g.is_contiguous():
-                named, decisions = planner(g.data_ptr(), self._clock(clock), self.mover.free_at())
-                if named is not None:
-                    self._named[layer + 1] = set(named)
-                self._queue_planned(decisions)
-                return
-        self.prefetch(layer, predict(), decode, clock)
+            if planner is not None:
+                got = planner(predict.g, *clocks)  # None: not a contiguous float32 CPU gate input
+                if got is not None:
+                    named, decisions = got
+                    if named is not None:
+                        self._named[layer + 1] = set(named)
+                    if decisions:
+                        self._queue_planned(decisions)
+                    return
+        self.prefetch(layer, predict(), decode, clocks=clocks)
 
     def _cancel_unneeded(self, layer: int, want: dict[int, str]) -> None:
         """Prefetches for ``layer`` that it turned out not to need and that are still queued are cancelled:
@@ -314,8 +321,9 @@ class Offloader:
             # this layer's own loads cross the link while its hits compute: layer i+1 starts a layer less
             # those hits after they have landed, if that is later
             clock = max(mover.now(), mover.free_at(demand_only=True) - len(ready) * self.expert_seconds)
-        if predict is not None and self.wants_prediction(layer, decode, clock):
-            self._predict_and_prefetch(layer, predict, decode, clock)  # their copies queue behind these loads
+        clocks = None if predict is None else self._prediction_clocks(layer, decode, clock)
+        if clocks is not None:
+            self._predict_and_prefetch(layer, predict, decode, clocks)  # their copies queue behind these loads
         for e, s in ready + later + [(w, -1) for w in waiting]:
             if s < 0:
                 s = slot_of[e]
@@ -324,7 +332,8 @@ class Offloader:
                     t = mover.now()
                     mover.demand(layer, s, inline=decode)
                     stall += mover.now() - t
-            stall += mover.wait(layer, s)
+            if pending[s]:  # (a call less per hit: wait() of a landed copy is 0)
+                stall += mover.wait(layer, s)
             cache.touch(layer, e)
             t = mover.now()
             compute(e, s, precision_at[s])

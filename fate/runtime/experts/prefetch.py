@@ -169,12 +169,12 @@ class Predictor:
 
     def value_planner(self, layer: int, limit: dict[int, int], k: int, t_layer: float, t_copy: float, host: float,
                       cache):
-        """fate's decode hot path for ``layer``'s gate input: a native callable ``planner(x_ptr, now, link_free)``
-        (``x_ptr``: the address of a contiguous float32 CPU gate input [1, H]) that predicts and runs the
-        value rule in one call, giving ``(experts named for the next layer or None, decisions)`` as
-        :meth:`predict` then :func:`fate.runtime.experts.offload.value_plan` with these constants and
-        ``cache`` would.  None where that path does not apply (nothing ahead, selection scores, the
-        extension not built, no candidates): then predict, then decide."""
+        """fate's decode hot path for ``layer``'s gate input: a native callable ``planner(x, now, link_free)``
+        (``x``: the gate input [1, H]) that predicts and runs the value rule in one call, giving ``(experts named
+        for the next layer or None, decisions)`` as :meth:`predict` then
+        :func:`fate.runtime.experts.offload.value_plan` with these constants and ``cache`` would — or None
+        where ``x`` is not a contiguous float32 CPU tensor.  None where that path does not apply (nothing
+        ahead, selection scores, the extension not built, no candidates): then predict, then decide."""
         targets = self._targets.get(layer)
         if not targets or self._selects:
             return None

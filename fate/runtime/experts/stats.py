@@ -23,6 +23,7 @@ import threading
 PHASES = ("prefill", "decode")
 COUNTERS = ("needed", "hits", "late_prefetches", "misses", "evictions", "predicted_needed", "named",
             "named_needed")
+_AT = {k: i for i, k in enumerate(COUNTERS)}  # a counter's place in a row (rows are lists: the hot path indexes)
 
 
 def summarize(counts: dict, stall_seconds: float, host_seconds: float = 0.0) -> dict:
@@ -43,7 +44,7 @@ class ExpertStats:
         self.reset()
 
     def reset(self) -> None:
-        self._c = {ph: [dict.fromkeys(COUNTERS, 0) for _ in range(self.n_layers)] for ph in PHASES}
+        self._c = {ph: [[0] * len(COUNTERS) for _ in range(self.n_layers)] for ph in PHASES}
         self._stall = {ph: [0.0] * self.n_layers for ph in PHASES}
         self._host = {ph: [0.0] * self.n_layers for ph in PHASES}
         self.bytes_by_precision: dict[str, int] = {}
@@ -51,7 +52,7 @@ class ExpertStats:
     def add(self, layer: int, **counts: int) -> None:
         row = self._c[self.phase][layer]
         for k, v in counts.items():
-            row[k] += v
+            row[_AT[k]] += v
 
     def count(self, layer: int, needed: int, hits: int, late: int, misses: int, predicted_needed: int, named: int,
               named_needed: int, stall: float = 0.0, host: float = 0.0) -> None:
@@ -60,17 +61,17 @@ class ExpertStats:
         ph = self.phase
         self._stall[ph][layer] += stall
         self._host[ph][layer] += host
-        row = self._c[ph][layer]
-        row["needed"] += needed
-        row["hits"] += hits
-        row["late_prefetches"] += late
-        row["misses"] += misses
-        row["predicted_needed"] += predicted_needed
-        row["named"] += named
-        row["named_needed"] += named_needed
+        row = self._c[ph][layer]  # in COUNTERS' order
+        row[0] += needed
+        row[1] += hits
+        row[2] += late
+        row[3] += misses
+        row[5] += predicted_needed
+        row[6] += named
+        row[7] += named_needed
 
     def evicted(self, layer: int) -> None:
-        self._c[self.phase][layer]["evictions"] += 1
+        self._c[self.phase][layer][4] += 1
 
     def stalled(self, layer: int, seconds: float) -> None:
         self._stall[self.phase][layer] += seconds
@@ -86,7 +87,7 @@ class ExpertStats:
         tot = dict.fromkeys(COUNTERS, 0)
         stall = host = 0.0
         for ph, i in cells:
-            for k, v in self._c[ph][i].items():
+            for k, v in zip(COUNTERS, self._c[ph][i]):
                 tot[k] += v
             stall += self._stall[ph][i]
             host += self._host[ph][i]

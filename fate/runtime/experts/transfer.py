@@ -198,14 +198,16 @@ class TransferEngine:
 
     def _settle(self, ticket: int) -> None:
         """The native copy ``ticket`` has landed (a no-op once it has been settled)."""
-        rec = self._forget(ticket)
+        rec = self._open.pop(ticket, None)
         if rec is None:
             return
         layer, slot, gen, nbytes = rec
-        if self.cache.gen[layer][slot] == gen:
-            self.cache.landed(layer, slot, gen)
+        del self._tickets[layer][slot]
+        cache = self.cache
+        if cache.gen[layer][slot] == gen:
+            cache.landed(layer, slot, gen)
             if self.stats is not None:
-                self.stats.moved(self.cache.precision_at[layer][slot], nbytes)
+                self.stats.moved(cache.precision_at[layer][slot], nbytes)
 
     def _forget(self, ticket: int) -> tuple[int, int, int, int] | None:
         """Stop tracking the native copy ``ticket`` (landed or cancelled): its (layer, slot, gen, nbytes), or
