@@ -304,6 +304,9 @@ def test_simulate_replays_every_configuration(converted, tmp_path):
     assert "trace replay (simulated" in r.stdout and "measured / sim" in r.stdout and "measured / anchored" in r.stdout
     rows = json.loads(js.read_text())["rows"]
     res_tps = next(r["decode"]["tokens_per_s"] for r in rows if r["policy"] == "resident")
+    # the bound is the budget and link's ceiling (fate's plan and caching, perfect prediction): one for lru and fate
+    assert len({r["simulated"]["perfect_tokens_per_s"] for r in rows if r["policy"] != "resident"}) == 1
+    assert "perfect: the budget and link's ceiling" in r.stdout
     for row in rows:
         if row["policy"] == "resident":
             assert row["simulated"] is None

@@ -103,6 +103,8 @@ def _main(bundle, policies, mems, links, prompt, prompt_file, prompt_tokens, n, 
         click.echo("trace replay (simulated; zero host cost" + (", emulated link" if any(r["emulated"] for r in rows)
                                                                or any(ln != "none" for ln in s.links) else "") + "):")
         click.echo(sim)
+        click.echo("perfect: the budget and link's ceiling, the same in each of its rows — fate's plan and caching, "
+                   "told each next layer's experts exactly")
     if per_layer:
         text = per_layer_text(rows)
         if text:
