@@ -44,6 +44,7 @@ compare the two.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections import OrderedDict
 from typing import Callable, Collection, Iterable, Protocol, runtime_checkable
@@ -219,7 +220,11 @@ class LRFUPolicy(_Base):
     (which LFU's count would not let it do).
 
     Each key keeps its score as of its last use and the request clock then; the score now is that times
-    ``decay ** (clock - last)`` (the same operations, in the same order, as the native twin: the same bits)."""
+    ``decay ** (clock - last)`` (the same operations, in the same order, as the native twin: the same bits).
+    Every score decays by the same factor per request, so the order of two keys changes only at their own
+    uses: it is the order of ``ln(score then) - last * ln(decay)`` (the log of the score now, less the log of
+    the decay since the clock's start), which the native twin keeps sorted as keys are used — an eviction
+    does not rescore and sort the resident keys."""
 
     name = "lrfu"
 
@@ -227,6 +232,7 @@ class LRFUPolicy(_Base):
         super().__init__(capacity)
         self.half_life = float(max(1, LRFU_HALF_LIFE_PER_SLOT * self.capacity))
         self._decay = 0.5 ** (1.0 / self.half_life)
+        self._ln_decay = math.log(self._decay)
         self._clock = 0
         self._score: dict[int, float] = {}  # as of the key's last use
         self._last: dict[int, int] = {}  # the clock at that use
@@ -267,8 +273,14 @@ class LRFUPolicy(_Base):
     def __len__(self) -> int:
         return len(self._score)
 
+    def _order_key(self, key: int) -> tuple[float, int]:
+        """Where ``key`` sits in the eviction order (lowest first): the log of its score now less a term every
+        key shares, then its last use (unique)."""
+        last = self._last[key]
+        return math.log(self._score[key]) - last * self._ln_decay, last
+
     def resident(self) -> list[int]:
-        return sorted(self._score, key=lambda k: (self.score(k), self._last[k]))
+        return sorted(self._score, key=self._order_key)
 
 
 class ARCPolicy(_Base):

@@ -43,6 +43,7 @@ SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -300,46 +301,47 @@ class LFU : public Base {
 
 // LRFU: each resident key's score as of its last use (s_) and the request clock then (last_); its score now
 // is s_ * pow(decay, clock - last), the reference's operations in its order, so the same bits (built with
-// -std=c++20, where GCC fuses no multiply-add: each operation rounds as Python's does).  The resident keys sit
-// unordered in res_ (pos_: a key's index there, -1 not resident); the eviction order is made when asked
-// for, by score, ties by last use (unique: every hit and admission ticks the clock).  O(1) but evictions
-// and listings, O(n log n) in the resident keys.
+// -std=c++20, where GCC fuses no multiply-add: each operation rounds as Python's does).  Every score decays
+// by the same factor per request, so two keys change order only at their own uses: the eviction order is
+// that of log(s_) - last * log(decay), then last use (unique: every hit and admission ticks the clock) —
+// the reference's sort key, the same bits — kept in a sorted set (order_) as keys are used.  O(log n) a
+// request and an eviction, O(n) a listing.
 class LRFU : public Base {
  public:
   static constexpr const char* NAME = "lrfu";
   static constexpr int64_t HALF_LIFE_PER_SLOT = 4;  // the reference's LRFU_HALF_LIFE_PER_SLOT
   LRFU(int64_t capacity, int64_t n_keys)
       : Base(NAME, capacity, n_keys), half_life_((double)std::max<int64_t>(1, HALF_LIFE_PER_SLOT * capacity)),
-        decay_(std::pow(0.5, 1.0 / half_life_)), s_(n_keys, 0.0), last_(n_keys, 0), pos_(n_keys, -1) {}
+        decay_(std::pow(0.5, 1.0 / half_life_)), ln_decay_(std::log(decay_)), s_(n_keys, 0.0), v_(n_keys, 0.0),
+        last_(n_keys, 0), in_(n_keys, 0) {}
   double half_life() const { return half_life_; }
-  int64_t size() const { return (int64_t)res_.size(); }
-  bool contains(int64_t k) const { return in_range(k) && pos_[k] >= 0; }
+  int64_t size() const { return (int64_t)order_.size(); }
+  bool contains(int64_t k) const { return in_range(k) && in_[k]; }
   // a resident key's score now; 0.0 if it is not resident
   double score(int64_t k) const {
     check_key(k);
-    return pos_[k] < 0 ? 0.0 : now(k);
+    return in_[k] ? now(k) : 0.0;
   }
   void hit(int64_t k) {
     check_key(k);
-    if (pos_[k] < 0) throw missing(k);
+    if (!in_[k]) throw missing(k);
     ++version_;
     ++clock_;
-    s_[k] = now(k) + 1.0;
-    last_[k] = clock_;
+    order_.erase(entry(k));
+    use(k, now(k) + 1.0);
   }
   void admit(int64_t k) {
     check_admit(k, contains(k), size());
     ++version_;
     ++clock_;
-    s_[k] = 1.0;
-    last_[k] = clock_;
-    pos_[k] = (int32_t)res_.size();
-    res_.push_back((int32_t)k);
+    in_[k] = 1;
+    use(k, 1.0);
   }
   template <class Pred> int64_t evict_if(int64_t incoming, Pred&& ok) {
     check_incoming(incoming, contains(incoming));
     const uint64_t v = version_;
-    for (int32_t k : ordered()) {
+    for (const Entry& e : order_) {
+      const int32_t k = std::get<2>(e);
       bool yes = ok((int64_t)k);
       check_unchanged(v);
       if (yes) {
@@ -352,37 +354,32 @@ class LRFU : public Base {
   int64_t evict(int64_t incoming) { return evict_if(incoming, [](int64_t) { return true; }); }
   void discard(int64_t k) {
     check_key(k);
-    if (pos_[k] >= 0) remove((int32_t)k);
+    if (in_[k]) remove((int32_t)k);
   }
   template <class F> void for_each_resident(F&& f) const {
-    for (int32_t k : ordered()) f(k);
+    for (const Entry& e : order_) f(std::get<2>(e));
   }
 
  private:
+  using Entry = std::tuple<double, int64_t, int32_t>;  // (log-domain score, last use, key)
   double now(int64_t k) const { return s_[k] * std::pow(decay_, (double)(clock_ - last_[k])); }
-  std::vector<int32_t> ordered() const {
-    // (score, last use): the reference's sort key; the last use is unique, so the key never decides
-    std::vector<std::tuple<double, int64_t, int32_t>> by;
-    by.reserve(res_.size());
-    for (int32_t k : res_) by.emplace_back(now(k), last_[k], k);
-    std::sort(by.begin(), by.end());
-    std::vector<int32_t> keys;
-    keys.reserve(by.size());
-    for (const auto& b : by) keys.push_back(std::get<2>(b));
-    return keys;
+  Entry entry(int64_t k) const { return Entry(v_[k], last_[k], (int32_t)k); }
+  void use(int64_t k, double s) {  // k's score is s as of now: its place in the order moves
+    s_[k] = s;
+    last_[k] = clock_;
+    v_[k] = std::log(s) - (double)clock_ * ln_decay_;
+    order_.insert(entry(k));
   }
   void remove(int32_t k) {
     ++version_;
-    const int32_t i = pos_[k], back = res_.back();
-    res_[i] = back;
-    pos_[back] = i;
-    res_.pop_back();
-    pos_[k] = -1;
+    order_.erase(entry(k));
+    in_[k] = 0;
   }
-  double half_life_, decay_;
-  std::vector<double> s_;
+  double half_life_, decay_, ln_decay_;
+  std::vector<double> s_, v_;
   std::vector<int64_t> last_;
-  std::vector<int32_t> pos_, res_;
+  std::vector<uint8_t> in_;
+  std::set<Entry> order_;
   int64_t clock_ = 0;
 };
 
