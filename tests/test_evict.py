@@ -402,6 +402,29 @@ def test_lrfu_keeps_a_popular_key_through_a_burst_and_lets_an_old_one_go(impl):
     assert run("lrfu") == (True, False)   # both: 0 survives the burst, and goes once its uses age
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lrfu_order_kept_between_uses_is_the_order_of_the_scores_now(impl):
+    """The order LRFU keeps as keys are used (a log-domain key that does not change between a key's own uses)
+    is the order of the scores now, lowest first, after every step of a long skewed sequence — including
+    keys untouched for hundreds of requests, whose scores have all decayed by the same factor since."""
+    rng = random.Random(5)
+    pol = new("lrfu", 6, impl)
+    lowest = 0
+    for step in range(3000):
+        k = min(19, int(rng.paretovariate(1.1))) if rng.random() < 0.8 else rng.randrange(20)
+        if k in pol:
+            pol.hit(k)
+        else:
+            if len(pol) == pol.capacity:
+                victim = pol.evict(k, lambda x: True)
+                lowest += victim == order[0]
+            pol.admit(k)
+        order = pol.resident()
+        scores = [pol.score(x) for x in order]
+        assert all(a <= b * (1 + 1e-12) for a, b in zip(scores, scores[1:])), (step, order, scores)
+    assert lowest > 500  # evictions happened, each of the lowest score
+
+
 def test_fate_caches_by_lrfu_and_the_paper_by_arc():
     from fate.runtime.options import EngineOptions
 
