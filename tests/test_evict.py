@@ -409,7 +409,7 @@ def test_lrfu_order_kept_between_uses_is_the_order_of_the_scores_now(impl):
     keys untouched for hundreds of requests, whose scores have all decayed by the same factor since."""
     rng = random.Random(5)
     pol = new("lrfu", 6, impl)
-    lowest = 0
+    lowest, order = 0, []
     for step in range(3000):
         k = min(19, int(rng.paretovariate(1.1))) if rng.random() < 0.8 else rng.randrange(20)
         if k in pol:
