@@ -10,7 +10,7 @@ from fate.errors import RequestError, UsageError
 from fate.quant.expert import KERNELS
 
 POLICIES = ("fate", "paper", "ondemand", "lru", "resident")
-EVICTIONS = ("auto", "lrfu", "arc", "lru", "lfu")  # auto: lrfu for fate, arc for paper (eviction_for)
+EVICTIONS = ("auto", "lrfu", "arc", "lru", "lfu")  # auto: lrfu for fate, arc for paper (EngineOptions.eviction)
 PREDICTORS = ("fitted", "router")  # the bundle's fitted maps (fate.calib.predict), or the paper's next router
 ALLOCS = ("auto", "reuse", "recall", "shallow4", "even")
 COMPUTE_DTYPES = ("fp32", "fp16", "bf16")

@@ -163,13 +163,16 @@ class Offloader:
         compute before the next layer starts (None: now; later while this layer's own loads cross the link)."""
         return self._prediction_clocks(layer, decode, clock) is not None
 
-    def _prediction_clocks(self, layer: int, decode: bool, clock: float | None) -> tuple[float, float] | None:
-        """``(the value rule's clock, when the link is free)`` where :meth:`wants_prediction` says yes, else None:
-        read once, and handed on to the rule (each reading is a call into the copier)."""
+    def _prediction_clocks(self, layer: int, decode: bool, clock: float | None) -> tuple:
+        """Where :meth:`wants_prediction` says yes, the clocks the value rule reads — ``(its clock, when the link
+        is free)``, read once and handed on to it (each reading is a call into the copier) — or ``()`` where no
+        value rule runs (prefill, the window rule); else None."""
         if not self._predicts or layer + 1 >= self.cfg.n_layers:
             return None
+        if not (decode and self.rule == "value"):
+            return ()
         now, free = self._clock(clock), self.mover.free_at()
-        if decode and self.rule == "value" and self._t_copy <= self.layer_seconds and free >= now + self.layer_seconds:
+        if self._t_copy <= self.layer_seconds and free >= now + self.layer_seconds:
             return None
         return now, free
 
@@ -177,7 +180,7 @@ class Offloader:
         return self.mover.now() if clock is None else clock
 
     def prefetch(self, layer: int, preds: Sequence[Prediction], decode: bool, clock: float | None = None,
-                 clocks: tuple[float, float] | None = None) -> None:
+                 clocks: tuple | None = None) -> None:
         """Act on the predictions made at ``layer``'s gate input (``layer`` -1: the embedding's); ``clock`` as
         for :meth:`wants_prediction` (``clocks``: the rule's clock and the link's, read already)."""
         if not preds:
@@ -227,7 +230,7 @@ class Offloader:
             mover.prefetch(j, s, 2.0 - p)  # the likelier first, all behind any demand load
             self._queued[j].append(s)
 
-    def _predict_and_prefetch(self, layer: int, predict, decode: bool, clocks: tuple[float, float]) -> None:
+    def _predict_and_prefetch(self, layer: int, predict, decode: bool, clocks: tuple) -> None:
         """Predict at ``layer``'s gate input and act on it (``clocks``: the rule's clock and the link's, as
         :meth:`_prediction_clocks` read them); in decode with the value rule, where ``predict`` is a
         :class:`GatePredict` over a CPU float32 gate input, as one native call per step (the layer's planner,

@@ -198,11 +198,10 @@ class TransferEngine:
 
     def _settle(self, ticket: int) -> None:
         """The native copy ``ticket`` has landed (a no-op once it has been settled)."""
-        rec = self._open.pop(ticket, None)
+        rec = self._forget(ticket)
         if rec is None:
             return
         layer, slot, gen, nbytes = rec
-        del self._tickets[layer][slot]
         cache = self.cache
         if cache.gen[layer][slot] == gen:
             cache.landed(layer, slot, gen)
