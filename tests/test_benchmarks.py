@@ -51,8 +51,9 @@ def test_offload_pairs_measures_a_cell(converted):
 
 
 def test_host_paths_switches_the_decode_step_and_keeps_its_tokens(converted):
-    """benchmarks.host_paths on a tiny bundle: the Python reference, the native rule and the fused call run on
-    one model in alternated rounds; each really is switched in, and all three give the same greedy tokens."""
+    """benchmarks.host_paths on a tiny bundle: the Python reference, the native rule, the fused call and the
+    fused call queueing its own copies run on one model in alternated rounds; each really is switched in, and
+    all four give the same greedy tokens."""
     from benchmarks import host_paths
     from fate.runtime.experts import copier
     from fate.runtime.experts.offload import value_plan
@@ -67,8 +68,15 @@ def test_host_paths_switches_the_decode_step_and_keeps_its_tokens(converted):
     host_paths._use(m, "native")
     assert off._value_plan is copier.value_plan() and off.predictor._fused is None
     host_paths._use(m, "fused")
-    assert off.predictor._fused is copier.value_planner() and off._planners == {}
+    assert off.predictor._fused is copier.value_planner() and off._planners == {} and off._queuer is None
     ids = m.encode_prompt("The module defines functions")
+    m.generate(ids, 4, temperature=0.0, stop_at_eos=False)
+    assert off._planners and not any(p.queues for p in off._planners.values() if p is not None)
+    host_paths._use(m, "queued")
+    assert off.predictor._fused is copier.value_planner() and off._queuer is False
+    m.generate(ids, 4, temperature=0.0, stop_at_eos=False)
+    assert type(off._queuer).__name__ == "Queuer"
+    assert off._planners and all(p.queues for p in off._planners.values() if p is not None)
     m.close()
     rows = host_paths.measure(str(path), "50%", "ratio:1", rounds=2, n=4, threads=1, prompt_ids=ids)
     by = {r["path"]: r for r in rows}

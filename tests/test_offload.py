@@ -261,6 +261,9 @@ class _RecordingTransfer:
         self.jobs.append((layer, self.cache.expert_at[layer][slot], priority))
         self.real.prefetch(layer, slot, priority)
 
+    def native_queue(self, precision, queued):
+        return None  # every prefetch through prefetch() above, where it is recorded
+
     def __getattr__(self, name):
         return getattr(self.real, name)
 
@@ -385,6 +388,78 @@ def test_native_value_rule_equals_its_reference():
         cands = sum(1 for q in preds for e, p in zip(q.experts, q.chances) if slot_of[q.layer][e] < 0 and p > 0)
         seen["refused"] += cands - len(want)
     assert min(seen.values()) > 100, seen
+
+
+def test_native_queueing_equals_its_reference(converted):
+    """The planner's native queueing (``TransferEngine.native_queue``) makes exactly the reference's changes
+    (``Offloader._queue_planned``: the cache's reserve, then the transfer's prefetch) on twin caches and
+    copiers: the same slots, victims, flags, generations, free lists, eviction order and counts, tickets and
+    queued lists, decision for decision, on random states whose decisions take free slots and victims; and
+    every copy lands in its slot.  (A flag changes only when the model's thread settles: the twins compare
+    exactly, whatever their copy threads have done meanwhile.)"""
+    import random
+
+    from fate.runtime.experts import copier
+    from fate.runtime.experts.link import LinkSpec, Throttle
+    from fate.runtime.experts.offload import Offloader, value_plan
+    from fate.runtime.experts.prefetch import Prediction
+    from fate.runtime.experts.residency import ExpertCache
+    from fate.runtime.experts.stats import ExpertStats
+    from fate.runtime.experts.transfer import TransferEngine
+
+    if copier.queuer() is None:
+        pytest.skip(f"native extension not built: {copier.why}")
+    m = fate.load(converted["mixtral"][1], experts="q4", device="cpu")
+    cfg, n = m.config, m.store.blob_bytes("q4")
+    rng = random.Random(5)
+    seen = {"free": 0, "victim": 0}
+    for _ in range(40):
+        n_slots, policy = rng.randint(1, cfg.n_experts), rng.choice(("lrfu", "arc", "lru"))
+        ops = []  # the same random history for both twins
+        for j in range(cfg.n_layers):
+            for e in rng.sample(range(cfg.n_experts), rng.randint(0, n_slots)):
+                ops.append((j, e, rng.random() < 0.7, rng.random() < 0.5))
+        layer = rng.randint(-1, cfg.n_layers - 2)
+        twins = []
+        for _ in range(2):
+            stats = ExpertStats(cfg.n_layers)
+            cache = ExpertCache([n_slots] * cfg.n_layers, cfg.n_experts, policy=policy, on_evict=stats.evicted)
+            link = LinkSpec("bandwidth", bytes_per_s=n / 0.005, label="test", emulated=True)
+            t = TransferEngine(m.store, cache, n, torch.device("cpu"), Throttle(link), stats=stats)
+            off = Offloader(cfg, cache, t, stats, predictor=None, layer_seconds=1e-3)
+            for j, e, landed, used in ops:
+                if cache.slot_of[j][e] < 0:
+                    s = cache.reserve(j, e, "q4", prefetched=False)
+                    if s >= 0 and landed:
+                        cache.landed(j, s, cache.gen[j][s])
+                    if s >= 0 and used:
+                        cache.touch(j, e)
+            twins.append((cache, t, off, stats))
+        preds = [Prediction(layer + a, a, rng.sample(range(cfg.n_experts), cfg.n_experts),
+                            sorted((rng.random() for _ in range(cfg.n_experts)), reverse=True))
+                 for a in (1, 2) if layer + a < cfg.n_layers]
+        decisions = value_plan(layer, cfg.top_k, 1.0, 1.0, 1e-3, 1e-4, 1e-6, preds, twins[0][0])
+        seen["free"] += sum(v < 0 for _, _, v, _ in decisions)
+        seen["victim"] += sum(v >= 0 for _, _, v, _ in decisions)
+        (ca, ta, oa, sa), (cb, tb, ob, sb) = twins
+        oa._queue_planned(decisions)
+        q = tb.native_queue("q4", ob._queued)
+        q.queue(decisions)
+        for name in ("slot_of", "expert_at", "precision_at", "pending", "prefetched", "gen", "_free", "evictions"):
+            assert getattr(ca, name) == getattr(cb, name), name
+        assert [ca.resident(j) for j in range(cfg.n_layers)] == [cb.resident(j) for j in range(cfg.n_layers)]
+        assert ta._tickets == tb._tickets and oa._queued == ob._queued
+        assert sa.to_dict() == sb.to_dict()
+        for (j, e, _, _) in decisions:  # every copy lands in its slot, byte for byte, settled by the wait
+            for c, t in ((ca, ta), (cb, tb)):
+                s = c.slot_of[j][e]
+                t.wait(j, s)
+                assert not c.pending[j][s] and torch.equal(t.slot(j, s, n), m.store.blob(j, e, "q4"))
+        assert sa.bytes_by_precision == sb.bytes_by_precision == ({"q4": n * len(decisions)} if decisions else {})
+        ta.close()
+        tb.close()
+    assert min(seen.values()) > 20, seen
+    m.close()
 
 
 def test_fused_prediction_and_value_rule_equal_the_two_steps(converted):

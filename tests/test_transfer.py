@@ -166,15 +166,19 @@ def test_queued_copies_run_back_to_back_on_the_links_timeline(setup):
 
 
 def test_poll_settles_every_landed_copy_in_one_call(setup):
-    """The native copier reports the queued copies that landed since it was last asked (never a cancelled
-    one, each once): ``poll`` clears their ``pending`` flags without asking each copy, and copies that
-    ``wait`` already settled are not settled again."""
+    """The native copier settles the queued copies that landed since it was last asked (never a cancelled
+    one, each once): ``poll`` clears their ``pending`` flags and counts their bytes in one native call, and
+    copies that ``wait`` already settled are not settled again."""
     from fate.runtime.experts import copier
+    from fate.runtime.experts.stats import ExpertStats
 
     if not copier.available():
         pytest.skip(f"native copier not built: {copier.why}")
     m, layer, n, engine = setup
-    t, cache = engine(0.02)
+    cache = ExpertCache([4 if i == layer else 0 for i in range(m.config.n_layers)], m.config.n_experts)
+    stats = ExpertStats(m.config.n_layers)
+    link = LinkSpec("bandwidth", bytes_per_s=n / 0.02, label="test", emulated=True)
+    t = TransferEngine(m.store, cache, n, torch.device("cpu"), Throttle(link), stats=stats)
     a, b, c = (_reserve(cache, layer, e) for e in (0, 1, 2))
     t.prefetch(layer, a, 1.0)
     t.prefetch(layer, b, 2.0)
@@ -182,25 +186,38 @@ def test_poll_settles_every_landed_copy_in_one_call(setup):
     assert t.cancel(layer, c)
     cache.drop(layer, 2)
     t.wait(layer, a)  # settled by the wait
+    assert not cache.pending[layer][a] and stats.bytes_by_precision == {"q4": n}
     time.sleep(0.1)  # b lands meanwhile
     assert cache.pending[layer][b]
     t.poll(layer)
     assert not cache.pending[layer][b] and _landed(t, m, layer, b, 1, n)
-    assert t._native.drain() == [] and not t._open and not t._tickets[layer]
+    assert stats.bytes_by_precision == {"q4": 2 * n}  # c was cancelled: never counted
+    t.poll(layer)
+    assert stats.bytes_by_precision == {"q4": 2 * n} and t._native.settle() == 0
+    stats.reset()  # emptied in place: the copier goes on counting into it
+    s = _reserve(cache, layer, 3)
+    t.prefetch(layer, s, 1.0)
+    t.wait(layer, s)
+    assert stats.bytes_by_precision == {"q4": n}
     t.close()
 
 
-def test_the_copiers_drain_reports_each_landed_copy_once():
+def test_the_copiers_settle_clears_each_landed_copys_flag_once():
     from fate.runtime.experts import copier
 
     if not copier.available():
         pytest.skip(f"native copier not built: {copier.why}")
     c = copier.Copier(0.0)
     src, dst = torch.arange(64, dtype=torch.uint8), torch.zeros(3, 64, dtype=torch.uint8)
-    tickets = [c.submit(src.data_ptr(), dst[i].data_ptr(), 64, 1.0 + i) for i in range(3)]
+    flags, moved = [True, True, True], {}
+    tickets = [c.submit(src.data_ptr(), dst[i].data_ptr(), 64, 1.0 + i, flags, i, moved, "q4") for i in range(3)]
     for tk in tickets:
         c.wait(tk)
-    assert sorted(c.drain()) == tickets and c.drain() == []
+    assert flags == [False] * 3 and moved == {"q4": 192} and c.settle() == 0
     c.copy_now(src.data_ptr(), dst[0].data_ptr(), 64)  # inline: never reported
-    assert c.drain() == [] and torch.equal(dst, src.expand(3, 64))
+    t = c.submit(src.data_ptr(), dst[1].data_ptr(), 64, 1.0)  # no flag, no count
+    c.wait(t)
+    assert c.settle() == 0 and moved == {"q4": 192} and torch.equal(dst, src.expand(3, 64))
+    with pytest.raises(RuntimeError, match="flags is a list"):
+        c.submit(src.data_ptr(), dst[1].data_ptr(), 64, 1.0, flags, 3)
     c.close()

@@ -10,15 +10,16 @@ model's thread never blocks on the copy thread), with ticket states the two thre
 emulates one serial link itself (a copy of n bytes occupies it for n / rate seconds after the previous one, non-
 preemptively), so inline copies (:meth:`Copier.copy_now`, on the calling thread with the GIL released)
 and queued ones share one link timeline.  Python never waits for the GIL of the copy thread: it asks
-whether a ticket is done, takes the tickets landed since it last asked (a ring the copy thread appends to),
-or waits for a ticket with the GIL released.  The model's thread waits by spinning (a
+whether a ticket is done, settles the copies landed since it last asked (:meth:`settle`: a ring the copy
+thread appends to, walked in C++ on the calling thread, which clears each copy's ``pending`` flag in the
+cache's list and counts its bytes — no Python call per copy), or waits for a ticket with the GIL released.  The model's thread waits by spinning (a
 sleeping thread's CPU halts, and a virtual one then runs the next microseconds of work several times
 slower), as a CUDA event synchronize does by default.
 
 Built on first use with torch's cpp_extension (g++; a few seconds, once per machine); where it cannot be
 built, :func:`available` is False and the TransferEngine keeps its Python worker.  The same extension
-carries the policy's decode hot paths (:mod:`.native_policy`): :func:`rank_topn`, :func:`value_plan` and
-:func:`value_planner`, and the expert cache's eviction policies (:mod:`.native_evict`): :func:`eviction_policies`.
+carries the policy's decode hot paths (:mod:`.native_policy`): :func:`rank_topn`, :func:`value_plan`,
+:func:`value_planner` and :func:`queuer`, and the expert cache's eviction policies (:mod:`.native_evict`): :func:`eviction_policies`.
 """
 
 from __future__ import annotations
@@ -96,15 +97,25 @@ class Copier {
     for (auto& s : state_) s.store(FREE);
     worker_ = std::thread([this] { run(); });
   }
-  ~Copier() { close(); }
+  ~Copier() { close(); }  // (pybind destroys it with the GIL held)
 
   // addresses, not tensors: the caller keeps both buffers alive (the store's cached blob views, the
-  // engine's slot buffers) and a pointer crosses pybind in a fraction of a tensor's cost
-  int64_t submit(int64_t src, int64_t dst, int64_t n, double priority) {
+  // engine's slot buffers) and a pointer crosses pybind in a fraction of a tensor's cost.  ``flags`` (a list)
+  // and ``index``: where the copy's "pending" flag is (the cache's pending[layer][slot]), cleared by settle()
+  // once the copy has landed, on the calling thread (the copy thread never touches a Python object);
+  // ``moved``: a dict and ``key`` the entry that settle() adds the copy's bytes to (None: not counted).
+  int64_t submit(int64_t src, int64_t dst, int64_t n, double priority, pybind11::object flags, int64_t index,
+                 pybind11::object moved, pybind11::object key) {
     int64_t h = head_.load(std::memory_order_relaxed);
     TORCH_CHECK(h - tail_.load(std::memory_order_acquire) < RING, "the copy queue is full");
+    TORCH_CHECK(flags.is_none() || (PyList_Check(flags.ptr()) && index >= 0 && index < PyList_GET_SIZE(flags.ptr())),
+                "submit: flags is a list and index one of its places");
     int64_t t = next_ticket_++;
     TORCH_CHECK(state_[t % STATES].load() >= DONE || state_[t % STATES].load() == FREE, "too many copies outstanding");
+    Rec& r = rec_[t % STATES];
+    if (settle_rec(r) && PyErr_Occurred()) throw pybind11::error_already_set();  // a landed copy not settled yet
+    r = Rec{flags.is_none() ? nullptr : flags.release().ptr(), index, moved.is_none() ? nullptr : moved.release().ptr(),
+            key.release().ptr(), n};
     state_[t % STATES].store(QUEUED, std::memory_order_release);
     queued_ns_.fetch_add(duration_ns(n));
     if (priority <= 0) demand_ns_.fetch_add(duration_ns(n));
@@ -125,33 +136,43 @@ class Copier {
 
   bool done(int64_t t) { return state_[t % STATES].load(std::memory_order_acquire) >= DONE; }
 
-  // the queued copies that have landed since the last call (tickets, in the order they landed; cancelled
-  // ones never appear): one call where asking each ticket took one call apiece.  None if more landed
-  // than the ring holds since the last call (then ask each ticket).
-  pybind11::object drain() {
-    const int64_t h = done_head_.load(std::memory_order_acquire), t = done_tail_;
-    done_tail_ = h;
-    if (h - t > DONE_RING) return pybind11::none();
-    pybind11::list out(h - t);
-    for (int64_t i = t; i < h; ++i) PyList_SET_ITEM(out.ptr(), i - t, PyLong_FromLongLong(done_ring_[i % DONE_RING]));
-    // the copy thread may have gone on writing meanwhile: an entry read above is valid unless overwritten
-    if (done_head_.load(std::memory_order_acquire) - t > DONE_RING) return pybind11::none();
-    return out;
+  // settle every queued copy that has landed since the last call: clear its flag (False into flags[index])
+  // and add its bytes to moved[key] — on the calling thread, with the GIL, where the acquire load of the
+  // copy thread's count orders the copy's bytes before whatever reads the slot next.  One call a layer
+  // instead of a Python call per landed copy.  Returns how many were settled.
+  int64_t settle() {
+    std::vector<int64_t> got;
+    if (!landed_since(got)) {  // more than the ring remembers: every open record whose copy is done
+      got.clear();
+      for (int64_t i = 0; i < STATES; ++i)
+        if (rec_[i].n >= 0 && state_[i].load(std::memory_order_acquire) == DONE) got.push_back(i);
+    }
+    int64_t done = 0;
+    for (int64_t t : got) done += settle_rec(rec_[t % STATES]);
+    if (PyErr_Occurred()) throw pybind11::error_already_set();
+    return done;
   }
 
+  // wait for the copy ``t``, then settle what has landed (``t`` among them)
   void wait(int64_t t) {
-    pybind11::gil_scoped_release nogil;
-    auto& s = state_[t % STATES];
-    // spin (see spin_until_ns) for as long as a few copies take; block beyond that (a stuck link)
-    int64_t give_up = now_ns() + 20000000;
-    while (s.load(std::memory_order_acquire) < DONE && now_ns() < give_up) cpu_relax();
-    for (int v = s.load(std::memory_order_acquire); v < DONE; v = s.load(std::memory_order_acquire)) s.wait(v);
+    {
+      pybind11::gil_scoped_release nogil;
+      auto& s = state_[t % STATES];
+      // spin (see spin_until_ns) for as long as a few copies take; block beyond that (a stuck link)
+      int64_t give_up = now_ns() + 20000000;
+      while (s.load(std::memory_order_acquire) < DONE && now_ns() < give_up) cpu_relax();
+      for (int v = s.load(std::memory_order_acquire); v < DONE; v = s.load(std::memory_order_acquire)) s.wait(v);
+    }
+    settle();
+    settle_rec(rec_[t % STATES]);  // in case the ring overran since (settle() then found it done already)
   }
 
   // a queued copy leaves the queue: true; one already on the link (or done): false
   bool cancel(int64_t t) {
     int expected = QUEUED;
-    return state_[t % STATES].compare_exchange_strong(expected, CANCELLED);
+    if (!state_[t % STATES].compare_exchange_strong(expected, CANCELLED)) return false;
+    rec_[t % STATES].clear();  // never lands: its flag is the caller's again
+    return true;
   }
 
   // when the link will have moved the copy on it and everything queued so far (demand_only: only the
@@ -166,9 +187,55 @@ class Copier {
     work_.fetch_add(1);
     work_.notify_one();
     if (worker_.joinable()) worker_.join();
+    for (auto& r : rec_) r.clear();  // (with the GIL: close() is called from Python)
   }
 
  private:
+  // what settle() does for a landed copy, kept by the submitting thread (the copy thread never reads it):
+  // n < 0 is an empty record
+  struct Rec {
+    PyObject* flags = nullptr;  // owned references
+    int64_t index = 0;
+    PyObject* moved = nullptr;
+    PyObject* key = nullptr;
+    int64_t n = -1;
+    void clear() {
+      Py_CLEAR(flags);
+      Py_CLEAR(moved);
+      Py_CLEAR(key);
+      n = -1;
+    }
+  };
+
+  // the tickets landed since the last call, into ``got``; false if the ring overran meanwhile
+  bool landed_since(std::vector<int64_t>& got) {
+    const int64_t h = done_head_.load(std::memory_order_acquire), t = done_tail_;
+    done_tail_ = h;
+    if (h - t > DONE_RING) return false;
+    for (int64_t i = t; i < h; ++i) got.push_back(done_ring_[i % DONE_RING]);
+    // the copy thread may have gone on writing meanwhile: an entry read above is valid unless overwritten
+    return done_head_.load(std::memory_order_acquire) - t <= DONE_RING;
+  }
+
+  int64_t settle_rec(Rec& r) {  // 1 if it settled a copy, 0 if the record was empty (settled already)
+    if (r.n < 0) return 0;
+    if (r.flags != nullptr) {
+      Py_INCREF(Py_False);
+      PyList_SetItem(r.flags, (Py_ssize_t)r.index, Py_False);  // steals the reference, drops the old item's
+    }
+    if (r.moved != nullptr) {
+      PyObject* was = PyDict_GetItemWithError(r.moved, r.key);  // borrowed
+      PyObject* sum = was == nullptr ? (PyErr_Occurred() ? nullptr : PyLong_FromLongLong(r.n))
+                                     : PyNumber_Add(was, pybind11::int_(r.n).ptr());
+      if (sum != nullptr) {
+        PyDict_SetItem(r.moved, r.key, sum);
+        Py_DECREF(sum);
+      }
+    }
+    r.clear();
+    return 1;
+  }
+
   int64_t duration_ns(size_t n) const { return rate_ > 0 ? (int64_t)((double)n / rate_ * 1e9) : 0; }
 
   int64_t occupy(int64_t dur) {  // the link from max(now, its end) for dur: returns when the copy is done
@@ -209,7 +276,7 @@ class Copier {
       std::memcpy(j.dst, j.src, j.n);
       sleep_until_ns(done);
       int64_t dh = done_head_.load(std::memory_order_relaxed);
-      done_ring_[dh % DONE_RING] = j.ticket;  // an overrun is seen by drain() from the count alone
+      done_ring_[dh % DONE_RING] = j.ticket;  // an overrun is seen by settle() from the count alone
       done_head_.store(dh + 1, std::memory_order_release);
       s.store(DONE, std::memory_order_release);
       s.notify_all();
@@ -219,10 +286,11 @@ class Copier {
   double rate_;
   int64_t idle_spin_ns_;
   std::vector<Job> ring_;
-  std::vector<int64_t> done_ring_;  // tickets of landed copies: the copy thread writes, drain() reads
+  std::vector<int64_t> done_ring_;  // tickets of landed copies: the copy thread writes, settle() reads
   std::atomic<int64_t> done_head_{0};
   int64_t done_tail_ = 0;  // the model's thread's
   std::vector<std::atomic<int>> state_;
+  std::vector<Rec> rec_ = std::vector<Rec>(STATES);  // per ticket (as state_): the model's thread's
   std::atomic<int64_t> head_{0}, tail_{0}, link_free_{0}, queued_ns_{0}, demand_ns_{0};
   std::atomic<int> work_{0};
   std::atomic<bool> closed_{false}, sleeping_{false};
@@ -239,14 +307,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("value_plan", &value_plan);
   pybind11::class_<ValuePlanner>(m, "ValuePlanner")
       .def(pybind11::init<torch::Tensor, int64_t, int64_t, int64_t, pybind11::list, int64_t, int64_t, double, double, double,
-                          pybind11::object>())
-      .def("__call__", &ValuePlanner::operator());
+                          pybind11::object, pybind11::object>(),
+           pybind11::arg("w"), pybind11::arg("E"), pybind11::arg("H"), pybind11::arg("n"), pybind11::arg("made"),
+           pybind11::arg("layer"), pybind11::arg("k"), pybind11::arg("t_layer"), pybind11::arg("t_copy"),
+           pybind11::arg("host"), pybind11::arg("cache"), pybind11::arg("queuer") = pybind11::none())
+      .def("__call__", &ValuePlanner::operator())
+      .def_property_readonly("queues", &ValuePlanner::queues);
+  pybind11::class_<Queuer>(m, "Queuer")
+      .def(pybind11::init<pybind11::object, pybind11::object, std::vector<int64_t>, int64_t, pybind11::list,
+                          pybind11::object, pybind11::object, pybind11::object, pybind11::list>())
+      .def("queue", &Queuer::queue);
   pybind11::class_<Copier>(m, "Copier")
       .def(pybind11::init<double, double>())
-      .def("submit", &Copier::submit)
+      .def("submit", &Copier::submit, pybind11::arg("src"), pybind11::arg("dst"), pybind11::arg("n"),
+           pybind11::arg("priority"), pybind11::arg("flags") = pybind11::none(), pybind11::arg("index") = 0,
+           pybind11::arg("moved") = pybind11::none(), pybind11::arg("key") = pybind11::none())
       .def("copy_now", &Copier::copy_now)
       .def("done", &Copier::done)
-      .def("drain", &Copier::drain)
+      .def("settle", &Copier::settle)
       .def("wait", &Copier::wait)
       .def("cancel", &Copier::cancel)
       .def("free_at", &Copier::free_at)
@@ -314,6 +392,14 @@ def value_planner():
     (:mod:`.native_policy`), or None where the extension is not built."""
     mod = _load()
     return None if mod is None else mod.ValuePlanner
+
+
+def queuer():
+    """The native class that queues the value rule's decisions on the cache and a native copier
+    (:mod:`.native_policy`; :meth:`.transfer.TransferEngine.native_queue` makes one), or None where the
+    extension is not built."""
+    mod = _load()
+    return None if mod is None else mod.Queuer
 
 
 def eviction_policies():

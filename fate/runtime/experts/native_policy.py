@@ -183,6 +183,96 @@ static py::list value_plan(int64_t layer, int64_t k, double now, double link_fre
   return value_core(layer, k, now, link_free, t_layer, t_copy, host, views, CacheView(cache));
 }
 
+// Queueing the value rule's decisions, the same list operations in the same order as its Python reference
+// (Offloader._queue_planned: ExpertCache.reserve with the decision's victim, then TransferEngine.prefetch
+// at priority 2 - chance), made in place on the cache's lists and submitted to the native copier (the class
+// above, in the same extension): one call where the reference made a few Python calls per copy.  Built by
+// TransferEngine.native_queue, which hands over its slot buffers' addresses, its ticket maps and the bytes
+// counter; ``queued``: the Offloader's per-layer lists of slots holding a queued prefetch.
+class Queuer {
+ public:
+  Queuer(py::object cache, py::object copier, std::vector<int64_t> bases, int64_t slot_bytes, py::list tickets,
+         py::object moved, py::object blob_address, py::object precision, py::list queued)
+      : cache_(cache), copier_obj_(copier), copier_(copier.cast<Copier*>()), bases_(std::move(bases)),
+        slot_bytes_(slot_bytes), tickets_(tickets), moved_(moved), blob_address_(blob_address),
+        precision_(precision), queued_(queued), slot_of_(cache.attr("slot_of")), expert_at_(cache.attr("expert_at")),
+        precision_at_(cache.attr("precision_at")), pending_(cache.attr("pending")),
+        prefetched_(cache.attr("prefetched")), gen_(cache.attr("gen")), free_(cache.attr("_free")),
+        policies_(cache.attr("policies")), evictions_(cache.attr("evictions")), on_evict_(cache.attr("on_evict")),
+        blobs_(py::len(slot_of_)) {
+    TORCH_CHECK((int64_t)bases_.size() == (int64_t)py::len(slot_of_) && py::len(tickets_) == py::len(slot_of_) &&
+                    py::len(queued_) == py::len(slot_of_),
+                "Queuer: one slot buffer, ticket map and queued list a layer");
+  }
+
+  // the decisions [(layer, expert, victim, chance), ...] of value_core, in order
+  void queue(const py::list& decisions) {
+    for (py::handle d : decisions) {
+      py::tuple t = py::reinterpret_borrow<py::tuple>(d);
+      one(t[0].cast<int64_t>(), t[1].cast<int64_t>(), t[2].cast<int64_t>(), t[3].cast<double>());
+    }
+  }
+
+ private:
+  static void set(PyObject* list, int64_t i, PyObject* v) {  // v: a new reference, stolen
+    if (v == nullptr || PyList_SetItem(list, (Py_ssize_t)i, v) < 0) throw py::error_already_set();
+  }
+
+  void one(int64_t j, int64_t e, int64_t victim, double p) {
+    TORCH_CHECK(j >= 0 && j < (int64_t)blobs_.size() && bases_[j] != 0, "Queuer: layer ", j, " has no slots");
+    PyObject *so = PyList_GET_ITEM(slot_of_.ptr(), j), *free = PyList_GET_ITEM(free_.ptr(), j);
+    TORCH_CHECK(e >= 0 && e < PyList_GET_SIZE(so), "Queuer: expert out of range");
+    TORCH_CHECK(int_at(so, e) < 0, "layer ", j, ": expert ", e, " is already cached");
+    py::handle policy = PyList_GET_ITEM(policies_.ptr(), j);
+    int64_t slot;
+    if (PyList_GET_SIZE(free) > 0) {  // free.pop()
+      Py_ssize_t last = PyList_GET_SIZE(free) - 1;
+      slot = int_at(free, last);
+      if (PyList_SetSlice(free, last, last + 1, nullptr) < 0) throw py::error_already_set();
+    } else {  // the victim's slot (ExpertCache.reserve with victim=)
+      TORCH_CHECK(victim >= 0 && victim < PyList_GET_SIZE(so) && int_at(so, victim) >= 0,
+                  "Queuer: no free slot and no resident victim");
+      policy.attr("discard")(victim);
+      slot = int_at(so, victim);
+      set(so, victim, PyLong_FromLongLong(-1));
+      PyObject* ev = evictions_.ptr();
+      set(ev, j, PyLong_FromLongLong(int_at(ev, j) + 1));
+      if (!on_evict_.is_none()) on_evict_(j);
+    }
+    policy.attr("admit")(e);
+    set(so, e, PyLong_FromLongLong(slot));
+    set(PyList_GET_ITEM(expert_at_.ptr(), j), slot, PyLong_FromLongLong(e));
+    set(PyList_GET_ITEM(precision_at_.ptr(), j), slot, precision_.inc_ref().ptr());
+    PyObject* pending = PyList_GET_ITEM(pending_.ptr(), j);
+    set(pending, slot, py::bool_(true).release().ptr());
+    set(PyList_GET_ITEM(prefetched_.ptr(), j), slot, py::bool_(true).release().ptr());
+    PyObject* gen = PyList_GET_ITEM(gen_.ptr(), j);
+    set(gen, slot, PyLong_FromLongLong(int_at(gen, slot) + 1));
+    auto& blobs = blobs_[j];  // (address, bytes) per expert, asked of the store once (it checks crc32 then)
+    if (blobs.empty()) blobs.assign(PyList_GET_SIZE(so), {0, -1});
+    if (blobs[e].second < 0) {
+      py::tuple a = blob_address_(j, e, precision_);
+      blobs[e] = {a[0].cast<int64_t>(), a[1].cast<int64_t>()};
+    }
+    int64_t ticket = copier_->submit(blobs[e].first, bases_[j] + slot * slot_bytes_, blobs[e].second, 2.0 - p,
+                                     py::reinterpret_borrow<py::object>(pending), slot, moved_, precision_);
+    if (PyDict_SetItem(PyList_GET_ITEM(tickets_.ptr(), j), py::int_(slot).ptr(), py::int_(ticket).ptr()) < 0)
+      throw py::error_already_set();
+    if (PyList_Append(PyList_GET_ITEM(queued_.ptr(), j), py::int_(slot).ptr()) < 0) throw py::error_already_set();
+  }
+
+  py::object cache_, copier_obj_;
+  Copier* copier_;
+  std::vector<int64_t> bases_;  // slot 0 of each layer's buffer (0: no slots)
+  int64_t slot_bytes_;
+  py::list tickets_;  // per layer: {slot: ticket}
+  py::object moved_, blob_address_, precision_;
+  py::list queued_;
+  py::list slot_of_, expert_at_, precision_at_, pending_, prefetched_, gen_, free_, policies_, evictions_;
+  py::object on_evict_;
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> blobs_;
+};
+
 // The one-token prediction and the value rule in one call, fate's decode hot path, for one layer's gate
 // input: made once per layer with what does not change between steps (the stacked routers W [groups * E,
 // H] of the layers ahead, how many to rank, ``made`` — a list of (layer, ahead, m, chances of ranks < m)
@@ -193,9 +283,10 @@ class ValuePlanner {
  public:
   // w: the stacked routers, a contiguous float32 CPU tensor [len(made) * E, H], held for the planner's life
   ValuePlanner(torch::Tensor w, int64_t E, int64_t H, int64_t n, py::list made, int64_t layer, int64_t k,
-               double t_layer, double t_copy, double host, py::object cache)
+               double t_layer, double t_copy, double host, py::object cache, py::object queuer)
       : w_(std::move(w)), E_(E), H_(H), n_(n), layer_(layer), k_(k), t_layer_(t_layer), t_copy_(t_copy),
-        host_(host), cache_(cache) {
+        host_(host), cache_(cache), queuer_obj_(queuer),
+        queuer_(queuer.is_none() ? nullptr : queuer.cast<Queuer*>()) {
     TORCH_CHECK(w_.scalar_type() == torch::kFloat32 && w_.is_contiguous() && w_.device().is_cpu() &&
                     w_.numel() == (int64_t)made.size() * E * H,
                 "ValuePlanner: the routers are a contiguous float32 CPU tensor [layers ahead * E, H]");
@@ -231,8 +322,12 @@ class ValuePlanner {
       }
       views.push_back(std::move(v));
     }
-    return py::make_tuple(named, value_core(layer_, k_, now, link_free, t_layer_, t_copy_, host_, views, cache_));
+    py::list decisions = value_core(layer_, k_, now, link_free, t_layer_, t_copy_, host_, views, cache_);
+    if (queuer_ != nullptr && py::len(decisions) > 0) queuer_->queue(decisions);
+    return py::make_tuple(named, decisions);
   }
+
+  bool queues() const { return queuer_ != nullptr; }
 
  private:
   struct Spec { int64_t layer, ahead, m; std::vector<double> chances; };  // chances: of ranks < m, fixed
@@ -241,6 +336,8 @@ class ValuePlanner {
   int64_t E_, H_, n_, layer_, k_;
   double t_layer_, t_copy_, host_;
   CacheView cache_;
+  py::object queuer_obj_;  // keeps queuer_ alive
+  Queuer* queuer_;  // queues the decisions itself (else the caller does)
   std::vector<Spec> spec_;
 };
 """

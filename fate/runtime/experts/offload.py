@@ -152,6 +152,7 @@ class Offloader:
         k = cfg.top_k
         self._value_plan = False  # the native value rule, or the reference: resolved on first use
         self._planners: dict[int, object] = {}  # layer -> its native prediction + value rule (or None)
+        self._queuer = False  # what queues the planners' decisions natively (the mover's), or None: resolved on first use
         self._limit = {j: min(cfg.n_experts, n, k + extra) for j, n in enumerate(cache.n_slots) if n > 0}
 
     # -- prediction and prefetching ---------------------------------------------------------------
@@ -223,7 +224,9 @@ class Offloader:
                                              self.host_prefetch_seconds, preds, self.cache))
 
     def _queue_planned(self, decisions) -> None:
-        """Reserve the slots and queue the copies the value rule decided (:func:`value_plan`)."""
+        """Reserve the slots and queue the copies the value rule decided (:func:`value_plan`): the reference
+        of the native ``Queuer`` (:meth:`.transfer.TransferEngine.native_queue`), which the layer's planner
+        runs in its own call where the mover has one."""
         cache, mover = self.cache, self.mover
         for j, e, victim, p in decisions:
             s = cache.reserve(j, e, self.decode_precision, prefetched=True, victim=None if victim < 0 else victim)
@@ -238,16 +241,18 @@ class Offloader:
         if decode and self.rule == "value" and type(predict) is GatePredict:
             planner = self._planners.get(layer, False)
             if planner is False:
+                if self._queuer is False:
+                    self._queuer = self.mover.native_queue(self.decode_precision, self._queued)
                 planner = self._planners[layer] = predict.predictor.value_planner(
                     layer, predict.limit, self.cfg.top_k, self.layer_seconds, self._t_copy, self.host_prefetch_seconds,
-                    self.cache)
+                    self.cache, self._queuer)
             if planner is not None:
                 got = planner(predict.g, *clocks)  # None: not a contiguous float32 CPU gate input
                 if got is not None:
                     named, decisions = got
                     if named is not None:
                         self._named[layer + 1] = set(named)
-                    if decisions:
+                    if decisions and self._queuer is None:  # else the planner has queued them already
                         self._queue_planned(decisions)
                     return
         self.prefetch(layer, predict(), decode, clocks=clocks)

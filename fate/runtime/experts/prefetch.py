@@ -168,12 +168,14 @@ class Predictor:
         return self.rank(layer, x @ self._stack[layer].T, limit)
 
     def value_planner(self, layer: int, limit: dict[int, int], k: int, t_layer: float, t_copy: float, host: float,
-                      cache):
+                      cache, queuer=None):
         """fate's decode hot path for ``layer``'s gate input: a native callable ``planner(x, now, link_free)``
         (``x``: the gate input [1, H]) that predicts and runs the value rule in one call, giving ``(experts named
         for the next layer or None, decisions)`` as :meth:`predict` then
         :func:`fate.runtime.experts.offload.value_plan` with these constants and ``cache`` would — or None
-        where ``x`` is not a contiguous float32 CPU tensor.  None where that path does not apply (nothing
+        where ``x`` is not a contiguous float32 CPU tensor.  With a ``queuer``
+        (:meth:`.transfer.TransferEngine.native_queue`) it also reserves the slots and queues the copies it
+        decided, in the same call (its ``queues`` is then True).  None where that path does not apply (nothing
         ahead, selection scores, the extension not built, no candidates): then predict, then decide."""
         targets = self._targets.get(layer)
         if not targets or self._selects:
@@ -185,7 +187,7 @@ class Predictor:
         n, made = self._sizes_for(layer, targets, limit)
         if n <= 0:
             return None
-        return self._fused(self._stack[layer], self.E, self.H, n, made, layer, k, t_layer, t_copy, host, cache)
+        return self._fused(self._stack[layer], self.E, self.H, n, made, layer, k, t_layer, t_copy, host, cache, queuer)
 
     def _sizes_for(self, layer: int, targets: list[int], limit: dict[int, int]):
         """What a one-token prediction at ``layer`` under ``limit`` ranks (``n``) and keeps per layer ahead

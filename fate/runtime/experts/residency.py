@@ -13,8 +13,11 @@ an object per expert), so the decode hot path does a handful of list operations 
 * ``prefetched[l][s]``: it came because of a prediction, not a demand;
 * ``gen[l][s]``: bumped whenever the slot changes hands, so a copy queued for an earlier holder is void.
 
-Only the thread that runs the model changes this state; the transfer thread only clears ``pending`` of the
-generation it copied (:meth:`landed`).  A slot whose copy is in flight is never evicted or handed out
+Only the thread that runs the model changes this state — the native copier's landed copies too, which
+that thread settles (:meth:`.transfer.TransferEngine.poll`); the Python transfer worker, where the copier is
+not built, only clears ``pending`` of the generation it copied (:meth:`landed`).  The value rule's native
+queueing (:mod:`.native_policy`'s ``Queuer``) makes :meth:`reserve`'s list operations on these same lists in
+place (``_free`` included): a change to them is made in both.  A slot whose copy is in flight is never evicted or handed out
 again: an unneeded prefetch is cancelled only while it is still queued (:meth:`.transfer.TransferEngine.cancel`).
 """
 

@@ -152,6 +152,9 @@ class SimLink:
     def poll(self, layer: int) -> None:
         self._advance(self.t)
 
+    def native_queue(self, precision: str, queued: list[list[int]]) -> None:
+        return None  # the simulated link's queue is Python: the Offloader queues its decisions itself
+
     def compute(self, seconds: float) -> None:
         self.t += seconds
         self._advance(self.t)

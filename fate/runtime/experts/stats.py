@@ -47,7 +47,11 @@ class ExpertStats:
         self._c = {ph: [[0] * len(COUNTERS) for _ in range(self.n_layers)] for ph in PHASES}
         self._stall = {ph: [0.0] * self.n_layers for ph in PHASES}
         self._host = {ph: [0.0] * self.n_layers for ph in PHASES}
-        self.bytes_by_precision: dict[str, int] = {}
+        # emptied in place, never replaced: the native copier adds the bytes of its landed copies to it
+        # (:meth:`.transfer.TransferEngine.poll`)
+        if not hasattr(self, "bytes_by_precision"):
+            self.bytes_by_precision: dict[str, int] = {}
+        self.bytes_by_precision.clear()
 
     def add(self, layer: int, **counts: int) -> None:
         row = self._c[self.phase][layer]

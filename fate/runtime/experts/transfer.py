@@ -73,9 +73,11 @@ class TransferEngine:
         self.inline = not self._cuda  # CPU: a one-token step copies its short demand loads itself
         self._inline: dict[str, bool] = {}  # precision -> whether its demand loads are copied on this thread
         self._native = None
-        # the native copies not seen landed yet: per layer, slot -> ticket; ticket -> (layer, slot, gen, nbytes)
+        # per layer, slot -> the ticket of the last native copy queued into it: what cancel, promote and wait
+        # ask the copier about while the slot is pending (a slot is given to no other expert while its copy is
+        # queued or on the link, so that is the slot's one outstanding copy)
         self._tickets: list[dict[int, int]] = [{} for _ in cache.n_slots]
-        self._open: dict[int, tuple[int, int, int, int]] = {}
+        self._moved = stats.bytes_by_precision if stats is not None else None  # the native copier adds to it
         self._base = {i: b.data_ptr() for i, b in self.buffers.items()}  # slot s of layer i: base + s * slot_bytes
         if not self._cuda and native_copier.available():
             rate = throttle.spec.bytes_per_s if throttle is not None and throttle.active else 0.0
@@ -186,43 +188,32 @@ class TransferEngine:
         self._check()
         self._push(priority, layer, slot, self.cache.gen[layer][slot])
 
+    def native_queue(self, precision: str, queued: list[list[int]]):
+        """A native object queueing the value rule's decisions (:mod:`.native_policy`'s ``Queuer``): each one's
+        slot reserved in the cache and its copy at ``precision`` submitted to the native copier, as
+        :meth:`.offload.Offloader._queue_planned` does through :meth:`.residency.ExpertCache.reserve` and
+        :meth:`prefetch`, the slot appended to ``queued[layer]`` — or None without the native copier."""
+        make = native_copier.queuer() if self._native is not None else None
+        if make is None:
+            return None
+        bases = [self._base.get(i, 0) for i in range(len(self.cache.n_slots))]
+        return make(self.cache, self._native, bases, self.slot_bytes, self._tickets, self._moved,
+                    self.store.blob_address, precision, queued)
+
     def poll(self, layer: int) -> None:
-        """Mark the native copies that have landed since (the cache's ``pending`` flags), whatever their layer:
-        one native call for all of them."""
-        if self._open:
-            landed = self._native.drain()
-            if landed is None:  # more landed since the last call than the copier remembers: ask each
-                landed = [t for t in self._open if self._native.done(t)]
-            for t in landed:
-                self._settle(t)
-
-    def _settle(self, ticket: int) -> None:
-        """The native copy ``ticket`` has landed (a no-op once it has been settled)."""
-        rec = self._forget(ticket)
-        if rec is None:
-            return
-        layer, slot, gen, nbytes = rec
-        cache = self.cache
-        if cache.gen[layer][slot] == gen:
-            cache.landed(layer, slot, gen)
-            if self.stats is not None:
-                self.stats.moved(cache.precision_at[layer][slot], nbytes)
-
-    def _forget(self, ticket: int) -> tuple[int, int, int, int] | None:
-        """Stop tracking the native copy ``ticket`` (landed or cancelled): its (layer, slot, gen, nbytes), or
-        None if it was not tracked."""
-        rec = self._open.pop(ticket, None)
-        if rec is not None:
-            del self._tickets[rec[0]][rec[1]]
-        return rec
+        """Settle the native copies that have landed since, whatever their layer: their ``pending`` flags
+        cleared and their bytes counted in one native call (:meth:`.copier.Copier.settle`), on this thread —
+        the copy thread never touches the cache."""
+        if self._native is not None:
+            self._native.settle()
 
     def _push(self, priority: float, layer: int, slot: int, gen: int) -> None:
         if self._native is not None:
             cache = self.cache
-            src, n = self.store.blob_address(layer, cache.expert_at[layer][slot], cache.precision_at[layer][slot])
-            ticket = self._native.submit(src, self._base[layer] + slot * self.slot_bytes, n, priority)
-            self._tickets[layer][slot] = ticket
-            self._open[ticket] = (layer, slot, gen, n)
+            precision = cache.precision_at[layer][slot]
+            src, n = self.store.blob_address(layer, cache.expert_at[layer][slot], precision)
+            self._tickets[layer][slot] = self._native.submit(src, self._base[layer] + slot * self.slot_bytes, n, priority,
+                                                             cache.pending[layer], slot, self._moved, precision)
             return
         with self._cv:
             key = (layer, slot, gen)
@@ -261,7 +252,6 @@ class TransferEngine:
         if self._native is not None:
             ticket = self._tickets[layer].get(slot)
             if ticket is not None and self._native.cancel(ticket):
-                self._forget(ticket)
                 if inline:
                     self._copy(layer, slot, gen, inline=True)
                 else:
@@ -279,10 +269,7 @@ class TransferEngine:
         """Cancel the queued copy into ``slot`` (True); one already on the link cannot be (False)."""
         if self._native is not None:
             ticket = self._tickets[layer].get(slot)
-            if ticket is None or not self._native.cancel(ticket):
-                return False
-            self._forget(ticket)
-            return True
+            return ticket is not None and self._native.cancel(ticket)
         with self._cv:
             return self._take(layer, slot, self.cache.gen[layer][slot])
 
@@ -296,8 +283,7 @@ class TransferEngine:
             ticket = self._tickets[layer].get(slot)
             if ticket is None:
                 raise EngineError(f"layer {layer}: waiting for slot {slot}, but no copy into it is queued")
-            self._native.wait(ticket)
-            self._settle(ticket)
+            self._native.wait(ticket)  # and settles it (with whatever else has landed)
             return time.perf_counter() - t
         with self._lock:
             while pending[slot]:
