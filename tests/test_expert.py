@@ -23,6 +23,17 @@ def _weights(seed: int = 0):
     return tuple(torch.randn(s, generator=g) * 0.05 for s in ((F, H), (F, H), (H, F)))
 
 
+@pytest.fixture(autouse=True)
+def _torch_one_thread():
+    """torch on one thread, as the engine runs it (fate's pool owns the threads): with more, a BLAS may split a
+    product's sums differently by its shape, and a concatenated gate_up product would not round as the gate
+    and up products apart do."""
+    was = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(was)
+
+
 @pytest.fixture(scope="module")
 def blobs():
     """precision → (blob, layout); the blob is a fresh uint8 tensor, as the map or a slot would hold it."""

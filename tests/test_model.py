@@ -210,7 +210,8 @@ def test_gpt_oss_window_clamp_and_sinks_bind(tmp_path):
     ref = model.forward(ids)
     full = MoEModel(dataclasses.replace(cfg, layer_windows=[]), model.weights, model.experts)
     unwindowed = full.forward(ids)
-    torch.testing.assert_close(unwindowed[:TM.WINDOW], ref[:TM.WINDOW], atol=1e-6, rtol=0)
+    # the same attention before WINDOW, up to the float32 rounding of another attention kernel (the masked one)
+    torch.testing.assert_close(unwindowed[:TM.WINDOW], ref[:TM.WINDOW], atol=2e-5, rtol=0)
     assert (unwindowed[TM.WINDOW:] - ref[TM.WINDOW:]).abs().amax(-1).min() > 1e-3
     g = model.gate_input(0, model.attention(0, model.embed(ids), torch.arange(24), None))
     gate = g @ model.experts.get_expert(0, 0)[0].T + model.experts.get_expert(0, 0)[3][:TM.EXPERT_FFN]

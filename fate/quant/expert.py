@@ -95,7 +95,7 @@ def native_kind(spec: QuantSpec, device: str | torch.device, dtype: torch.dtype,
     if kernels == "torch" or torch.device(device).type != "cpu" or dtype != torch.float32:
         return None
     if spec.name == "q4" and spec.group_size == K.GROUP:
-        kind = K.Q4_I8 if kernels == "int8" else K.Q4_F32
+        kind = K.Q4_I8 if kernels == "int8" else K.q4_f32_kind()
     elif spec.name == "q2" and spec.group_size == K.Q2_GROUP and kernels == "int8":
         kind = K.Q2_I8
     elif spec.name == "f16":

@@ -64,7 +64,7 @@ import torch
 
 from fate.sysinfo import cpu_flags
 
-__all__ = ["available", "unavailable_reason", "isa", "mm", "set_threads", "threads", "quantize", "q4_matvec", "q4_swiglu", "q4_dequant",
+__all__ = ["available", "unavailable_reason", "isa", "q4_f32_kind", "mm", "set_threads", "threads", "quantize", "q4_matvec", "q4_swiglu", "q4_dequant",
            "GROUP", "Q4_I8", "Q2_I8", "Q8_I8", "F16", "Q4_F32", "Q4_F32_512", "ISAS", "Q8_GROUP"]
 
 GROUP = 64  # the q4 group size the kernels handle (q4's default)
@@ -176,6 +176,13 @@ def isa() -> str:
     """The instruction set the kernels use here (``""`` when they are unavailable)."""
     _load()
     return _isa if _module is not None else ""
+
+
+def q4_f32_kind() -> int:
+    """The reference INT4 product's kind on this CPU: ``Q4_F32_512`` where it has AVX-512, else ``Q4_F32`` —
+    what :func:`q4_matvec` computes by default, and ``--kernels fp32`` too (the two round alike)."""
+    _load()
+    return Q4_F32_512 if _wide else Q4_F32
 
 
 def set_threads(n: int) -> None:
