@@ -1,4 +1,4 @@
-"""fate's decode host work under its three implementations of one step, on one loaded model.
+"""fate's decode host work under its five implementations of one step, on one loaded model.
 
 The prediction and the value rule of a decode step (:mod:`fate.runtime.experts.offload`) run as
 
@@ -8,9 +8,11 @@ The prediction and the value rule of a decode step (:mod:`fate.runtime.experts.o
 * ``fused``: both in one native call per layer and step (``Predictor.value_planner``), its decisions then
   reserved and queued by Python (``Offloader._queue_planned``);
 * ``queued``: the same call also reserving the slots and queueing the copies (the planner's native
-  ``Queuer``, ``TransferEngine.native_queue``), the default.
+  ``Queuer``, ``TransferEngine.native_queue``);
+* ``step``: the whole step before the experts are computed in one native call (:mod:`.native_step`:
+  settling landed copies, cancelling, classifying, the demand loads, and the planner), the default.
 
-All four take the same decisions on the same state (tests/test_offload.py holds them equal), so a run's
+The first four run the Python step (``Offloader._classify``) around the rule.  All five take the same decisions on the same state (tests/test_offload.py holds them equal), so a run's
 tokens are the same; what differs is the host time.  The paths are switched on the live ``Offloader`` of
 one model and the rounds alternated, so each ratio is between runs seconds apart on the same weights and
 cache (on a shared VM separate loads, or runs a minute apart, differ by more than these paths do).
@@ -27,14 +29,15 @@ from benchmarks.offload_pairs import cell_parser, probe, write_json
 from fate.runtime.experts import copier
 from fate.runtime.experts.offload import value_plan
 
-PATHS = ("python", "native", "fused", "queued")
+PATHS = ("python", "native", "fused", "queued", "step")
 
 
 def _use(model, path: str) -> None:
     off = model.offloading.executor.offloader
     off._value_plan = value_plan if path == "python" else (copier.value_plan() or value_plan)
-    off.predictor._fused = copier.value_planner() if path in ("fused", "queued") else None
-    off._queuer = False if path == "queued" else None  # False: the mover's, resolved on first use
+    off.predictor._fused = copier.value_planner() if path in ("fused", "queued", "step") else None
+    off._queuer = False if path in ("queued", "step") else None  # False: the mover's, resolved on first use
+    off._step = False if path == "step" else None
     off._planners = {}  # made again on the next step, with the path's choice
 
 
@@ -55,7 +58,7 @@ def measure(bundle: str, mem: str, link: str, rounds: int, n: int, threads: int,
                 s, t = out.stats, out.stats.decode["tokens"]
                 runs[p].append((1e3 * s.decode["seconds"] / t, 1e6 * s.experts["decode"]["host_seconds"] / (t * layers)))
                 tokens.setdefault(p, out.token_ids)
-        _use(m, "queued")
+        _use(m, "step")
         label = m.link.label
     finally:
         m.close()

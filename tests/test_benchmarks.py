@@ -51,9 +51,9 @@ def test_offload_pairs_measures_a_cell(converted):
 
 
 def test_host_paths_switches_the_decode_step_and_keeps_its_tokens(converted):
-    """benchmarks.host_paths on a tiny bundle: the Python reference, the native rule, the fused call and the
-    fused call queueing its own copies run on one model in alternated rounds; each really is switched in, and
-    all four give the same greedy tokens."""
+    """benchmarks.host_paths on a tiny bundle: the Python reference, the native rule, the fused call, the
+    fused call queueing its own copies and the native decode step run on one model in alternated rounds; each
+    really is switched in, and all five give the same greedy tokens."""
     from benchmarks import host_paths
     from fate.runtime.experts import copier
     from fate.runtime.experts.offload import value_plan
@@ -75,8 +75,11 @@ def test_host_paths_switches_the_decode_step_and_keeps_its_tokens(converted):
     host_paths._use(m, "queued")
     assert off.predictor._fused is copier.value_planner() and off._queuer is False
     m.generate(ids, 4, temperature=0.0, stop_at_eos=False)
-    assert type(off._queuer).__name__ == "Queuer"
+    assert type(off._queuer).__name__ == "Queuer" and off._step is None
     assert off._planners and all(p.queues for p in off._planners.values() if p is not None)
+    host_paths._use(m, "step")
+    m.generate(ids, 4, temperature=0.0, stop_at_eos=False)
+    assert type(off._step).__name__ == "DecodeStep"
     m.close()
     rows = host_paths.measure(str(path), "50%", "ratio:1", rounds=2, n=4, threads=1, prompt_ids=ids)
     by = {r["path"]: r for r in rows}

@@ -4,6 +4,7 @@ the budget is enforced, INT2 is used only where the prefill rule says."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -459,6 +460,122 @@ def test_native_queueing_equals_its_reference(converted):
         ta.close()
         tb.close()
     assert min(seen.values()) > 20, seen
+    m.close()
+
+
+def _twin_offloaders(m, n_slots: int, policy: str, seconds_per_copy: float | None):
+    """Two identical Offloaders (plain caching) over their own caches and native copiers: the native decode
+    step in the first, the Python reference (``_classify``) in the second."""
+    from fate.runtime.experts.link import LinkSpec, Throttle
+    from fate.runtime.experts.offload import Offloader
+    from fate.runtime.experts.residency import ExpertCache
+    from fate.runtime.experts.stats import ExpertStats
+    from fate.runtime.experts.transfer import TransferEngine
+
+    cfg, n = m.config, m.store.blob_bytes("q4")
+    twins = []
+    for native in (True, False):
+        stats = ExpertStats(cfg.n_layers)
+        cache = ExpertCache([n_slots] * cfg.n_layers, cfg.n_experts, policy=policy, on_evict=stats.evicted)
+        throttle = None
+        if seconds_per_copy is not None:
+            throttle = Throttle(LinkSpec("bandwidth", bytes_per_s=n / seconds_per_copy, label="test", emulated=True))
+        t = TransferEngine(m.store, cache, n, torch.device("cpu"), throttle, stats=stats, copy_seconds={"q4": 1e-6})
+        off = Offloader(cfg, cache, t, stats, predictor=None, layer_seconds=1e-3)
+        if not native:
+            off._step = None
+        twins.append((off, cache, t, stats))
+    return twins
+
+
+def _same_state(a, b, n_layers):
+    (oa, ca, ta, sa), (ob, cb, tb, sb) = a, b
+    for name in ("slot_of", "expert_at", "precision_at", "pending", "prefetched", "gen", "_free", "evictions"):
+        assert getattr(ca, name) == getattr(cb, name), name
+    assert [ca.resident(j) for j in range(n_layers)] == [cb.resident(j) for j in range(n_layers)]
+    assert oa._queued == ob._queued and ta._tickets == tb._tickets  # the same copies queued, in the same order
+    da, db = sa.to_dict(), sb.to_dict()
+    for d in (da, db):
+        for row in [d["total"], d["prefill"], d["decode"], *d["layers"]]:
+            row.pop("stall_seconds"), row.pop("host_seconds")
+    assert da == db
+
+
+@pytest.mark.parametrize("link", [None, 0.004])
+def test_native_decode_step_equals_its_reference(converted, link):
+    """The native decode step (:mod:`fate.runtime.experts.native_step`) changes the cache exactly as the Python
+    step (``Offloader._classify``) does: twin offloaders serve the same random one-token steps (hits, misses
+    evicting by ARC or LRFU, slots short of the experts a step needs, prefetches settled on landing), and after
+    every step their caches, eviction orders, queued lists and counts are the same, and each computed expert
+    read its own bytes from the slot — with inline copies (no link) and with the copy thread's (``link``)."""
+    import random
+
+    from fate.runtime.experts import copier
+
+    if copier.decode_step() is None:
+        pytest.skip(f"native extension not built: {copier.why}")
+    m = fate.load(converted["mixtral"][1], experts="q4", device="cpu")
+    cfg, n = m.config, m.store.blob_bytes("q4")
+    rng = random.Random(11)
+    native_steps = 0
+    for n_slots, policy in ((1, "arc"), (cfg.top_k, "lrfu"), (cfg.n_experts - 1, "lrfu"), (3, "arc")):
+        twins = _twin_offloaders(m, n_slots, policy, link)
+        for step in range(30):
+            layer = rng.choice(cfg.moe_layer_ids)
+            ranked = rng.sample(range(cfg.n_experts), cfg.top_k)
+            seed = [e for e in rng.sample(range(cfg.n_experts), 2) if e not in ranked] if rng.random() < 0.3 else []
+            for off, cache, t, _ in twins:  # prefetches landed before the step
+                for e in seed:
+                    if cache.slot_of[layer][e] < 0:
+                        s = cache.reserve(layer, e, "q4", prefetched=True, pinned=())
+                        if s >= 0:
+                            t.prefetch(layer, s, 1.5)
+                            off._queued[layer].append(s)
+                            t.wait(layer, s)
+            for off, cache, t, _ in twins:
+                seen = []
+
+                def compute(e, s, precision, _t=t, _seen=seen):
+                    assert torch.equal(_t.slot(layer, s, n), m.store.blob(layer, e, "q4"))
+                    _seen.append((e, s, precision))
+
+                off.run_layer(layer, list(ranked), None, 1, None, compute)
+                assert sorted(e for e, _, _ in seen) == sorted(ranked)
+            native_steps += twins[0][0]._step is not None
+            _same_state(twins[0], twins[1], cfg.n_layers)
+        for _, _, t, _ in twins:
+            t.close()
+    assert native_steps == 120
+    m.close()
+
+
+def test_native_decode_step_promotes_and_cancels_queued_prefetches(converted):
+    """Behind a prefetch on the link, a queued prefetch the layer needs is promoted (a demand load now) and one
+    it does not need is cancelled and its slot freed; the one on the link is left to land (and has, by the time
+    the promoted one behind it has) — as the Python step does, on a twin."""
+    from fate.runtime.experts import copier
+
+    if copier.decode_step() is None:
+        pytest.skip(f"native extension not built: {copier.why}")
+    m = fate.load(converted["mixtral"][1], experts="q4", device="cpu")
+    cfg = m.config
+    layer = cfg.moe_layer_ids[0]
+    twins = _twin_offloaders(m, 6, "lrfu", 0.1)
+    a, b, c = 0, 1, 2
+    for off, cache, t, stats in twins:  # one after the other: the same copies on each link at the step
+        for prio, e in enumerate((a, b, c)):
+            s = cache.reserve(layer, e, "q4", prefetched=True)
+            t.prefetch(layer, s, 1.0 + prio)
+            off._queued[layer].append(s)
+        time.sleep(0.03)  # a is on the link now; b and c are queued
+        off.run_layer(layer, [b, 3], None, 1, None, lambda e, s, p: None)
+        assert cache.slot_of[layer][c] < 0  # cancelled, its slot free again
+        assert cache.slot_of[layer][a] >= 0 and cache.prefetched[layer][cache.slot_of[layer][a]]  # left to land
+        d = stats.to_dict()["decode"]
+        assert (d["late_prefetches"], d["misses"], d["hits"]) == (1, 1, 0)
+    _same_state(twins[0], twins[1], cfg.n_layers)
+    for _, _, t, _ in twins:
+        t.close()
     m.close()
 
 

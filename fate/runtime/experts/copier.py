@@ -19,7 +19,7 @@ slower), as a CUDA event synchronize does by default.
 Built on first use with torch's cpp_extension (g++; a few seconds, once per machine); where it cannot be
 built, :func:`available` is False and the TransferEngine keeps its Python worker.  The same extension
 carries the policy's decode hot paths (:mod:`.native_policy`): :func:`rank_topn`, :func:`value_plan`,
-:func:`value_planner` and :func:`queuer`, and the expert cache's eviction policies (:mod:`.native_evict`): :func:`eviction_policies`.
+:func:`value_planner` and :func:`queuer`, the decode step (:mod:`.native_step`): :func:`decode_step`, and the expert cache's eviction policies (:mod:`.native_evict`): :func:`eviction_policies`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import os
 import shutil
 import threading
 
-from fate.runtime.experts import native_evict, native_policy
+from fate.runtime.experts import native_evict, native_policy, native_step
 
 
 _SOURCE = r"""
@@ -317,6 +317,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<pybind11::object, pybind11::object, std::vector<int64_t>, int64_t, pybind11::list,
                           pybind11::object, pybind11::object, pybind11::object, pybind11::list>())
       .def("queue", &Queuer::queue);
+  pybind11::class_<DecodeStep>(m, "DecodeStep")
+      .def(pybind11::init<pybind11::object, bool, double, double, double, bool, int64_t>())
+      .def("__call__", &DecodeStep::operator());
   pybind11::class_<Copier>(m, "Copier")
       .def(pybind11::init<double, double>())
       .def("submit", &Copier::submit, pybind11::arg("src"), pybind11::arg("dst"), pybind11::arg("n"),
@@ -332,7 +335,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 }
 """
 
-_FULL_SOURCE = _SOURCE + native_policy.SOURCE + native_evict.SOURCE + _BINDINGS
+_FULL_SOURCE = _SOURCE + native_policy.SOURCE + native_step.SOURCE + native_evict.SOURCE + _BINDINGS
 _NAME = "fate_copier_" + hashlib.sha1(_FULL_SOURCE.encode()).hexdigest()[:10]  # torch caches builds by name
 
 _lock = threading.Lock()
@@ -400,6 +403,13 @@ def queuer():
     extension is not built."""
     mod = _load()
     return None if mod is None else mod.Queuer
+
+
+def decode_step():
+    """The native class running fate's decode step for one MoE layer before its experts are computed
+    (:mod:`.native_step`), or None where the extension is not built."""
+    mod = _load()
+    return None if mod is None else mod.DecodeStep
 
 
 def eviction_policies():

@@ -1,5 +1,6 @@
 """The offloading policy's decode hot paths in C++, compiled into the copier's extension (:mod:`.copier`
-builds it; its ``rank_topn()``, ``value_plan()`` and ``value_planner()`` hand them out, or None where it is not built).
+builds it; its ``rank_topn()``, ``value_plan()``, ``value_planner()`` and ``queuer()`` hand them out, or None
+where it is not built).
 
 * ``rank_topn``: the one-token prediction (:mod:`.prefetch`): the stacked routers' product and each layer's
   top experts in one call;
@@ -7,10 +8,14 @@ builds it; its ``rank_topn()``, ``value_plan()`` and ``value_planner()`` hand th
   order as its Python reference :func:`fate.runtime.experts.offload.value_plan`, which serves where the
   extension is not built; a test holds the two equal;
 * ``ValuePlanner``: the two in one call for one layer, fate's decode hot path
-  (:meth:`.prefetch.Predictor.value_planner`).
+  (:meth:`.prefetch.Predictor.value_planner`), which with a ``Queuer`` also queues what it decided;
+* ``Queuer``: the cache's and the transfer's hot operations (reserve, drop, a copy queued, copied inline or
+  cancelled) made in place on the cache's own lists and the native copier, the same list operations in the
+  same order as the Python (:meth:`.transfer.TransferEngine.native_queue` makes one); what the planner's
+  queueing and the native decode step (:mod:`.native_step`) run.
 
-They read the cache (in place: a Python list item is cheaper to read than to convert) and change nothing:
-the caller reserves the slots and queues the copies.
+The prediction and the rule read the cache (in place: a Python list item is cheaper to read than to convert)
+and change nothing; the ``Queuer`` changes it.
 """
 
 SOURCE = r"""
@@ -82,13 +87,29 @@ static std::vector<double> doubles_of(PyObject* list) {
   return out;
 }
 
-// what value_core reads of the cache: its per-layer lists (the outer lists never change) and two methods
+// what value_core reads of the cache: its per-layer lists (the outer lists never change) and how many slots
+// are free and which experts are resident in eviction order — of an ExpertCache straight from its free lists
+// and its policies (len(_free[j]), policies[j].resident(): ExpertCache.free_slots and resident without their
+// Python frames), of anything else through its free_slots(j) and resident(j) methods
 struct CacheView {
   py::list slot_of, pending;
-  py::object free_slots, resident;
+  py::object free_slots, resident, free_lists, policies;
   explicit CacheView(const py::object& cache)
       : slot_of(cache.attr("slot_of")), pending(cache.attr("pending")), free_slots(cache.attr("free_slots")),
-        resident(cache.attr("resident")) {}
+        resident(cache.attr("resident")) {
+    if (py::hasattr(cache, "_free") && py::hasattr(cache, "policies")) {
+      free_lists = cache.attr("_free");
+      policies = cache.attr("policies");
+    }
+  }
+  int64_t n_free(int64_t j) const {
+    if (free_lists) return PyList_GET_SIZE(PyList_GET_ITEM(free_lists.ptr(), j));
+    return free_slots(j).cast<int64_t>();
+  }
+  py::list resident_in_order(int64_t j) const {
+    if (policies) return policies[py::int_(j)].attr("resident")();
+    return resident(j);
+  }
 };
 
 static py::list value_core(int64_t layer, int64_t k, double now, double link_free, double t_layer, double t_copy,
@@ -133,13 +154,13 @@ static py::list value_core(int64_t layer, int64_t k, double now, double link_fre
     const double saved = cd.p * (t_copy - std::max(0.0, finish - t_need));
     const double cost = std::min(1.0, std::max(0.0, next_misses - (j == layer + 1 ? cd.p : 0.0))) * overrun + host;
     if (saved <= cost) continue;
-    if (free[cd.i] < 0) free[cd.i] = cache.free_slots(j).cast<int64_t>();
+    if (free[cd.i] < 0) free[cd.i] = cache.n_free(j);
     int64_t victim = -1;
     if (free[cd.i] == 0) {
       auto& v = victims[cd.i];
       if (!built[cd.i]) {
         built[cd.i] = true;
-        py::list od = cache.resident(j);
+        py::list od = cache.resident_in_order(j);
         PyObject *so = slot_of[cd.i].ptr(), *pd = pending[cd.i].ptr();
         for (Py_ssize_t a = 0; a < PyList_GET_SIZE(od.ptr()); ++a) {
           int64_t x = int_at(od.ptr(), a);
@@ -183,12 +204,19 @@ static py::list value_plan(int64_t layer, int64_t k, double now, double link_fre
   return value_core(layer, k, now, link_free, t_layer, t_copy, host, views, CacheView(cache));
 }
 
-// Queueing the value rule's decisions, the same list operations in the same order as its Python reference
-// (Offloader._queue_planned: ExpertCache.reserve with the decision's victim, then TransferEngine.prefetch
-// at priority 2 - chance), made in place on the cache's lists and submitted to the native copier (the class
-// above, in the same extension): one call where the reference made a few Python calls per copy.  Built by
+// The cache's and the transfer's hot operations on the cache's own lists, made in place with the same list
+// operations in the same order as their Python originals (ExpertCache.reserve / drop, TransferEngine.prefetch /
+// demand / promote / cancel), the copies submitted to the native copier (the class above, in the same
+// extension): what the value rule's queueing (``queue``: Offloader._queue_planned, its reference) and the native
+// decode step (native_step) run, one call where the Python made a few per copy.  Built by
 // TransferEngine.native_queue, which hands over its slot buffers' addresses, its ticket maps and the bytes
 // counter; ``queued``: the Offloader's per-layer lists of slots holding a queued prefetch.
+static PyObject* py_name(const char* s) {  // an interned method name, made once
+  PyObject* o = PyUnicode_InternFromString(s);
+  if (o == nullptr) throw py::error_already_set();
+  return o;
+}
+
 class Queuer {
  public:
   Queuer(py::object cache, py::object copier, std::vector<int64_t> bases, int64_t slot_bytes, py::list tickets,
@@ -203,62 +231,138 @@ class Queuer {
     TORCH_CHECK((int64_t)bases_.size() == (int64_t)py::len(slot_of_) && py::len(tickets_) == py::len(slot_of_) &&
                     py::len(queued_) == py::len(slot_of_),
                 "Queuer: one slot buffer, ticket map and queued list a layer");
+    static PyObject *admit = py_name("admit"), *discard = py_name("discard"), *evict_where = py_name("evict_where");
+    admit_ = admit, discard_ = discard, evict_where_ = evict_where;
   }
 
-  // the decisions [(layer, expert, victim, chance), ...] of value_core, in order
+  // the value rule's decisions [(layer, expert, victim, chance), ...] of value_core, in order
   void queue(const py::list& decisions) {
     for (py::handle d : decisions) {
       py::tuple t = py::reinterpret_borrow<py::tuple>(d);
-      one(t[0].cast<int64_t>(), t[1].cast<int64_t>(), t[2].cast<int64_t>(), t[3].cast<double>());
+      const int64_t j = t[0].cast<int64_t>(), e = t[1].cast<int64_t>(), victim = t[2].cast<int64_t>();
+      TORCH_CHECK(victim >= 0 || PyList_GET_SIZE(list_at(free_, j)) > 0, "Queuer: no free slot and no victim");
+      const int64_t slot = reserve(j, e, victim, true, nullptr);
+      submit(j, slot, e, 2.0 - t[3].cast<double>());  // the likelier first, all behind any demand load
+      if (PyList_Append(list_at(queued_, j), py::int_(slot).ptr()) < 0) throw py::error_already_set();
     }
   }
 
- private:
-  static void set(PyObject* list, int64_t i, PyObject* v) {  // v: a new reference, stolen
-    if (v == nullptr || PyList_SetItem(list, (Py_ssize_t)i, v) < 0) throw py::error_already_set();
-  }
-
-  void one(int64_t j, int64_t e, int64_t victim, double p) {
-    TORCH_CHECK(j >= 0 && j < (int64_t)blobs_.size() && bases_[j] != 0, "Queuer: layer ", j, " has no slots");
-    PyObject *so = PyList_GET_ITEM(slot_of_.ptr(), j), *free = PyList_GET_ITEM(free_.ptr(), j);
+  // ExpertCache.reserve: a free slot, else ``victim``'s (>= 0) or the one the policy evicts (victim < 0: never
+  // one in ``pinned`` — a Python container, or nullptr: none — nor one in flight); -1 when none can be had
+  int64_t reserve(int64_t j, int64_t e, int64_t victim, bool prefetched, PyObject* pinned) {
+    TORCH_CHECK(has_slots(j), "Queuer: layer ", j, " has no slots");
+    PyObject *so = list_at(slot_of_, j), *free = list_at(free_, j);
     TORCH_CHECK(e >= 0 && e < PyList_GET_SIZE(so), "Queuer: expert out of range");
     TORCH_CHECK(int_at(so, e) < 0, "layer ", j, ": expert ", e, " is already cached");
-    py::handle policy = PyList_GET_ITEM(policies_.ptr(), j);
+    PyObject* policy = list_at(policies_, j);
     int64_t slot;
     if (PyList_GET_SIZE(free) > 0) {  // free.pop()
       Py_ssize_t last = PyList_GET_SIZE(free) - 1;
       slot = int_at(free, last);
       if (PyList_SetSlice(free, last, last + 1, nullptr) < 0) throw py::error_already_set();
-    } else {  // the victim's slot (ExpertCache.reserve with victim=)
-      TORCH_CHECK(victim >= 0 && victim < PyList_GET_SIZE(so) && int_at(so, victim) >= 0,
-                  "Queuer: no free slot and no resident victim");
-      policy.attr("discard")(victim);
+    } else {
+      if (victim < 0) {
+        py::object got = steal(PyObject_CallMethodObjArgs(policy, evict_where_, py::int_(e).ptr(),
+                                                          pinned ? pinned : empty_.ptr(), list_at(pending_, j), so,
+                                                          nullptr));
+        if (got.is_none()) return -1;
+        victim = got.cast<int64_t>();
+      } else {
+        TORCH_CHECK(victim < PyList_GET_SIZE(so) && int_at(so, victim) >= 0, "Queuer: the victim is not resident");
+        steal(PyObject_CallMethodOneArg(policy, discard_, py::int_(victim).ptr()));
+      }
       slot = int_at(so, victim);
       set(so, victim, PyLong_FromLongLong(-1));
       PyObject* ev = evictions_.ptr();
       set(ev, j, PyLong_FromLongLong(int_at(ev, j) + 1));
       if (!on_evict_.is_none()) on_evict_(j);
     }
-    policy.attr("admit")(e);
+    steal(PyObject_CallMethodOneArg(policy, admit_, py::int_(e).ptr()));
     set(so, e, PyLong_FromLongLong(slot));
-    set(PyList_GET_ITEM(expert_at_.ptr(), j), slot, PyLong_FromLongLong(e));
-    set(PyList_GET_ITEM(precision_at_.ptr(), j), slot, precision_.inc_ref().ptr());
-    PyObject* pending = PyList_GET_ITEM(pending_.ptr(), j);
-    set(pending, slot, py::bool_(true).release().ptr());
-    set(PyList_GET_ITEM(prefetched_.ptr(), j), slot, py::bool_(true).release().ptr());
-    PyObject* gen = PyList_GET_ITEM(gen_.ptr(), j);
+    set(list_at(expert_at_, j), slot, PyLong_FromLongLong(e));
+    set(list_at(precision_at_, j), slot, precision_.inc_ref().ptr());
+    set(list_at(pending_, j), slot, py::bool_(true).release().ptr());
+    set(list_at(prefetched_, j), slot, py::bool_(prefetched).release().ptr());
+    PyObject* gen = list_at(gen_, j);
     set(gen, slot, PyLong_FromLongLong(int_at(gen, slot) + 1));
+    return slot;
+  }
+
+  // TransferEngine._push: the copy of expert ``e`` into ``slot`` queued on the copy thread at ``priority``
+  void submit(int64_t j, int64_t slot, int64_t e, double priority) {
+    const auto& b = blob(j, e);
+    int64_t ticket = copier_->submit(b.first, bases_[j] + slot * slot_bytes_, b.second, priority,
+                                     py::reinterpret_borrow<py::object>(list_at(pending_, j)), slot, moved_, precision_);
+    if (PyDict_SetItem(list_at(tickets_, j), py::int_(slot).ptr(), py::int_(ticket).ptr()) < 0)
+      throw py::error_already_set();
+  }
+
+  // TransferEngine._copy inline: copied on this thread (on the link's timeline), the flag cleared, the bytes counted
+  void copy_now(int64_t j, int64_t slot, int64_t e) {
+    const auto& b = blob(j, e);
+    copier_->copy_now(b.first, bases_[j] + slot * slot_bytes_, b.second);
+    set(list_at(pending_, j), slot, py::bool_(false).release().ptr());
+    if (!moved_.is_none()) {
+      PyObject* was = PyDict_GetItemWithError(moved_.ptr(), precision_.ptr());
+      if (was == nullptr && PyErr_Occurred()) throw py::error_already_set();
+      py::object sum = was == nullptr ? py::int_(b.second) : steal(PyNumber_Add(was, py::int_(b.second).ptr()));
+      if (PyDict_SetItem(moved_.ptr(), precision_.ptr(), sum.ptr()) < 0) throw py::error_already_set();
+    }
+  }
+
+  // TransferEngine.cancel: the slot's queued copy cancelled (true); one on the link or landed is not (false)
+  bool cancel(int64_t j, int64_t slot) {
+    PyObject* t = PyDict_GetItemWithError(list_at(tickets_, j), py::int_(slot).ptr());
+    if (t == nullptr) {
+      if (PyErr_Occurred()) throw py::error_already_set();
+      return false;
+    }
+    return copier_->cancel(PyLong_AsLongLong(t));
+  }
+
+  // ExpertCache.drop: forget a resident expert whose copy is not in flight and free its slot
+  void drop(int64_t j, int64_t e) {
+    PyObject* so = list_at(slot_of_, j);
+    const int64_t slot = int_at(so, e);
+    if (slot < 0) return;
+    set(so, e, PyLong_FromLongLong(-1));
+    set(list_at(expert_at_, j), slot, PyLong_FromLongLong(-1));
+    set(list_at(pending_, j), slot, py::bool_(false).release().ptr());
+    PyObject* gen = list_at(gen_, j);
+    set(gen, slot, PyLong_FromLongLong(int_at(gen, slot) + 1));
+    steal(PyObject_CallMethodOneArg(list_at(policies_, j), discard_, py::int_(e).ptr()));
+    if (PyList_Append(list_at(free_, j), py::int_(slot).ptr()) < 0) throw py::error_already_set();
+  }
+
+  Copier* copier() const { return copier_; }
+  PyObject* precision() const { return precision_.ptr(); }
+  // a layer's lists (borrowed): the cache's, and the Offloader's slots holding a queued prefetch
+  PyObject* slot_of(int64_t j) const { return list_at(slot_of_, j); }
+  PyObject* expert_at(int64_t j) const { return list_at(expert_at_, j); }
+  PyObject* precision_at(int64_t j) const { return list_at(precision_at_, j); }
+  PyObject* pending(int64_t j) const { return list_at(pending_, j); }
+  PyObject* prefetched(int64_t j) const { return list_at(prefetched_, j); }
+  PyObject* queued(int64_t j) const { return list_at(queued_, j); }
+  int64_t n_layers() const { return (int64_t)blobs_.size(); }
+  bool has_slots(int64_t j) const { return j >= 0 && j < n_layers() && bases_[j] != 0; }
+
+ private:
+  static PyObject* list_at(const py::list& l, int64_t j) { return PyList_GET_ITEM(l.ptr(), (Py_ssize_t)j); }
+  static py::object steal(PyObject* o) {
+    if (o == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(o);
+  }
+  static void set(PyObject* list, int64_t i, PyObject* v) {  // v: a new reference, stolen
+    if (v == nullptr || PyList_SetItem(list, (Py_ssize_t)i, v) < 0) throw py::error_already_set();
+  }
+  const std::pair<int64_t, int64_t>& blob(int64_t j, int64_t e) {
     auto& blobs = blobs_[j];  // (address, bytes) per expert, asked of the store once (it checks crc32 then)
-    if (blobs.empty()) blobs.assign(PyList_GET_SIZE(so), {0, -1});
+    if (blobs.empty()) blobs.assign(PyList_GET_SIZE(list_at(slot_of_, j)), {0, -1});
     if (blobs[e].second < 0) {
       py::tuple a = blob_address_(j, e, precision_);
       blobs[e] = {a[0].cast<int64_t>(), a[1].cast<int64_t>()};
     }
-    int64_t ticket = copier_->submit(blobs[e].first, bases_[j] + slot * slot_bytes_, blobs[e].second, 2.0 - p,
-                                     py::reinterpret_borrow<py::object>(pending), slot, moved_, precision_);
-    if (PyDict_SetItem(PyList_GET_ITEM(tickets_.ptr(), j), py::int_(slot).ptr(), py::int_(ticket).ptr()) < 0)
-      throw py::error_already_set();
-    if (PyList_Append(PyList_GET_ITEM(queued_.ptr(), j), py::int_(slot).ptr()) < 0) throw py::error_already_set();
+    return blobs[e];
   }
 
   py::object cache_, copier_obj_;
@@ -270,6 +374,8 @@ class Queuer {
   py::list queued_;
   py::list slot_of_, expert_at_, precision_at_, pending_, prefetched_, gen_, free_, policies_, evictions_;
   py::object on_evict_;
+  PyObject *admit_, *discard_, *evict_where_;
+  py::tuple empty_;  // "nothing pinned"
   std::vector<std::vector<std::pair<int64_t, int64_t>>> blobs_;
 };
 

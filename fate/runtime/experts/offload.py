@@ -20,6 +20,10 @@ Per MoE layer and forward step (:meth:`Offloader.run_layer`):
    a slot, the hits with the fewest tokens first: each frees its slot for the next load soonest, so the
    link starts early in the layer (2-5 % faster prefill at 25-50 % `ratio:1`, docs/BENCHMARKS.md).
 
+In a one-token step under the value rule or plain caching, everything before the computing of step 4 is
+one native call per layer (:mod:`.native_step`, over the cache's own lists); :meth:`Offloader._classify` is
+its Python reference, and serves every other step.
+
 **Prefetching by expected value (decode).**  The prediction names candidates for layers i+1 and i+2, each
 with its calibrated chance ``p`` of being needed (:mod:`.prefetch`).  The link must be idle again by the
 time layer i+1 starts (one layer's compute from now), or its demand loads would wait: a candidate is
@@ -153,6 +157,7 @@ class Offloader:
         self._value_plan = False  # the native value rule, or the reference: resolved on first use
         self._planners: dict[int, object] = {}  # layer -> its native prediction + value rule (or None)
         self._queuer = False  # what queues the planners' decisions natively (the mover's), or None: resolved on first use
+        self._step = False  # the native decode step (:meth:`_native_step`), or None: resolved on first use
         self._limit = {j: min(cfg.n_experts, n, k + extra) for j, n in enumerate(cache.n_slots) if n > 0}
 
     # -- prediction and prefetching ---------------------------------------------------------------
@@ -233,19 +238,25 @@ class Offloader:
             mover.prefetch(j, s, 2.0 - p)  # the likelier first, all behind any demand load
             self._queued[j].append(s)
 
+    def _planner(self, layer: int, predict: "GatePredict"):
+        """The layer's native prediction and value rule (:meth:`.prefetch.Predictor.value_planner`, queueing its
+        own decisions where the mover can), made on first use; None where that path does not apply."""
+        planner = self._planners.get(layer, False)
+        if planner is False:
+            if self._queuer is False:
+                self._queuer = self.mover.native_queue(self.decode_precision, self._queued)
+            planner = self._planners[layer] = predict.predictor.value_planner(
+                layer, predict.limit, self.cfg.top_k, self.layer_seconds, self._t_copy, self.host_prefetch_seconds,
+                self.cache, self._queuer)
+        return planner
+
     def _predict_and_prefetch(self, layer: int, predict, decode: bool, clocks: tuple) -> None:
         """Predict at ``layer``'s gate input and act on it (``clocks``: the rule's clock and the link's, as
         :meth:`_prediction_clocks` read them); in decode with the value rule, where ``predict`` is a
         :class:`GatePredict` over a CPU float32 gate input, as one native call per step (the layer's planner,
-        :meth:`.prefetch.Predictor.value_planner`, made on first use)."""
+        :meth:`_planner`)."""
         if decode and self.rule == "value" and type(predict) is GatePredict:
-            planner = self._planners.get(layer, False)
-            if planner is False:
-                if self._queuer is False:
-                    self._queuer = self.mover.native_queue(self.decode_precision, self._queued)
-                planner = self._planners[layer] = predict.predictor.value_planner(
-                    layer, predict.limit, self.cfg.top_k, self.layer_seconds, self._t_copy, self.host_prefetch_seconds,
-                    self.cache, self._queuer)
+            planner = self._planner(layer, predict)
             if planner is not None:
                 got = planner(predict.g, *clocks)  # None: not a contiguous float32 CPU gate input
                 if got is not None:
@@ -256,6 +267,20 @@ class Offloader:
                         self._queue_planned(decisions)
                     return
         self.prefetch(layer, predict(), decode, clocks=clocks)
+
+    def _native_step(self):
+        """The native decode step (:mod:`.native_step`) over the mover's native queue, or None where the
+        Python step serves: the paper's window rule, a mover without a native queue (the simulator's, the
+        Python copy worker), no extension."""
+        if self.predictor is not None and self.rule != "value":
+            return None
+        if self._queuer is False:
+            self._queuer = self.mover.native_queue(self.decode_precision, self._queued)
+        make = native.decode_step() if self._queuer is not None else None
+        if make is None:
+            return None
+        return make(self._queuer, self.mover.inline_demand(self.decode_precision), self.expert_seconds,
+                    self.layer_seconds, self._t_copy, self._predicts, self.cfg.n_layers)
 
     def _cancel_unneeded(self, layer: int, want: dict[int, str]) -> None:
         """Prefetches for ``layer`` that it turned out not to need and that are still queued are cancelled:
@@ -284,15 +309,89 @@ class Offloader:
         t_start = mover.now()
         busy = 0.0  # computing experts and waiting for copies: what is not the policy's own work
         stats.phase = "decode" if decode else "prefill"
+        named = self._named.pop(layer, None)
+        got = None
+        if decode and (predict is None or type(predict) is GatePredict):
+            if self._step is False:
+                self._step = self._native_step()
+            if self._step is not None:  # the same steps in one native call (None: INT2 copies in play)
+                planner = self._planner(layer, predict) if predict is not None and self._predicts else None
+                got = self._step(layer, ranked, planner, None if predict is None else predict.g)
         if decode:
             want = dict.fromkeys(ranked, self.decode_precision)
         else:
             want = hybrid_precisions(ranked, counts, self.int2_share, self.decode_precision, self.low_precision)
-        named = self._named.pop(layer, None)
+        if got is not None:
+            order, waiting, hits, late, misses, stall, clocks, named_next = got
+            if named_next is not None:
+                self._named[layer + 1] = set(named_next)
+            if clocks is not None:  # a prediction the planner could not make
+                self.prefetch(layer, predict(), decode, clocks=clocks)
+        else:
+            order, waiting, hits, late, misses, stall = self._classify(layer, ranked, want, counts, decode, predict)
+        pending, precision_at = cache.pending[layer], cache.precision_at[layer]
+        if waiting:
+            busy, stall = self._compute_waiting(layer, order, waiting, want, decode, compute, busy, stall)
+        else:  # every expert has its slot (the usual step): wait where its copy is still crossing, compute
+            hit, now, wait = cache.policies[layer].hit, mover.now, mover.wait
+            for e, s in order:
+                if pending[s]:  # (a call less per hit: wait() of a landed copy is 0)
+                    stall += wait(layer, s)
+                hit(e)  # the cache's touch()
+                t = now()
+                compute(e, s, precision_at[s])
+                busy += now() - t
+        if not self.keep:  # Load-on-Demand keeps nothing beyond this layer's need
+            for e in ranked:
+                cache.drop(layer, e)
+        host = max(0.0, mover.now() - t_start - busy - stall)
+        if named is None:
+            stats.count(layer, len(ranked), hits, late, misses, 0, 0, 0, stall, host)
+        else:
+            stats.count(layer, len(ranked), hits, late, misses, len(ranked), len(named), len(named.intersection(ranked)),
+                        stall, host)
+
+    def _compute_waiting(self, layer: int, order, waiting: list[int], want: dict[int, str], decode: bool, compute,
+                         busy: float, stall: float) -> tuple[float, float]:
+        """The experts computed where some are still ``waiting`` for a slot: each computed expert frees its
+        slot for the next waiting load at once.  Returns (busy, stall) with this layer's added."""
+        cache, mover = self.cache, self.mover
+        slot_of, pending, precision_at = cache.slot_of[layer], cache.pending[layer], cache.precision_at[layer]
+        pins = set(want)  # pinned until computed (in-flight copies are never evicted either)
+        for e, s in order + [(w, -1) for w in waiting]:
+            if s < 0:
+                s = slot_of[e]
+                if s < 0:  # a waiting expert: a slot is free now, or will be once a copy lands
+                    s = self._reserve_waiting(layer, e, want[e], pins)
+                    t = mover.now()
+                    mover.demand(layer, s, inline=decode)
+                    stall += mover.now() - t
+            if pending[s]:  # (a call less per hit: wait() of a landed copy is 0)
+                stall += mover.wait(layer, s)
+            cache.touch(layer, e)
+            t = mover.now()
+            compute(e, s, precision_at[s])
+            busy += mover.now() - t
+            pins.discard(e)
+            nxt = next((w for w in waiting if slot_of[w] < 0 and w in pins), None) if waiting else None
+            if nxt is not None:  # this expert's slot may be reused: start the next waiting load now
+                s2 = cache.reserve(layer, nxt, want[nxt], prefetched=False, pinned=pins)
+                if s2 >= 0:
+                    t = mover.now()
+                    mover.demand(layer, s2, inline=decode)
+                    stall += mover.now() - t
+        return busy, stall
+
+    def _classify(self, layer: int, ranked: list[int], want: dict[int, str], counts, decode: bool, predict) -> tuple:
+        """The part of :meth:`run_layer` before the experts are computed — the landed copies settled, unneeded
+        prefetches cancelled, hits, late prefetches and misses told apart and the loads queued, then the
+        prediction — the reference of the native decode step (:mod:`.native_step`).  Returns (the experts
+        with their slots in compute order, the experts still without a slot, hits, late, misses, stall)."""
+        cache, mover = self.cache, self.mover
+        pins = set(ranked)  # this step's experts are pinned (in-flight copies are never evicted either)
         mover.poll(layer)  # copies that landed since: their slots are ready
         self._cancel_unneeded(layer, want)
         slot_of, pending, precision_at = cache.slot_of[layer], cache.pending[layer], cache.precision_at[layer]
-        pins = set(ranked)  # pinned until computed (in-flight copies are never evicted either)
         ready, later, waiting = [], [], []
         hits = late = misses = 0
         stall = 0.0
@@ -332,37 +431,7 @@ class Offloader:
         clocks = None if predict is None else self._prediction_clocks(layer, decode, clock)
         if clocks is not None:
             self._predict_and_prefetch(layer, predict, decode, clocks)  # their copies queue behind these loads
-        for e, s in ready + later + [(w, -1) for w in waiting]:
-            if s < 0:
-                s = slot_of[e]
-                if s < 0:  # a waiting expert: a slot is free now, or will be once a copy lands
-                    s = self._reserve_waiting(layer, e, want[e], pins)
-                    t = mover.now()
-                    mover.demand(layer, s, inline=decode)
-                    stall += mover.now() - t
-            if pending[s]:  # (a call less per hit: wait() of a landed copy is 0)
-                stall += mover.wait(layer, s)
-            cache.touch(layer, e)
-            t = mover.now()
-            compute(e, s, precision_at[s])
-            busy += mover.now() - t
-            pins.discard(e)
-            nxt = next((w for w in waiting if slot_of[w] < 0 and w in pins), None) if waiting else None
-            if nxt is not None:  # this expert's slot may be reused: start the next waiting load now
-                s2 = cache.reserve(layer, nxt, want[nxt], prefetched=False, pinned=pins)
-                if s2 >= 0:
-                    t = mover.now()
-                    mover.demand(layer, s2, inline=decode)
-                    stall += mover.now() - t
-        if not self.keep:  # Load-on-Demand keeps nothing beyond this layer's need
-            for e in ranked:
-                cache.drop(layer, e)
-        host = max(0.0, mover.now() - t_start - busy - stall)
-        if named is None:
-            stats.count(layer, len(ranked), hits, late, misses, 0, 0, 0, stall, host)
-        else:
-            stats.count(layer, len(ranked), hits, late, misses, len(ranked), len(named), len(named.intersection(ranked)),
-                        stall, host)
+        return ready + later, waiting, hits, late, misses, stall
 
     def _reserve_waiting(self, layer: int, e: int, precision: str, pins) -> int:
         """A slot for ``e``; while every slot is pinned or in flight, wait for a copy to land."""

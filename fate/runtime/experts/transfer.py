@@ -167,10 +167,13 @@ class TransferEngine:
             raise self._error
 
     def _copies_inline(self, layer: int, slot: int) -> bool:
-        p = self.cache.precision_at[layer][slot]
-        v = self._inline.get(p)
+        return self.inline_demand(self.cache.precision_at[layer][slot])
+
+    def inline_demand(self, precision: str) -> bool:
+        """Whether a one-token step's demand load at ``precision`` is copied on the calling thread."""
+        v = self._inline.get(precision)
         if v is None:
-            v = self._inline[p] = self.inline and copies_inline(self.copy_seconds(p))
+            v = self._inline[precision] = self.inline and copies_inline(self.copy_seconds(precision))
         return v
 
     def demand(self, layer: int, slot: int, *, inline: bool) -> None:
