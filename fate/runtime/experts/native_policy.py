@@ -343,6 +343,7 @@ class Queuer {
   PyObject* pending(int64_t j) const { return list_at(pending_, j); }
   PyObject* prefetched(int64_t j) const { return list_at(prefetched_, j); }
   PyObject* queued(int64_t j) const { return list_at(queued_, j); }
+  PyObject* policy(int64_t j) const { return list_at(policies_, j); }
   int64_t n_layers() const { return (int64_t)blobs_.size(); }
   bool has_slots(int64_t j) const { return j >= 0 && j < n_layers() && bases_[j] != 0; }
 

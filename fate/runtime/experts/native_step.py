@@ -11,7 +11,9 @@ extension:
 3. classify the router's experts: hits, late prefetches (promoted: copied at once), misses (a slot reserved
    — evicting by the layer's policy, never one of these experts nor one in flight — and a demand load);
 4. the value rule's clock, and — where ``Offloader._prediction_clocks`` says a prediction can lead anywhere
-   — the layer's :class:`ValuePlanner` (prediction, decisions, and their queueing) in the same call.
+   — the layer's :class:`ValuePlanner` (prediction, decisions, and their queueing) in the same call;
+5. where every expert has its slot, their uses told to the layer's eviction policy (``ExpertCache.touch``:
+   the Python makes them as it computes each, and nothing in between touches that policy).
 
 The cache's lists are changed in place through the planner's :class:`Queuer` (:mod:`.native_policy`), with
 the same list operations in the same order as the Python; tests/test_offload.py holds a run of random steps
@@ -28,13 +30,13 @@ class DecodeStep {
   DecodeStep(py::object queuer, bool inline_demand, double expert_seconds, double t_layer, double t_copy,
              bool predicts, int64_t n_layers)
       : queuer_obj_(queuer), q_(queuer.cast<Queuer*>()), inline_(inline_demand), expert_s_(expert_seconds),
-        t_layer_(t_layer), t_copy_(t_copy), predicts_(predicts), n_layers_(n_layers) {}
+        t_layer_(t_layer), t_copy_(t_copy), predicts_(predicts), n_layers_(n_layers), hit_(py_name("hit")) {}
 
   // ranked: the router's experts (a list); planner: the layer's ValuePlanner (queueing its own decisions) or
   // None; x: the gate input.  Returns None, having changed nothing, where a slot of these experts holds
   // another precision (the caller runs the Python step); else (order, waiting, hits, late, misses, stall,
-  // clocks, named): order [(expert, slot), ...] the hits then the loads, waiting the experts that got no
-  // slot yet, stall the seconds the loads took on this thread, clocks (now, link_free) where a prediction
+  // clocks, named): order [(expert, slot), ...] the hits then the loads (each one's use already told to the
+  // layer's policy where none waits: ExpertCache.touch), waiting the experts that got no slot yet, stall the seconds the loads took on this thread, clocks (now, link_free) where a prediction
   // is wanted that the planner could not make (the caller predicts and decides), named the experts the
   // planner named for the next layer (or None).
   py::object operator()(int64_t layer, const py::list& ranked, const py::object& planner, const py::object& x) {
@@ -118,6 +120,16 @@ class DecodeStep {
         else named = py::reinterpret_borrow<py::tuple>(got)[0];
       }
     }
+    if (PyList_GET_SIZE(waiting.ptr()) == 0) {  // every expert has its slot: their uses, as the loop would make them
+      // (nothing between here and the computing touches this layer's policy: the caller only waits and computes)
+      PyObject* policy = q.policy(layer);
+      for (Py_ssize_t i = 0; i < PyList_GET_SIZE(order.ptr()); ++i) {
+        PyObject* e = PyTuple_GET_ITEM(PyList_GET_ITEM(order.ptr(), i), 0);
+        PyObject* r = PyObject_CallMethodOneArg(policy, hit_, e);
+        if (r == nullptr) throw py::error_already_set();
+        Py_DECREF(r);
+      }
+    }
     return py::make_tuple(order, waiting, hits, late, misses, stall_ns * 1e-9, clocks, named);
   }
 
@@ -143,5 +155,6 @@ class DecodeStep {
   double expert_s_, t_layer_, t_copy_;
   bool predicts_;
   int64_t n_layers_;
+  PyObject* hit_;  // the policies' use method's name (interned, immortal for the process)
 };
 """

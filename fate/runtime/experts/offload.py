@@ -317,18 +317,18 @@ class Offloader:
             if self._step is not None:  # the same steps in one native call (None: INT2 copies in play)
                 planner = self._planner(layer, predict) if predict is not None and self._predicts else None
                 got = self._step(layer, ranked, planner, None if predict is None else predict.g)
-        if decode:
-            want = dict.fromkeys(ranked, self.decode_precision)
-        else:
-            want = hybrid_precisions(ranked, counts, self.int2_share, self.decode_precision, self.low_precision)
         if got is not None:
             order, waiting, hits, late, misses, stall, clocks, named_next = got
             if named_next is not None:
                 self._named[layer + 1] = set(named_next)
             if clocks is not None:  # a prediction the planner could not make
                 self.prefetch(layer, predict(), decode, clocks=clocks)
+            touched = not waiting  # the native step told the policy of the uses
+            want = self._want(ranked, counts, decode) if waiting else None
         else:
+            want = self._want(ranked, counts, decode)
             order, waiting, hits, late, misses, stall = self._classify(layer, ranked, want, counts, decode, predict)
+            touched = False
         pending, precision_at = cache.pending[layer], cache.precision_at[layer]
         if waiting:
             busy, stall = self._compute_waiting(layer, order, waiting, want, decode, compute, busy, stall)
@@ -337,7 +337,8 @@ class Offloader:
             for e, s in order:
                 if pending[s]:  # (a call less per hit: wait() of a landed copy is 0)
                     stall += wait(layer, s)
-                hit(e)  # the cache's touch()
+                if not touched:
+                    hit(e)  # the cache's touch()
                 t = now()
                 compute(e, s, precision_at[s])
                 busy += now() - t
@@ -350,6 +351,12 @@ class Offloader:
         else:
             stats.count(layer, len(ranked), hits, late, misses, len(ranked), len(named), len(named.intersection(ranked)),
                         stall, host)
+
+    def _want(self, ranked: list[int], counts, decode: bool) -> dict[int, str]:
+        """The precision each expert is computed in: decode's, or in prefill the INT2 rule's."""
+        if decode:
+            return dict.fromkeys(ranked, self.decode_precision)
+        return hybrid_precisions(ranked, counts, self.int2_share, self.decode_precision, self.low_precision)
 
     def _compute_waiting(self, layer: int, order, waiting: list[int], want: dict[int, str], decode: bool, compute,
                          busy: float, stall: float) -> tuple[float, float]:
