@@ -9,8 +9,7 @@ priority queue of memcpy jobs between tensors the caller keeps alive, fed throug
 model's thread never blocks on the copy thread), with ticket states the two threads compare-exchange; it
 emulates one serial link itself (a copy of n bytes occupies it for n / rate seconds after the previous one, non-
 preemptively), so inline copies (:meth:`Copier.copy_now`, on the calling thread with the GIL released)
-and queued ones share one link timeline.  Python never waits for the GIL of the copy thread: it asks
-whether a ticket is done, settles the copies landed since it last asked (:meth:`settle`: a ring the copy
+and queued ones share one link timeline.  Python never waits for the GIL of the copy thread: it settles the copies landed since it last asked (:meth:`settle`: a ring the copy
 thread appends to, walked in C++ on the calling thread, which clears each copy's ``pending`` flag in the
 cache's list and counts its bytes — no Python call per copy), or waits for a ticket with the GIL released.  The model's thread waits by spinning (a
 sleeping thread's CPU halts, and a virtual one then runs the next microseconds of work several times
@@ -49,6 +48,17 @@ _SOURCE = r"""
 
 static int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// moved[key] += n (the stats' bytes per precision, a dict); a Python error is left set for the caller
+static void add_moved(PyObject* moved, PyObject* key, int64_t n) {
+  PyObject* was = PyDict_GetItemWithError(moved, key);  // borrowed
+  if (was == nullptr && PyErr_Occurred()) return;
+  PyObject* add = PyLong_FromLongLong(n);
+  PyObject* sum = add == nullptr || was == nullptr ? add : PyNumber_Add(was, add);
+  if (sum != nullptr) PyDict_SetItem(moved, key, sum);
+  if (sum != add) Py_XDECREF(sum);
+  Py_XDECREF(add);
 }
 
 static inline void cpu_relax() {
@@ -133,8 +143,6 @@ class Copier {
     std::memcpy((void*)dst, (const void*)src, n);
     spin_until_ns(done);
   }
-
-  bool done(int64_t t) { return state_[t % STATES].load(std::memory_order_acquire) >= DONE; }
 
   // settle every queued copy that has landed since the last call: clear its flag (False into flags[index])
   // and add its bytes to moved[key] — on the calling thread, with the GIL, where the acquire load of the
@@ -223,15 +231,7 @@ class Copier {
       Py_INCREF(Py_False);
       PyList_SetItem(r.flags, (Py_ssize_t)r.index, Py_False);  // steals the reference, drops the old item's
     }
-    if (r.moved != nullptr) {
-      PyObject* was = PyDict_GetItemWithError(r.moved, r.key);  // borrowed
-      PyObject* sum = was == nullptr ? (PyErr_Occurred() ? nullptr : PyLong_FromLongLong(r.n))
-                                     : PyNumber_Add(was, pybind11::int_(r.n).ptr());
-      if (sum != nullptr) {
-        PyDict_SetItem(r.moved, r.key, sum);
-        Py_DECREF(sum);
-      }
-    }
+    if (r.moved != nullptr) add_moved(r.moved, r.key, r.n);
     r.clear();
     return 1;
   }
@@ -326,7 +326,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("priority"), pybind11::arg("flags") = pybind11::none(), pybind11::arg("index") = 0,
            pybind11::arg("moved") = pybind11::none(), pybind11::arg("key") = pybind11::none())
       .def("copy_now", &Copier::copy_now)
-      .def("done", &Copier::done)
       .def("settle", &Copier::settle)
       .def("wait", &Copier::wait)
       .def("cancel", &Copier::cancel)
@@ -376,40 +375,40 @@ def Copier(bytes_per_s: float, idle_spin_s: float = 0.0):  # noqa: N802 - the na
     return _load().Copier(float(bytes_per_s), float(idle_spin_s))
 
 
+def _native(name: str):
+    mod = _load()
+    return None if mod is None else getattr(mod, name)
+
+
 def rank_topn():
     """The native one-token ranking ``rank_topn(w_ptr, x_ptr, groups, E, H, n) -> [[expert, ...], ...]``
     (see the source), or None where the extension is not built."""
-    mod = _load()
-    return None if mod is None else mod.rank_topn
+    return _native("rank_topn")
 
 
 def value_plan():
     """The native value-rule decisions (:mod:`.native_policy`; the arguments of
     :func:`fate.runtime.experts.offload.value_plan`), or None where the extension is not built."""
-    mod = _load()
-    return None if mod is None else mod.value_plan
+    return _native("value_plan")
 
 
 def value_planner():
     """The native class that runs the one-token prediction and the value rule in one call for one layer
     (:mod:`.native_policy`), or None where the extension is not built."""
-    mod = _load()
-    return None if mod is None else mod.ValuePlanner
+    return _native("ValuePlanner")
 
 
 def queuer():
     """The native class that queues the value rule's decisions on the cache and a native copier
     (:mod:`.native_policy`; :meth:`.transfer.TransferEngine.native_queue` makes one), or None where the
     extension is not built."""
-    mod = _load()
-    return None if mod is None else mod.Queuer
+    return _native("Queuer")
 
 
 def decode_step():
     """The native class running fate's decode step for one MoE layer before its experts are computed
     (:mod:`.native_step`), or None where the extension is not built."""
-    mod = _load()
-    return None if mod is None else mod.DecodeStep
+    return _native("DecodeStep")
 
 
 def eviction_policies():

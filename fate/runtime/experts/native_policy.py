@@ -221,7 +221,7 @@ class Queuer {
  public:
   Queuer(py::object cache, py::object copier, std::vector<int64_t> bases, int64_t slot_bytes, py::list tickets,
          py::object moved, py::object blob_address, py::object precision, py::list queued)
-      : cache_(cache), copier_obj_(copier), copier_(copier.cast<Copier*>()), bases_(std::move(bases)),
+      : copier_obj_(copier), copier_(copier.cast<Copier*>()), bases_(std::move(bases)),
         slot_bytes_(slot_bytes), tickets_(tickets), moved_(moved), blob_address_(blob_address),
         precision_(precision), queued_(queued), slot_of_(cache.attr("slot_of")), expert_at_(cache.attr("expert_at")),
         precision_at_(cache.attr("precision_at")), pending_(cache.attr("pending")),
@@ -303,10 +303,8 @@ class Queuer {
     copier_->copy_now(b.first, bases_[j] + slot * slot_bytes_, b.second);
     set(list_at(pending_, j), slot, py::bool_(false).release().ptr());
     if (!moved_.is_none()) {
-      PyObject* was = PyDict_GetItemWithError(moved_.ptr(), precision_.ptr());
-      if (was == nullptr && PyErr_Occurred()) throw py::error_already_set();
-      py::object sum = was == nullptr ? py::int_(b.second) : steal(PyNumber_Add(was, py::int_(b.second).ptr()));
-      if (PyDict_SetItem(moved_.ptr(), precision_.ptr(), sum.ptr()) < 0) throw py::error_already_set();
+      add_moved(moved_.ptr(), precision_.ptr(), b.second);
+      if (PyErr_Occurred()) throw py::error_already_set();
     }
   }
 
@@ -366,7 +364,7 @@ class Queuer {
     return blobs[e];
   }
 
-  py::object cache_, copier_obj_;
+  py::object copier_obj_;  // keeps copier_ alive
   Copier* copier_;
   std::vector<int64_t> bases_;  // slot 0 of each layer's buffer (0: no slots)
   int64_t slot_bytes_;

@@ -243,12 +243,16 @@ class Offloader:
         own decisions where the mover can), made on first use; None where that path does not apply."""
         planner = self._planners.get(layer, False)
         if planner is False:
-            if self._queuer is False:
-                self._queuer = self.mover.native_queue(self.decode_precision, self._queued)
             planner = self._planners[layer] = predict.predictor.value_planner(
                 layer, predict.limit, self.cfg.top_k, self.layer_seconds, self._t_copy, self.host_prefetch_seconds,
-                self.cache, self._queuer)
+                self.cache, self._native_queue())
         return planner
+
+    def _native_queue(self):
+        """The mover's native queue (:meth:`.transfer.TransferEngine.native_queue`), or None: made once."""
+        if self._queuer is False:
+            self._queuer = self.mover.native_queue(self.decode_precision, self._queued)
+        return self._queuer
 
     def _predict_and_prefetch(self, layer: int, predict, decode: bool, clocks: tuple) -> None:
         """Predict at ``layer``'s gate input and act on it (``clocks``: the rule's clock and the link's, as
@@ -274,12 +278,11 @@ class Offloader:
         Python copy worker), no extension."""
         if self.predictor is not None and self.rule != "value":
             return None
-        if self._queuer is False:
-            self._queuer = self.mover.native_queue(self.decode_precision, self._queued)
-        make = native.decode_step() if self._queuer is not None else None
+        queuer = self._native_queue()
+        make = native.decode_step() if queuer is not None else None
         if make is None:
             return None
-        return make(self._queuer, self.mover.inline_demand(self.decode_precision), self.expert_seconds,
+        return make(queuer, self.mover.inline_demand(self.decode_precision), self.expert_seconds,
                     self.layer_seconds, self._t_copy, self._predicts, self.cfg.n_layers)
 
     def _cancel_unneeded(self, layer: int, want: dict[int, str]) -> None:
