@@ -296,3 +296,39 @@ def test_the_next_layers_are_planned_while_the_layers_own_loads_cross():
     link.compute(1e-3)
     assert not cache.pending[1][cache.slot_of[1][3]]  # crossed from 1.0 to 2.0 ms, behind the miss
     assert link.link_seconds == pytest.approx(2e-3)
+
+
+def test_the_value_rule_predicts_in_decode_only_where_the_reuse_curves_say_it_pays():
+    """With the bundle's reuse curves, a decode step predicts at a gate input only where layer i+1 or i+2 is
+    expected to miss more copy time than twice a prediction's host work: with 2 slots, layers 0, 1 and 3
+    hold 99 % of their experts (2 × 1 % × 1 ms = 20 µs a token, under 60 µs) and layer 2 half (1 ms), so
+    only the gate inputs of layers 0 and 1 (which serve layer 2) predict; without the curves every one
+    does.  Prefill predicts everywhere."""
+    cfg = type("Cfg", (), {"n_layers": 4, "n_experts": 4, "top_k": 2, "moe_layers": [True] * 4})()
+    reuse = torch.zeros(2, 4, 5)
+    reuse[:, :, 2] = torch.tensor([0.99, 0.99, 0.5, 0.99])
+
+    class Twice:
+        def targets(self, layer):
+            return [layer + 1, layer + 2]
+
+    def offloader(curves):
+        stats = ExpertStats(4)
+        cache = ExpertCache([2] * 4, 4, on_evict=stats.evicted)
+        link = S.SimLink(cache, S.SimTiming(1e-3, 3e-4, {"q4": 1e-3}))
+        return Offloader(cfg, cache, link, stats, predictor=Twice(), rule="value", layer_seconds=1e-3,
+                         expert_seconds=3e-4, reuse=curves), link
+
+    off, link = offloader(reuse)
+    assert off._predicts_at == [False, True, True, False, False]
+    assert offloader(None)[0]._predicts_at == [True, True, True, True, False]
+    told = []
+    for layer in range(4):
+        def predict(layer=layer):
+            told.append(layer)
+            return [Prediction(layer + 1, 1, [3], [0.9])] if layer + 1 < 4 else []
+
+        off.run_layer(layer, [0, 1], None, 1, predict, lambda e, s, p: link.compute(3e-4))
+        link.compute(1e-3)
+    assert told == [0, 1]  # decode: the gate inputs of layers 0 and 1 only
+    assert [off.wants_prediction(i, decode=False) for i in range(-1, 4)] == [True] * 4 + [False]

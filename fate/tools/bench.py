@@ -349,6 +349,7 @@ class BenchSession:
         chances = rank_chances(ref.bundle, cfg)
         slot_bytes = store.blob_bytes(ref.precision)
         res: dict = {}
+        reuse = ref.bundle.tensor(C.T_CALIB_REUSE) if ref.bundle.has(C.T_CALIB_REUSE) else None
 
         def replay(policy: str, mem: str, ln: str, bound: bool = False):
             """The replay of ``policy`` at this budget and link (None: the plan keeps every expert resident);
@@ -371,7 +372,7 @@ class BenchSession:
             elif policy == "fate":
                 extra = max(extra, cfg.top_k)
             kw = dict(chances=chances, routers=routers, evict=opts.eviction(), extra=extra,
-                      max_new=max_new, decode_precision=ref.precision, warmup=len(ids))
+                      max_new=max_new, decode_precision=ref.precision, warmup=len(ids), reuse=reuse)
             return S.simulate_policy(trace, timing, cfg, plan.slots_per_layer, "perfect" if bound else policy, **kw)
 
         bounds: dict = {}  # (mem, link) -> the cell's ceiling: fate's plan and caching, told the experts exactly

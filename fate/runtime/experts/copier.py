@@ -318,7 +318,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           pybind11::object, pybind11::object, pybind11::object, pybind11::list>())
       .def("queue", &Queuer::queue);
   pybind11::class_<DecodeStep>(m, "DecodeStep")
-      .def(pybind11::init<pybind11::object, bool, double, double, double, bool, int64_t>())
+      .def(pybind11::init<pybind11::object, bool, double, double, double, std::vector<bool>, int64_t>())
       .def("__call__", &DecodeStep::operator());
   pybind11::class_<Copier>(m, "Copier")
       .def(pybind11::init<double, double>())

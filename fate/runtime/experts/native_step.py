@@ -26,11 +26,13 @@ SOURCE = r"""
 class DecodeStep {
  public:
   // inline_demand: a demand load of the decode precision is copied on this thread (transfer.copies_inline);
-  // expert_seconds, t_layer, t_copy: the Offloader's; predicts: whether it predicts at all (_predicts)
+  // expert_seconds, t_layer, t_copy: the Offloader's; predicts: per layer, whether it predicts at its gate input (_predicts_at[1:])
   DecodeStep(py::object queuer, bool inline_demand, double expert_seconds, double t_layer, double t_copy,
-             bool predicts, int64_t n_layers)
+             std::vector<bool> predicts, int64_t n_layers)
       : queuer_obj_(queuer), q_(queuer.cast<Queuer*>()), inline_(inline_demand), expert_s_(expert_seconds),
-        t_layer_(t_layer), t_copy_(t_copy), predicts_(predicts), n_layers_(n_layers), hit_(py_name("hit")) {}
+        t_layer_(t_layer), t_copy_(t_copy), predicts_(std::move(predicts)), n_layers_(n_layers), hit_(py_name("hit")) {
+    TORCH_CHECK((int64_t)predicts_.size() == n_layers_, "DecodeStep: one predicts flag per layer");
+  }
 
   // ranked: the router's experts (a list); planner: the layer's ValuePlanner (queueing its own decisions) or
   // None; x: the gate input.  Returns None, having changed nothing, where a slot of these experts holds
@@ -103,7 +105,7 @@ class DecodeStep {
       crossing = crossing || truthy(PyList_GET_ITEM(pd, es.second));
     }
     py::object clocks = py::none(), named = py::none();
-    if (predicts_ && layer + 1 < n_layers_) {  // Offloader._prediction_clocks, decode, the value rule
+    if (layer + 1 < n_layers_ && predicts_[layer]) {  // Offloader._prediction_clocks, decode, the value rule
       const double now = now_ns() * 1e-9;
       // this layer's own loads cross the link while its hits compute: layer i+1 starts a layer less those
       // hits after they have landed, if that is later
@@ -153,7 +155,7 @@ class DecodeStep {
   Queuer* q_;
   bool inline_;
   double expert_s_, t_layer_, t_copy_;
-  bool predicts_;
+  std::vector<bool> predicts_;
   int64_t n_layers_;
   PyObject* hit_;  // the policies' use method's name (interned, immortal for the process)
 };

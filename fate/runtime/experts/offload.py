@@ -34,6 +34,9 @@ The delay counts once, weighed by the chance that layer i+1 has a miss at all (a
 expected misses): its demand loads cross the link one after another, so the first one's delay is every
 one's.
 The link is used whenever that balance is positive, whatever the layer; nothing needs a fixed window.
+Where the next two layers are held well enough by caching alone (their reuse curves, measured on the
+calibration text, at their slot counts: too few misses a token to repay a prediction), a decode step does
+not predict at all (:meth:`Offloader._prediction_layers`).
 Prefetches a layer turns out not to need are cancelled while still queued.
 
 **Prefill** keeps the paper's rule: the next layer's predicted experts, most tokens first, INT2 for the
@@ -132,12 +135,15 @@ class Offloader:
     "value" is fate's expected-value prefetch and "window" the paper's (top k + ``extra`` candidates of the
     next layer, at most ``max_new`` new copies per prediction).  ``layer_seconds`` is one layer's decode
     compute (the timing profile): the time the link has before the next layer needs it; ``expert_seconds``
-    one routed expert's on one token (the part of a layer its hits take while its misses cross)."""
+    one routed expert's on one token (the part of a layer its hits take while its misses cross).  ``reuse``:
+    the bundle's reuse curves (``fate.calib.reuse``), by which the value rule predicts only at the layers
+    where it can pay (:meth:`_prediction_layers`)."""
 
     def __init__(self, cfg, cache: ExpertCache, mover, stats: ExpertStats, *, keep: bool = True,
                  decode_precision: str = "q4", low_precision: str | None = None, int2_share: float = 0.3,
                  predictor: Predictor | None = None, rule: str = "value", extra: int = 0,
-                 max_new: int | None = None, layer_seconds: float = 0.0, expert_seconds: float = 0.0):
+                 max_new: int | None = None, layer_seconds: float = 0.0, expert_seconds: float = 0.0,
+                 reuse=None):
         if rule not in RULES:
             raise ValueError(f"prefetch rule {rule!r}: choose one of {', '.join(RULES)}")
         self.cfg, self.cache, self.mover, self.stats = cfg, cache, mover, stats
@@ -151,6 +157,7 @@ class Offloader:
         # a free copy (no copy time known) still weighs one expert's chance against another's
         self._t_copy = max(mover.copy_seconds(decode_precision), 1e-9)
         self._predicts = predictor is not None and (rule == "window" or self._t_copy > 2 * self.host_predict_seconds)
+        self._predicts_at = self._prediction_layers(reuse)  # [layer + 1]: whether decode predicts at its gate input
         self._named: dict[int, set[int]] = {}  # layer -> experts its one-layer-ahead prediction named
         self._queued: list[list[int]] = [[] for _ in range(cfg.n_layers)]  # slots holding a queued prefetch
         k = cfg.top_k
@@ -161,6 +168,32 @@ class Offloader:
         self._limit = {j: min(cfg.n_experts, n, k + extra) for j, n in enumerate(cache.n_slots) if n > 0}
 
     # -- prediction and prefetching ---------------------------------------------------------------
+    def _prediction_layers(self, reuse) -> list[bool]:
+        """Per gate input (index ``layer + 1``: the embedding's first), whether a decode step predicts there
+        (prefill always does).  Under the value rule with the bundle's reuse curves, only where it can pay:
+        where layer i+1 or i+2 is expected to miss (its LRU curve at its slot count: ``top_k × (1 − held
+        share)`` loads a token) more copy time than twice a prediction's host work.  A well-held layer (a
+        large cache, a fast link) is served by caching alone: its rare misses cannot repay a prediction each
+        token, and the prefetches would evict experts the next tokens reuse."""
+        cfg, n = self.cfg, self.cfg.n_layers
+        out = [self._predicts and i < n for i in range(n + 1)]
+        if reuse is None or self.rule != "value" or not self._predicts:
+            return out
+        t = torch.as_tensor(reuse).detach().to("cpu", torch.float64)
+        if tuple(t.shape) != (2, n, cfg.n_experts + 1):
+            return out
+        slots = self.cache.n_slots
+
+        def pays(j: int) -> bool:
+            if j >= n or not cfg.moe_layers[j] or slots[j] <= 0:
+                return False
+            held = float(t[0, j, min(slots[j], cfg.n_experts)])
+            if held != held:  # NaN: not measured, so not ruled out
+                return True
+            return cfg.top_k * max(0.0, 1.0 - held) * self._t_copy > 2 * self.host_predict_seconds
+
+        return [out[i] and (pays(i) or pays(i + 1)) for i in range(n + 1)]  # gate input i - 1 serves i, i + 1
+
     def wants_prediction(self, layer: int, decode: bool = False, clock: float | None = None) -> bool:
         """Whether a prediction at ``layer``'s gate input can lead anywhere.  In decode with the value rule, not
         while the link is busy past the next layer's start and copies take no longer than a layer: then every
@@ -177,6 +210,8 @@ class Offloader:
             return None
         if not (decode and self.rule == "value"):
             return ()
+        if not self._predicts_at[layer + 1]:
+            return None
         now, free = self._clock(clock), self.mover.free_at()
         if self._t_copy <= self.layer_seconds and free >= now + self.layer_seconds:
             return None
@@ -283,7 +318,7 @@ class Offloader:
         if make is None:
             return None
         return make(queuer, self.mover.inline_demand(self.decode_precision), self.expert_seconds,
-                    self.layer_seconds, self._t_copy, self._predicts, self.cfg.n_layers)
+                    self.layer_seconds, self._t_copy, self._predicts_at[1:], self.cfg.n_layers)
 
     def _cancel_unneeded(self, layer: int, want: dict[int, str]) -> None:
         """Prefetches for ``layer`` that it turned out not to need and that are still queued are cancelled:
@@ -318,7 +353,7 @@ class Offloader:
             if self._step is False:
                 self._step = self._native_step()
             if self._step is not None:  # the same steps in one native call (None: INT2 copies in play)
-                planner = self._planner(layer, predict) if predict is not None and self._predicts else None
+                planner = self._planner(layer, predict) if predict is not None and self._predicts_at[layer + 1] else None
                 got = self._step(layer, ranked, planner, None if predict is None else predict.g)
         if got is not None:
             order, waiting, hits, late, misses, stall, clocks, named_next = got

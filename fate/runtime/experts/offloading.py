@@ -126,6 +126,7 @@ def build(cfg, bundle, store, weights, opts, plan_: BudgetPlan, precision: str, 
                           low_precision=low, int2_share=opts.int2_share, predictor=predictor,
                           rule="value" if policy == "fate" else "window", extra=extra, max_new=max_new,
                           layer_seconds=timing.layer_decode_seconds if timing is not None else 0.0,
-                          expert_seconds=timing.expert_decode_seconds if timing is not None else 0.0)
+                          expert_seconds=timing.expert_decode_seconds if timing is not None else 0.0,
+                          reuse=bundle.tensor(C.T_CALIB_REUSE) if bundle.has(C.T_CALIB_REUSE) else None)
     executor = OffloadedExperts(offloader, store, transfer, dtype=dtype, device=device, kernels=opts.kernels)
     return Offloading(plan_, link, timing, cache, transfer, stats, executor, extra if predicts else None)

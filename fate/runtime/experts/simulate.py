@@ -270,9 +270,10 @@ def _prefill(trace: RoutingTrace, n: int, off: Offloader, link: SimLink, predict
 
 def factory(trace: RoutingTrace, timing: SimTiming, cfg, slots_per_layer, policy: str, *, evict: str = "auto",
             predictor: Predictor | None = None, extra: int = 0, max_new: int | None = None,
-            decode_precision: str = "q4"):
+            decode_precision: str = "q4", reuse=None):
     """The offloader factory :func:`simulate` takes, for one of fate's policies (or ``perfect``: fate's policy
-    told the truth); ``evict`` as ``--evict``, resolved as the engine resolves it (:meth:`EngineOptions.eviction`)."""
+    told the truth); ``evict`` as ``--evict``, resolved as the engine resolves it (:meth:`EngineOptions.eviction`);
+    ``reuse`` the bundle's reuse curves, by which fate (not the bound) predicts where it pays, as in the engine."""
     engine_policy = "fate" if policy.startswith("perfect") else policy
     caching = EngineOptions(policy=engine_policy, evict=evict).eviction()
 
@@ -290,7 +291,8 @@ def factory(trace: RoutingTrace, timing: SimTiming, cfg, slots_per_layer, policy
         rule = "window" if policy == "paper" else "value"
         off = Offloader(cfg, cache, link, stats, keep=policy != "ondemand", decode_precision=decode_precision,
                         predictor=pred, rule=rule, extra=extra, max_new=max_new if policy == "paper" else None,
-                        layer_seconds=timing.layer_seconds, expert_seconds=timing.expert_seconds)
+                        layer_seconds=timing.layer_seconds, expert_seconds=timing.expert_seconds,
+                        reuse=reuse if policy == "fate" else None)
         return off, link, pred
     return make
 
@@ -312,7 +314,7 @@ def timing_for(profile, link, store, precision: str, layer_seconds: float | None
 
 def simulate_policy(trace: RoutingTrace, timing: SimTiming, cfg, plan_slots, policy: str, *, chances,
                     routers, evict: str = "auto", extra: int = 0, max_new: int | None = None,
-                    decode_precision: str = "q4", warmup: int = 0) -> SimResult:
+                    decode_precision: str = "q4", warmup: int = 0, reuse=None) -> SimResult:
     """One policy of the engine (``fate``, ``paper``, ``lru``, ``ondemand``) or the bound ``perfect`` (fate's
     policy told the next two layers' experts exactly) on ``trace``, with ``plan_slots`` slots per layer."""
     from fate.runtime.experts.prefetch import AHEAD
@@ -323,5 +325,5 @@ def simulate_policy(trace: RoutingTrace, timing: SimTiming, cfg, plan_slots, pol
                          int2_share=0.0, ahead=AHEAD if policy == "fate" else (1,))
     name = "perfect2" if policy == "perfect" else policy
     make = factory(trace, timing, cfg, plan_slots, name, evict=evict, predictor=pred, extra=extra, max_new=max_new,
-                   decode_precision=decode_precision)
+                   decode_precision=decode_precision, reuse=reuse)
     return simulate(trace, timing, make, warmup=warmup, policy=policy)
