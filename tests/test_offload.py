@@ -631,18 +631,24 @@ def test_fused_prediction_and_value_rule_equal_the_two_steps(converted):
 def test_native_decode_step_predicts_only_at_the_layers_it_is_told(converted):
     """The native decode step predicts at a layer's gate input only where the Offloader's per-layer flags (from
     the bundle's reuse curves, ``Offloader._prediction_layers``) say so: told to predict after the first MoE
-    layer only, a fate decode names experts for the second MoE layer and for no other."""
+    layer only, a fate decode names experts for the second MoE layer and for no other; told to predict from
+    the embedding too, it names the first MoE layer's as well, through that gate input's own native planner."""
     from fate.runtime.experts import copier
 
     if copier.decode_step() is None:
         pytest.skip(f"native extension not built: {copier.why}")
-    m = fate.load(converted["qwen2_moe"][1], policy="fate", mem="50%", link="ratio:1", int2_share=0.0)
-    off, cfg = m.offloading.executor.offloader, m.config
-    first, second = cfg.moe_layer_ids[:2]
-    off._predicts_at = [i == first + 1 for i in range(cfg.n_layers + 1)]
-    ids = m.encode_prompt("The module defines functions")
-    m.generate(ids, 6, temperature=0.0, stop_at_eos=False)
-    assert type(off._step).__name__ == "DecodeStep"
-    named = [row[6] for row in off.stats._c["decode"]]
-    assert named[second] > 0 and sum(named) == named[second], named
-    m.close()
+    ids = None
+    for embedding in (False, True):
+        m = fate.load(converted["qwen2_moe"][1], policy="fate", mem="50%", link="ratio:1", int2_share=0.0)
+        off, cfg = m.offloading.executor.offloader, m.config
+        first, second = cfg.moe_layer_ids[:2]
+        assert first == 0
+        off._predicts_at = [i == first + 1 or (embedding and i == 0) for i in range(cfg.n_layers + 1)]
+        ids = ids or m.encode_prompt("The module defines functions")
+        m.generate(ids, 6, temperature=0.0, stop_at_eos=False)
+        assert type(off._step).__name__ == "DecodeStep"
+        named = [row[6] for row in off.stats._c["decode"]]
+        told = {second} | ({first} if embedding else set())
+        assert all(named[i] > 0 for i in told) and sum(named[i] for i in told) == sum(named), named
+        assert (off._planners.get(-1) is not None) == embedding
+        m.close()

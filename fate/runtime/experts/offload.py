@@ -535,11 +535,15 @@ class OffloadedExperts:
 
     def on_gate_input(self, layer: int, g: torch.Tensor) -> None:
         off = self.offloader
-        if (layer >= 0 and self.cfg.moe_layers[layer]) or not off.wants_prediction(layer, g.shape[0] == 1):
+        if layer >= 0 and self.cfg.moe_layers[layer]:
             return  # a MoE layer predicts the next ones from moe(), once its own demand loads are queued
-        off.stats.phase = "decode" if g.shape[0] == 1 else "prefill"
+        decode = g.shape[0] == 1
+        clocks = off._prediction_clocks(layer, decode, None)
+        if clocks is None:
+            return
+        off.stats.phase = "decode" if decode else "prefill"
         t = off.mover.now()
-        off.prefetch(layer, off.predictor.predict(layer, g, off._limit), g.shape[0] == 1)
+        off._predict_and_prefetch(layer, self._predict(layer, g), decode, clocks)  # in decode: the layer's planner
         off.stats.hosted(max(layer, 0), off.mover.now() - t)
 
     def moe(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
