@@ -349,7 +349,7 @@ class BenchSession:
         chances = rank_chances(ref.bundle, cfg)
         slot_bytes = store.blob_bytes(ref.precision)
         res: dict = {}
-        reuse = ref.bundle.tensor(C.T_CALIB_REUSE) if ref.bundle.has(C.T_CALIB_REUSE) else None
+        reuse = OFF.reuse_curves(ref.bundle)
 
         def replay(policy: str, mem: str, ln: str, bound: bool = False):
             """The replay of ``policy`` at this budget and link (None: the plan keeps every expert resident);

@@ -41,12 +41,18 @@ def copies_per_layer(link: LinkSpec, timing_fn, slot_bytes: int) -> float:
     return 8.0  # a memcpy of an expert takes a small part of a layer
 
 
+def reuse_curves(bundle) -> torch.Tensor | None:
+    """The bundle's reuse curves (``fate.calib.reuse``, a copy out of the mapped file), or None without them:
+    what the ``reuse`` allocation plans by and fate's value rule predicts by."""
+    return bundle.tensor(C.T_CALIB_REUSE).clone() if bundle.has(C.T_CALIB_REUSE) else None
+
+
 def plan(cfg, store, bundle, opts, precision: str, weights_bytes: int, kv_bytes: int, dtype, context: int,
          link_copies: float = 1.0) -> BudgetPlan:
     """The memory plan for ``opts.mem`` (``ondemand``: top_k slots per layer, never kept); ``link_copies``:
     :func:`copies_per_layer`, for the ``reuse`` allocation."""
     recall = bundle.tensor(C.T_CALIB_RECALL).clone() if bundle.has(C.T_CALIB_RECALL) else None
-    reuse = bundle.tensor(C.T_CALIB_REUSE).clone() if bundle.has(C.T_CALIB_REUSE) else None
+    reuse = reuse_curves(bundle)
     alloc = opts.cache_alloc if opts.policy != "lru" else "even"  # mixtral-offloading: equal LRU caches
     slot_bytes = store.blob_bytes(precision)
     act = torch.finfo(dtype).bits // 8
@@ -127,6 +133,6 @@ def build(cfg, bundle, store, weights, opts, plan_: BudgetPlan, precision: str, 
                           rule="value" if policy == "fate" else "window", extra=extra, max_new=max_new,
                           layer_seconds=timing.layer_decode_seconds if timing is not None else 0.0,
                           expert_seconds=timing.expert_decode_seconds if timing is not None else 0.0,
-                          reuse=bundle.tensor(C.T_CALIB_REUSE) if bundle.has(C.T_CALIB_REUSE) else None)
+                          reuse=reuse_curves(bundle))
     executor = OffloadedExperts(offloader, store, transfer, dtype=dtype, device=device, kernels=opts.kernels)
     return Offloading(plan_, link, timing, cache, transfer, stats, executor, extra if predicts else None)
