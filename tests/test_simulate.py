@@ -304,7 +304,8 @@ def test_the_value_rule_predicts_in_decode_only_where_the_reuse_curves_say_it_pa
     hold 99 % of their experts (2 × 1 % × 1 ms = 20 µs a token, under 60 µs) and layer 2 half (1 ms), so
     only the gate inputs of layers 0 and 1 (which serve layer 2) predict; without the curves every one
     does.  Prefill predicts everywhere."""
-    cfg = type("Cfg", (), {"n_layers": 4, "n_experts": 4, "top_k": 2, "moe_layers": [True] * 4})()
+    cfg = type("Cfg", (), {"n_layers": 4, "n_experts": 4, "top_k": 2, "moe_layers": [True] * 4,
+                           "moe_layer_ids": [0, 1, 2, 3]})()
     reuse = torch.zeros(2, 4, 5)
     reuse[:, :, 2] = torch.tensor([0.99, 0.99, 0.5, 0.99])
 

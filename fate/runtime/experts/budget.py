@@ -250,15 +250,25 @@ def _reuse_fill(extra: int, caps: list[int], curves: list[list[float]], floor: i
 FIRST_LAYER_WINDOW = 0.8  # the first MoE layer is predicted from the embedding: its window is its attention
 
 
+def reuse_table(cfg: ModelConfig, reuse) -> torch.Tensor | None:
+    """``fate.calib.reuse`` as a float64 CPU tensor ``[2, n_layers, n_experts + 1]`` (held by an LRU cache of s
+    slots; plus those the prediction names), or None where it is missing, misshapen or not finite at a MoE
+    layer: what the ``reuse`` allocation and fate's choice of where to predict both read."""
+    if reuse is None:
+        return None
+    t = torch.as_tensor(reuse).detach().to("cpu", torch.float64)
+    if tuple(t.shape) != (2, cfg.n_layers, cfg.n_experts + 1) or not torch.isfinite(t[:, cfg.moe_layer_ids]).all():
+        return None
+    return t
+
+
 def _reuse_curves(cfg: ModelConfig, reuse, link_copies: float) -> list[list[float]] | None:
     """Per MoE layer, in depth order: the share of its needed experts that are held or hidden with s slots.
     From ``fate.calib.reuse``: held by an LRU cache of s slots, plus those the prediction names — but no more
     of those than the link moves in the layer's window (``link_copies`` copies per layer; the first MoE
     layer, predicted from the embedding, has one attention)."""
-    if reuse is None:
-        return None
-    t = torch.as_tensor(reuse).detach().to("cpu", torch.float64)
-    if tuple(t.shape) != (2, cfg.n_layers, cfg.n_experts + 1) or not torch.isfinite(t[:, cfg.moe_layer_ids]).all():
+    t = reuse_table(cfg, reuse)
+    if t is None:
         return None
     k = max(cfg.top_k, 1)
     first = cfg.moe_layer_ids[0] if cfg.moe_layer_ids else -1

@@ -53,6 +53,7 @@ from fate.errors import EngineError
 from fate.model.experts import ExpertRows
 from fate.quant.expert import ExpertCompute, ExpertView
 from fate.runtime.experts import copier as native
+from fate.runtime.experts.budget import reuse_table
 from fate.runtime.experts.hybrid import RANK, hybrid_precisions
 from fate.runtime.experts.prefetch import Prediction, Predictor
 from fate.runtime.experts.residency import ExpertCache
@@ -177,10 +178,8 @@ class Offloader:
         token, and the prefetches would evict experts the next tokens reuse."""
         cfg, n = self.cfg, self.cfg.n_layers
         out = [self._predicts and i < n for i in range(n + 1)]
-        if reuse is None or self.rule != "value" or not self._predicts:
-            return out
-        t = torch.as_tensor(reuse).detach().to("cpu", torch.float64)
-        if tuple(t.shape) != (2, n, cfg.n_experts + 1):
+        t = reuse_table(cfg, reuse) if self.rule == "value" and self._predicts else None
+        if t is None:
             return out
         slots = self.cache.n_slots
 
@@ -188,8 +187,6 @@ class Offloader:
             if j >= n or not cfg.moe_layers[j] or slots[j] <= 0:
                 return False
             held = float(t[0, j, min(slots[j], cfg.n_experts)])
-            if held != held:  # NaN: not measured, so not ruled out
-                return True
             return cfg.top_k * max(0.0, 1.0 - held) * self._t_copy > 2 * self.host_predict_seconds
 
         return [out[i] and (pays(i) or pays(i + 1)) for i in range(n + 1)]  # gate input i - 1 serves i, i + 1
