@@ -131,6 +131,43 @@ def test_observer_sees_every_gate_input(arch, ckpts, oracles):
         torch.testing.assert_close(rec.gate_inputs[i], captured[i], atol=1e-5, rtol=0)
 
 
+class Choosy(Recorder):
+    """A recorder that wants the embedding's gate input in decode only, and layer 1's in prefill only."""
+
+    def __init__(self):
+        super().__init__()
+        self.asked: list[tuple[int, int]] = []
+        self.seen: list[tuple[int, int]] = []
+
+    def observes(self, layer: int, tokens: int) -> bool:
+        self.asked.append((layer, tokens))
+        return layer == -1 if tokens == 1 else layer == 1
+
+    def on_gate_input(self, layer: int, g: torch.Tensor) -> None:
+        self.seen.append((layer, g.shape[0]))
+
+
+def test_observer_is_shown_only_the_gate_inputs_it_observes(ckpts):
+    """An observer's ``observes(layer, tokens)`` decides which gate inputs it is shown; the predictor input is
+    computed only where the embedding's is wanted (no norm for nothing), and the logits do not change."""
+    arch = TM.ARCHS[0]
+    rec = Choosy()
+    model, cfg = TM.load_fate_model(ckpts[arch], observer=rec)
+    plain, _ = TM.load_fate_model(ckpts[arch])
+    inputs = []
+    made = model.predictor_input
+    model.predictor_input = lambda h: inputs.append(h.shape[0]) or made(h)
+    ids = _ids(8, seed=6)
+    kv = model.new_cache(16)
+    first = model.forward(ids, kv)
+    nxt = model.forward(ids[:1], kv)
+    kv2 = plain.new_cache(16)
+    torch.testing.assert_close(first, plain.forward(ids, kv2), atol=0, rtol=0)
+    torch.testing.assert_close(nxt, plain.forward(ids[:1], kv2), atol=0, rtol=0)
+    assert rec.asked == [(i, 8) for i in range(-1, cfg.n_layers)] + [(i, 1) for i in range(-1, cfg.n_layers)]
+    assert rec.seen == [(1, 8), (-1, 1)] and inputs == [1]
+
+
 @pytest.mark.parametrize("arch", TM.ARCHS)
 def test_bfloat16_rounds_like_transformers(arch, tmp_path):
     """In bfloat16 every cast and reduction happens where transformers does it: prefill logits and every

@@ -632,7 +632,9 @@ def test_native_decode_step_predicts_only_at_the_layers_it_is_told(converted):
     """The native decode step predicts at a layer's gate input only where the Offloader's per-layer flags (from
     the bundle's reuse curves, ``Offloader._prediction_layers``) say so: told to predict after the first MoE
     layer only, a fate decode names experts for the second MoE layer and for no other; told to predict from
-    the embedding too, it names the first MoE layer's as well, through that gate input's own native planner."""
+    the embedding too, it names the first MoE layer's as well, through that gate input's own native planner.
+    Where a decode step does not predict, the executor is not even handed the gate input: the model computes
+    no predictor input (a norm) and makes no prediction object for that layer."""
     from fate.runtime.experts import copier
 
     if copier.decode_step() is None:
@@ -640,10 +642,15 @@ def test_native_decode_step_predicts_only_at_the_layers_it_is_told(converted):
     ids = None
     for embedding in (False, True):
         m = fate.load(converted["qwen2_moe"][1], policy="fate", mem="50%", link="ratio:1", int2_share=0.0)
-        off, cfg = m.offloading.executor.offloader, m.config
+        ex = m.offloading.executor
+        off, cfg = ex.offloader, m.config
         first, second = cfg.moe_layer_ids[:2]
         assert first == 0
         off._predicts_at = [i == first + 1 or (embedding and i == 0) for i in range(cfg.n_layers + 1)]
+        seen = []  # (what, layer, tokens): the predictor inputs the model computed, the predictions made
+        inp, made = m.model.predictor_input, ex._predict
+        m.model.predictor_input = lambda h: seen.append(("input", -1, h.shape[0])) or inp(h)
+        ex._predict = lambda layer, g: seen.append(("predict", layer, g.shape[0])) or made(layer, g)
         ids = ids or m.encode_prompt("The module defines functions")
         m.generate(ids, 6, temperature=0.0, stop_at_eos=False)
         assert type(off._step).__name__ == "DecodeStep"
@@ -651,4 +658,9 @@ def test_native_decode_step_predicts_only_at_the_layers_it_is_told(converted):
         told = {second} | ({first} if embedding else set())
         assert all(named[i] > 0 for i in told) and sum(named[i] for i in told) == sum(named), named
         assert (off._planners.get(-1) is not None) == embedding
+        decode = [(what, layer) for what, layer, T in seen if T == 1]
+        want = [("predict", first)] + ([("input", -1), ("predict", -1)] if embedding else [])
+        assert sorted(set(decode)) == sorted(want) and len(decode) == 5 * len(want), decode
+        prefill = {(what, layer) for what, layer, T in seen if T > 1}  # prefill predicts everywhere
+        assert ("input", -1) in prefill and ("predict", cfg.moe_layer_ids[-1]) not in prefill, prefill
         m.close()

@@ -75,6 +75,13 @@ class WeightSource(Protocol):
         (:class:`fate.runtime.weights.ResidentWeights`)."""
 
 
+def _observes(observer, layer: int, tokens: int) -> bool:
+    """Whether ``observer`` wants layer ``layer``'s gate input in a forward of ``tokens`` tokens (its optional
+    ``observes``, see :class:`MoEObserver`)."""
+    wants = getattr(observer, "observes", None)
+    return wants is None or wants(layer, tokens)
+
+
 def plain_linear(source: WeightSource, x: Tensor, name: str, bias: str | None = None) -> Tensor:
     """:meth:`WeightSource.linear` for a source whose ``get`` gives every matrix in the compute dtype."""
     w = source.get(name)
@@ -87,7 +94,11 @@ class MoEObserver(Protocol):
     def on_gate_input(self, layer: int, g: Tensor) -> None:
         """Called with layer ``layer``'s gate input (post-attention norm output) before its FFN runs, and
         once per forward with ``layer = -1`` and :meth:`MoEModel.predictor_input` before layer 0 runs
-        (what layer 0's experts are predicted from)."""
+        (what layer 0's experts are predicted from).
+
+        An observer may also have ``observes(layer, tokens) -> bool``: whether it wants that gate input in a
+        forward of ``tokens`` tokens.  Where it says no, the model neither calls ``on_gate_input`` nor
+        computes the predictor input (a norm, for nothing); without the method every gate input is shown."""
 
 
 class DictWeights:
@@ -456,8 +467,9 @@ class MoEModel:
         """One decoder layer: attention, gate input (shown to the observer), FFN, residual."""
         h = self.attention(layer, h, positions, kv)
         g = self.gate_input(layer, h)
-        if self.observer is not None:
-            self.observer.on_gate_input(layer, g)
+        obs = self.observer
+        if obs is not None and _observes(obs, layer, g.shape[0]):
+            obs.on_gate_input(layer, g)
         return h + self.ffn(layer, g)
 
     def final(self, h: Tensor) -> Tensor:
@@ -492,8 +504,9 @@ class MoEModel:
             kv.check_room(T)
         pos = self.positions(start, T)
         h = self.embed(ids.to(self.device))
-        if self.observer is not None:  # "layer -1": layer 0's experts can be named before its attention
-            self.observer.on_gate_input(-1, self.predictor_input(h))
+        obs = self.observer
+        if obs is not None and _observes(obs, -1, T):  # "layer -1": layer 0's experts can be named before its attention
+            obs.on_gate_input(-1, self.predictor_input(h))
         for i in range(self.n_layers):
             h = self.block(i, h, pos, kv)
         if last_only:

@@ -191,6 +191,13 @@ class Offloader:
 
         return [out[i] and (pays(i) or pays(i + 1)) for i in range(n + 1)]  # gate input i - 1 serves i, i + 1
 
+    def predicts_at(self, layer: int, decode: bool) -> bool:
+        """Whether a step (a one-token one: ``decode``) predicts at ``layer``'s gate input at all, whatever the
+        link's state: where not, the executor passes no prediction on (not even the gate input)."""
+        if decode:
+            return self._predicts_at[layer + 1]
+        return self._predicts and layer + 1 < self.cfg.n_layers
+
     def wants_prediction(self, layer: int, decode: bool = False, clock: float | None = None) -> bool:
         """Whether a prediction at ``layer``'s gate input can lead anywhere.  In decode with the value rule, not
         while the link is busy past the next layer's start and copies take no longer than a layer: then every
@@ -203,12 +210,10 @@ class Offloader:
         """Where :meth:`wants_prediction` says yes, the clocks the value rule reads — ``(its clock, when the link
         is free)``, read once and handed on to it (each reading is a call into the copier) — or ``()`` where no
         value rule runs (prefill, the window rule); else None."""
-        if not self._predicts or layer + 1 >= self.cfg.n_layers:
+        if not self.predicts_at(layer, decode):
             return None
         if not (decode and self.rule == "value"):
             return ()
-        if not self._predicts_at[layer + 1]:
-            return None
         now, free = self._clock(clock), self.mover.free_at()
         if self._t_copy <= self.layer_seconds and free >= now + self.layer_seconds:
             return None
@@ -530,6 +535,12 @@ class OffloadedExperts:
     def _predict(self, layer: int, g: torch.Tensor) -> "GatePredict":
         return GatePredict(self.predictor, layer, g, self.offloader._limit)
 
+    def observes(self, layer: int, tokens: int) -> bool:
+        """The gate inputs :meth:`on_gate_input` acts on (the model passes no other): the embedding's and a
+        dense layer's, where a step of ``tokens`` tokens predicts there (:meth:`Offloader.predicts_at`) — a MoE
+        layer predicts the next ones from :meth:`moe`, once its own demand loads are queued."""
+        return (layer < 0 or not self.cfg.moe_layers[layer]) and self.offloader.predicts_at(layer, tokens == 1)
+
     def on_gate_input(self, layer: int, g: torch.Tensor) -> None:
         off = self.offloader
         if layer >= 0 and self.cfg.moe_layers[layer]:
@@ -565,6 +576,7 @@ class OffloadedExperts:
                 run(e, s, precision)
                 transfer.read_done(layer, s)
 
-        predict = self._predict(layer, x) if self.predictor is not None else None
-        self.offloader.run_layer(layer, ranked, counts, T, predict, compute)
+        off = self.offloader
+        predict = self._predict(layer, x) if self.predictor is not None and off.predicts_at(layer, one) else None
+        off.run_layer(layer, ranked, counts, T, predict, compute)
         return rows.combine()
