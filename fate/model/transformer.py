@@ -128,6 +128,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, f32_weight: bool = False) ->
     """transformers' RMSNorm: float32 variance, cast back to the input dtype, then times the weight; with
     ``f32_weight`` (gpt-oss) times the weight in float32, then cast."""
     dtype = x.dtype
+    if dtype is torch.float32 and weight.dtype is torch.float32:  # the same operations in one call (µs less a norm)
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if f32_weight:
