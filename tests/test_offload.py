@@ -139,11 +139,18 @@ def test_prefetch_recall_matches_an_independent_count(converted, arch, predictor
 
 
 def test_int2_share_respected_in_prefill(converted):
+    """INT2 in prefill where the link limits it: over a slow link (each copy four layers' decode compute) some
+    prefill experts go as INT2; where copies are a memcpy they cost less than the compute they cross beside,
+    and every expert goes as INT4 whatever --int2-share (INT2 would only leave decode misses behind)."""
     path = converted["olmoe"][1]
-    m = fate.load(path, experts="q4", mem="50%", int2_share=0.3)
+    m = fate.load(path, experts="q4", mem="50%", int2_share=0.3, link="ratio:4")
     m.generate(PROMPT * 3, 1, temperature=0.0)
     moved = m.last_stats.experts["bytes_by_precision"]
     assert moved.get("q2", 0) > 0  # some prefill experts went as INT2
+    fast = fate.load(path, experts="q4", mem="50%", int2_share=0.3)
+    fast.generate(PROMPT * 3, 1, temperature=0.0)
+    assert "q2" not in fast.last_stats.experts["bytes_by_precision"]
+    assert fast.last_stats.experts["prefill"]["misses"] > 0  # it did copy experts, all of them INT4
     # the rule itself: least popular experts, share of assignments ≤ 30 %
     from fate.runtime.experts.hybrid import hybrid_precisions
 

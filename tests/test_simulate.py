@@ -244,6 +244,32 @@ def test_prefill_short_of_slots_computes_the_smallest_hits_first():
     assert starts == [(2, 1), (3, 2)]  # expert 2's load once expert 1 (3 tokens) is done, then expert 3's
 
 
+def test_int2_in_prefill_only_where_the_link_limits_it():
+    """A prefill step's loads go as INT2 (the least popular, within --int2-share) only where copying them at
+    the decode precision would outlast half the layer's compute (19 tokens x one expert of 0.1 ms here):
+    two loads of 1 ms do, two of 10 µs do not.  Where they do not, an INT2 copy already held (a prefill
+    prefetch decided on the prediction) still serves the expert the share rule allows: no upgrade."""
+    cfg = type("Cfg", (), {"n_layers": 1, "n_experts": 4, "top_k": 1, "moe_layers": [True]})()
+    counts = {0: 10, 1: 3, 2: 5, 3: 1}
+
+    def served(copy, held_q2=()):
+        stats = ExpertStats(1)
+        cache = ExpertCache([4], 4, on_evict=stats.evicted)
+        link = S.SimLink(cache, S.SimTiming(1e-3, 1e-4, {"q4": copy, "q2": copy / 2}))
+        for e, p in [(0, "q4"), (1, "q4")] + [(e, "q2") for e in held_q2]:
+            slot = cache.reserve(0, e, p, prefetched=True)
+            cache.landed(0, slot, cache.gen[0][slot])
+        off = Offloader(cfg, cache, link, stats, low_precision="q2", int2_share=0.5, layer_seconds=1e-3,
+                        expert_seconds=1e-4)
+        got = {}
+        off.run_layer(0, [0, 2, 1, 3], counts, 19, None, lambda e, slot, p: got.__setitem__(e, p))
+        return got
+
+    assert served(1e-3) == {0: "q4", 1: "q4", 2: "q2", 3: "q2"}  # 2 ms of copies against 0.95 ms
+    assert served(1e-5) == {0: "q4", 1: "q4", 2: "q4", 3: "q4"}  # 20 µs: INT2 would save nothing
+    assert served(1e-5, held_q2=(3,)) == {0: "q4", 1: "q4", 2: "q4", 3: "q2"}
+
+
 @pytest.mark.parametrize("copy", [1e-3, 1e-5])
 def test_a_long_demand_load_crosses_the_link_while_the_layer_computes_its_hits(copy):
     """A one-token step with one cached and one missing expert: a copy longer than a hand-off

@@ -18,7 +18,9 @@ Perplexity is ``exp(mean NLL)`` over all scored tokens; its standard error is
 ``--mem`` budget offloads experts, INT2 substitution is turned off, so the result is exactly that
 precision's); ``hybrid`` is Fate's prefill rule: decode precision q4 (f16 when the bundle has no q4),
 offloaded with ``--policy fate`` under ``--mem`` (50% when not given), and in each layer the least popular
-experts covering at most ``--int2-share`` (0.3) of the token->expert assignments computed as INT2.
+experts covering at most ``--int2-share`` (0.3) of the token->expert assignments computed as INT2 — in every
+layer that loads experts, as the paper's rule does (``fate-run`` sends INT2 only where the link limits the
+prefill), so the figure is INT2 substitution's whatever the link.
 ``--compare`` runs every stored precision, plus ``hybrid`` when q2 is stored, and prints each one's
 difference to f16 (to q4 when there is no f16).
 
@@ -168,6 +170,8 @@ def load_model(path, experts: str = "q4", *, ctx: int, mem: str | int | None = N
     high = _hybrid_high(precisions)
     mem = HYBRID_MEM if mem is None else mem
     model = fate.load(path, experts=high, context=ctx, mem=mem, policy="fate", int2_share=int2_share, **options)
+    if model.offloading is not None:  # INT2 wherever a layer loads, not only where the link limits it
+        model.offloading.executor.offloader.int2_link_share = 0.0
     if not model.hybrid:
         model.close()
         raise PerplexityError(f"--experts hybrid: --mem {mem} holds every expert, so nothing is offloaded and no "

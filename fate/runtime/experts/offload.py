@@ -54,7 +54,7 @@ from fate.model.experts import ExpertRows
 from fate.quant.expert import ExpertCompute, ExpertView
 from fate.runtime.experts import copier as native
 from fate.runtime.experts.budget import reuse_table
-from fate.runtime.experts.hybrid import RANK, hybrid_precisions
+from fate.runtime.experts.hybrid import PREFILL_LINK_SHARE, RANK, hybrid_precisions, link_limits_prefill
 from fate.runtime.experts.prefetch import Prediction, Predictor
 from fate.runtime.experts.residency import ExpertCache
 from fate.runtime.experts.stats import ExpertStats
@@ -150,6 +150,8 @@ class Offloader:
         self.cfg, self.cache, self.mover, self.stats = cfg, cache, mover, stats
         self.keep, self.decode_precision = keep, decode_precision
         self.low_precision, self.int2_share = low_precision, int2_share
+        # INT2 in prefill where a layer's copies outlast this share of its compute (0: wherever it copies)
+        self.int2_link_share = PREFILL_LINK_SHARE
         self.predictor, self.rule, self.extra, self.max_new = predictor, rule, extra, max_new
         self.layer_seconds = layer_seconds
         self.expert_seconds = min(expert_seconds, layer_seconds / max(1, cfg.top_k))  # one expert, one token
@@ -232,7 +234,10 @@ class Offloader:
             if pred.ahead == 1:
                 self._named[pred.layer] = set(pred.experts)
         if not decode:
-            self._prefetch_ranked(preds[0], None)
+            pred = preds[0]
+            if pred.precisions and self._prefill_low(pred.layer, pred.experts, pred.tokens) is None:
+                pred = Prediction(pred.layer, pred.ahead, pred.experts, pred.chances)  # all at the decode precision
+            self._prefetch_ranked(pred, None)
         elif self.rule == "window":
             for pred in preds:
                 if pred.ahead == 1:
@@ -364,9 +369,9 @@ class Offloader:
             if clocks is not None:  # a prediction the planner could not make
                 self.prefetch(layer, predict(), decode, clocks=clocks)
             touched = not waiting  # the native step told the policy of the uses
-            want = self._want(ranked, counts, decode) if waiting else None
+            want = self._want(layer, ranked, counts, decode, T) if waiting else None
         else:
-            want = self._want(ranked, counts, decode)
+            want = self._want(layer, ranked, counts, decode, T)
             order, waiting, hits, late, misses, stall = self._classify(layer, ranked, want, counts, decode, predict)
             touched = False
         pending, precision_at = cache.pending[layer], cache.precision_at[layer]
@@ -392,11 +397,31 @@ class Offloader:
             stats.count(layer, len(ranked), hits, late, misses, len(ranked), len(named), len(named.intersection(ranked)),
                         stall, host)
 
-    def _want(self, ranked: list[int], counts, decode: bool) -> dict[int, str]:
-        """The precision each expert is computed in: decode's, or in prefill the INT2 rule's."""
+    def _want(self, layer: int, ranked: list[int], counts, decode: bool, tokens: int = 1) -> dict[int, str]:
+        """The precision each expert is computed in: decode's, or in a ``tokens``-token prefill step the INT2
+        rule's where the link limits this layer's prefill (:meth:`_prefill_low`)."""
         if decode:
             return dict.fromkeys(ranked, self.decode_precision)
-        return hybrid_precisions(ranked, counts, self.int2_share, self.decode_precision, self.low_precision)
+        share = hybrid_precisions(ranked, counts, self.int2_share, self.decode_precision, self.low_precision)
+        if self.low_precision is None or self._prefill_low(layer, ranked, tokens) is not None:
+            return share
+        # the link does not limit this layer: its loads go at the decode precision, but an INT2 copy held
+        # already (this step's prefetch, decided on the prediction) serves an expert the share rule allows
+        slot_of, precision_at, high = self.cache.slot_of[layer], self.cache.precision_at[layer], self.decode_precision
+        return {e: share[e] if slot_of[e] >= 0 and precision_at[slot_of[e]] == share[e] else high for e in ranked}
+
+    def _prefill_low(self, layer: int, experts, tokens: int) -> str | None:
+        """The low precision for a ``tokens``-token prefill step's copies of ``experts`` into ``layer``, or None
+        where they go at the decode precision: INT2 only where the copies the layer still needs (those not
+        held at the decode precision) would outlast its compute (:func:`.hybrid.link_limits_prefill`)."""
+        if self.low_precision is None or self.int2_share <= 0:
+            return None
+        slot_of, precision_at = self.cache.slot_of[layer], self.cache.precision_at[layer]
+        high = RANK[self.decode_precision]
+        loads = sum(1 for e in experts if slot_of[e] < 0 or RANK[precision_at[slot_of[e]]] < high)
+        if not link_limits_prefill(loads, self._t_copy, tokens, self.cfg.top_k, self.expert_seconds, self.int2_link_share):
+            return None
+        return self.low_precision
 
     def _compute_waiting(self, layer: int, order, waiting: list[int], want: dict[int, str], decode: bool, compute,
                          busy: float, stall: float) -> tuple[float, float]:

@@ -47,6 +47,7 @@ class Prediction:
     experts: list[int]
     chances: list[float]
     precisions: dict[int, str] | None = None  # prefill only
+    tokens: int = 0  # prefill only: the tokens of the step it predicts for
 
 
 def rank_chances(bundle, cfg) -> torch.Tensor:
@@ -235,4 +236,4 @@ class Predictor:
         counts = counts.tolist()
         precisions = hybrid_precisions(ranked, counts, self.int2_share, self.decode_precision, self.low_precision)
         total = max(1, sum(counts[e] for e in ranked))
-        return [Prediction(j, 1, ranked, [counts[e] / total for e in ranked], precisions)]
+        return [Prediction(j, 1, ranked, [counts[e] / total for e in ranked], precisions, int(logits.shape[0]))]
