@@ -270,6 +270,45 @@ def test_int2_in_prefill_only_where_the_link_limits_it():
     assert served(1e-5, held_q2=(3,)) == {0: "q4", 1: "q4", 2: "q4", 3: "q2"}
 
 
+def test_int2_copies_a_prefill_leaves_are_rewritten_in_int4_while_the_link_is_idle():
+    """The INT2 copies a prefill leaves in the cache would each be a miss when decode wants the expert: after
+    each decode step, while nothing is on the link, one of them is rewritten in place at the decode
+    precision (the next layer's first), behind every other copy; while the link is busy, none is."""
+    cfg = type("Cfg", (), {"n_layers": 2, "n_experts": 4, "top_k": 1, "moe_layers": [True, True]})()
+    stats = ExpertStats(2)
+    cache = ExpertCache([4, 4], 4, on_evict=stats.evicted)
+    link = S.SimLink(cache, S.SimTiming(1e-3, 1e-4, {"q4": 1e-3, "q2": 5e-4}))
+    off = Offloader(cfg, cache, link, stats, low_precision="q2", int2_share=0.5, layer_seconds=1e-3,
+                    expert_seconds=1e-4)
+    compute = lambda e, slot, p: link.compute(1e-4)  # noqa: E731
+    for layer in (0, 1):  # 19 tokens, 3 loads of 1 ms against 0.95 ms: the link limits this prefill
+        off.run_layer(layer, [0, 2, 1, 3], {0: 10, 1: 3, 2: 5, 3: 1}, 19, None, compute)
+
+    def int2():
+        return {(j, e) for j in (0, 1) for e in range(4) if cache.precision_at[j][cache.slot_of[j][e]] == "q2"}
+
+    assert int2() == {(j, e) for j in (0, 1) for e in (1, 2, 3)}  # the least popular, within the share
+    link.compute(1e-2)
+    slot = cache.change_precision(0, 0, "q4")  # a copy on the link (1 ms) while layer 1 decodes
+    link.prefetch(0, slot, 2.0)
+    off.run_layer(1, [0], None, 1, None, compute)
+    assert len(int2()) == 6 and cache.pending[0][slot]  # busy: nothing rewritten
+    left, layers = [], []
+    for step in range(7):
+        link.compute(2e-3)  # everything on the link lands: idle again
+        layer = step % 2
+        before = int2()
+        off.run_layer(layer, [0], None, 1, None, compute)
+        gone = before - int2()
+        layers.append([j for j, _ in gone])
+        left.append(len(int2()))
+    assert left == [5, 4, 3, 2, 1, 0, 0]
+    assert layers[:6] == [[1], [0], [1], [0], [1], [0]] and layers[6] == []  # the next layer's first
+    link.compute(2e-3)
+    assert not any(cache.pending[j][cache.slot_of[j][e]] for j in (0, 1) for e in range(4))
+    assert all(cache.precision_at[j][cache.slot_of[j][e]] == "q4" for j in (0, 1) for e in range(4))
+
+
 @pytest.mark.parametrize("copy", [1e-3, 1e-5])
 def test_a_long_demand_load_crosses_the_link_while_the_layer_computes_its_hits(copy):
     """A one-token step with one cached and one missing expert: a copy longer than a hand-off

@@ -40,7 +40,10 @@ not predict at all (:meth:`Offloader._prediction_layers`).
 Prefetches a layer turns out not to need are cancelled while still queued.
 
 **Prefill** keeps the paper's rule: the next layer's predicted experts, most tokens first, INT2 for the
-least popular, queued behind this layer's demand loads so they land during this layer's compute.
+least popular, queued behind this layer's demand loads so they land during this layer's compute — INT2 only
+where the link limits the layer (its copies would outlast half its compute, :meth:`Offloader._prefill_low`).
+The INT2 copies a prefill leaves in the cache are rewritten at the decode precision by the decode steps that
+follow, one a step while the link is idle (:meth:`Offloader._upgrade_when_idle`).
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ RULES = ("value", "window")  # fate's expected-value prefetch; the paper's top-(
 # cheaper than a prediction, fate's value rule does not predict at all (a memcpy without an emulated link).
 HOST_PREFETCH_SECONDS = 10e-6
 HOST_PREDICT_SECONDS = 30e-6
+UPGRADE_PRIORITY = 1e3  # an INT2 copy's rewrite at the decode precision: behind every other copy
 
 
 def value_plan(layer: int, k: int, now: float, link_free: float, t_layer: float, t_copy: float, host: float,
@@ -169,6 +173,7 @@ class Offloader:
         self._queuer = False  # what queues the planners' decisions natively (the mover's), or None: resolved on first use
         self._step = False  # the native decode step (:meth:`_native_step`), or None: resolved on first use
         self._limit = {j: min(cfg.n_experts, n, k + extra) for j, n in enumerate(cache.n_slots) if n > 0}
+        self._low_slots: dict[int, list[int]] = {}  # layer -> slots a prefill left holding INT2 copies
 
     # -- prediction and prefetching ---------------------------------------------------------------
     def _prediction_layers(self, reuse) -> list[bool]:
@@ -390,12 +395,49 @@ class Offloader:
         if not self.keep:  # Load-on-Demand keeps nothing beyond this layer's need
             for e in ranked:
                 cache.drop(layer, e)
+        if not decode and self.low_precision is not None:  # the INT2 copies this prefill leaves in the layer
+            low, expert_at = self.low_precision, cache.expert_at[layer]
+            left = [x for x, p in enumerate(precision_at) if p == low and expert_at[x] >= 0]
+            if left:
+                self._low_slots[layer] = left
+            else:
+                self._low_slots.pop(layer, None)
+        elif self._low_slots:
+            self._upgrade_when_idle(layer)
         host = max(0.0, mover.now() - t_start - busy - stall)
         if named is None:
             stats.count(layer, len(ranked), hits, late, misses, 0, 0, 0, stall, host)
         else:
             stats.count(layer, len(ranked), hits, late, misses, len(ranked), len(named), len(named.intersection(ranked)),
                         stall, host)
+
+    def _upgrade_when_idle(self, layer: int) -> None:
+        """After a decode step of ``layer``, while the link is idle: one INT2 copy a prefill left in the cache
+        is rewritten in place at the decode precision, the next layers' first — behind every other copy, and
+        only when nothing else is on the link, so no demand load or prefetch waits for more than the one copy
+        on it.  Left alone, each such copy is a miss when decode wants the expert (INT4), and the cache holds
+        the prefill's least popular experts exactly there (loaded last, they are what its slots keep)."""
+        mover = self.mover
+        if mover.free_at() > mover.now():
+            return
+        cache, low, n = self.cache, self.low_precision, self.cfg.n_layers
+        for d in range(1, n + 1):
+            j = (layer + d) % n
+            slots = self._low_slots.get(j)
+            if not slots:
+                continue
+            expert_at, precision_at, pending = cache.expert_at[j], cache.precision_at[j], cache.pending[j]
+            slots[:] = [x for x in slots if expert_at[x] >= 0 and precision_at[x] == low]  # evicted or upgraded since
+            for x in slots:
+                if not pending[x]:
+                    slots.remove(x)
+                    cache.change_precision(j, expert_at[x], self.decode_precision)
+                    mover.prefetch(j, x, UPGRADE_PRIORITY)
+                    if not slots:
+                        del self._low_slots[j]
+                    return
+            if not slots:
+                del self._low_slots[j]
 
     def _want(self, layer: int, ranked: list[int], counts, decode: bool, tokens: int = 1) -> dict[int, str]:
         """The precision each expert is computed in: decode's, or in a ``tokens``-token prefill step the INT2
