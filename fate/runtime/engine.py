@@ -190,7 +190,8 @@ class FateModel:
     # --- figures --------------------------------------------------------------------------------------
     @property
     def hybrid(self) -> bool:
-        """Whether the least popular prefill experts run as INT2 (fate's hybrid precision is in use)."""
+        """Whether the least popular prefill experts may run as INT2 (fate's hybrid precision is in use; the
+        Offloader sends them so where the link limits the prefill, ``int2_link_share``)."""
         off = self.offloading
         return off is not None and off.executor.low_precision is not None and off.executor.int2_share > 0
 

@@ -461,7 +461,8 @@ class Offloader:
         slot_of, precision_at = self.cache.slot_of[layer], self.cache.precision_at[layer]
         high = RANK[self.decode_precision]
         loads = sum(1 for e in experts if slot_of[e] < 0 or RANK[precision_at[slot_of[e]]] < high)
-        if not link_limits_prefill(loads, self._t_copy, tokens, self.cfg.top_k, self.expert_seconds, self.int2_link_share):
+        share = self.int2_link_share
+        if not link_limits_prefill(loads, self._t_copy, tokens, self.cfg.top_k, self.expert_seconds, share):
             return None
         return self.low_precision
 
