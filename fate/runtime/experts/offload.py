@@ -365,7 +365,7 @@ class Offloader:
             if self._step is False:
                 self._step = self._native_step()
             if self._step is not None:  # the same steps in one native call (None: INT2 copies in play)
-                planner = self._planner(layer, predict) if predict is not None and self._predicts_at[layer + 1] else None
+                planner = self._planner(layer, predict) if predict is not None else None  # only where it predicts
                 got = self._step(layer, ranked, planner, None if predict is None else predict.g)
         if got is not None:
             order, waiting, hits, late, misses, stall, clocks, named_next = got
@@ -424,20 +424,19 @@ class Offloader:
         for d in range(1, n + 1):
             j = (layer + d) % n
             slots = self._low_slots.get(j)
-            if not slots:
+            if slots is None:
                 continue
             expert_at, precision_at, pending = cache.expert_at[j], cache.precision_at[j], cache.pending[j]
             slots[:] = [x for x in slots if expert_at[x] >= 0 and precision_at[x] == low]  # evicted or upgraded since
-            for x in slots:
-                if not pending[x]:
-                    slots.remove(x)
-                    cache.change_precision(j, expert_at[x], self.decode_precision)
-                    mover.prefetch(j, x, UPGRADE_PRIORITY)
-                    if not slots:
-                        del self._low_slots[j]
-                    return
+            x = next((x for x in slots if not pending[x]), None)  # (one still landing: later)
+            if x is not None:
+                slots.remove(x)
+                cache.change_precision(j, expert_at[x], self.decode_precision)
+                mover.prefetch(j, x, UPGRADE_PRIORITY)
             if not slots:
                 del self._low_slots[j]
+            if x is not None:
+                return
 
     def _want(self, layer: int, ranked: list[int], counts, decode: bool, tokens: int = 1) -> dict[int, str]:
         """The precision each expert is computed in: decode's, or in a ``tokens``-token prefill step the INT2
@@ -445,7 +444,7 @@ class Offloader:
         if decode:
             return dict.fromkeys(ranked, self.decode_precision)
         share = hybrid_precisions(ranked, counts, self.int2_share, self.decode_precision, self.low_precision)
-        if self.low_precision is None or self._prefill_low(layer, ranked, tokens) is not None:
+        if self._prefill_low(layer, ranked, tokens) is not None:
             return share
         # the link does not limit this layer: its loads go at the decode precision, but an INT2 copy held
         # already (this step's prefetch, decided on the prediction) serves an expert the share rule allows
