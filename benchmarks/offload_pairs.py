@@ -10,7 +10,8 @@ a cell is in memory at once (meant for the small trained models of docs/BENCHMAR
 A policy may name its predictor: ``paper/router`` is the paper's rule with the paper's predictor (the next
 layer's router), ``fate/router`` fate's rule with it; a plain name takes the default (the bundle's fitted
 maps where it has them).  A ``:evict`` suffix names the cache's eviction policy: ``fate:arc`` is fate with
-ARC caching instead of its default LRFU.
+ARC caching instead of its default LRFU.  An ``@alloc`` suffix names the slot allocation: ``fate@even`` is
+fate with lru's equal caches instead of its default (the reuse curves).
 
 Per policy: decode ms per token, split into the stall (waiting for copies), fate's host work (prediction,
 lookups, queueing: the ``host_seconds`` of the stats) and the rest (the model's compute); the decode hit
@@ -36,10 +37,11 @@ def measure_cell(bundle: str, mem: str, link: str, policies, rounds: int, n: int
                  prompt_ids: list[int]) -> list[dict]:
     """One cell: ``policies`` at ``mem`` over ``link`` and the resident reference, ``rounds`` alternated rounds."""
     models = {"resident": fate.load(bundle, policy="resident", no_mmap=True, threads=threads, verify=False)}
-    for p in policies:  # "policy[/predictor][:evict]" (paper/router: the paper's rule with the paper's predictor)
-        spec, _, evict = p.partition(":")
+    for p in policies:  # "policy[/predictor][:evict][@alloc]" (paper/router: the paper's rule, the paper's predictor)
+        spec, _, alloc = p.partition("@")
+        spec, _, evict = spec.partition(":")
         name, _, predictor = spec.partition("/")
-        extra = {k: v for k, v in (("predictor", predictor), ("evict", evict)) if v}
+        extra = {k: v for k, v in (("predictor", predictor), ("evict", evict), ("cache_alloc", alloc)) if v}
         models[p] = fate.load(bundle, policy=name, mem=mem, link=link, threads=threads, verify=False, **extra)
     try:
         for m in models.values():  # torch's first calls, the caches' first fill

@@ -166,7 +166,9 @@ class Predictor:
                 return self._from_order(made, order)
             scores = self._stack_np[layer] @ x.numpy()[0]
             return self._rank_one(layer, targets, scores, limit)
-        return self.rank(layer, x @ self._stack[layer].T, limit)
+        if targets[0] != layer + 1:
+            return []  # a prefill predicts the next layer only (rank's rule): nothing to compute
+        return self.rank(layer, x @ self._stack[layer][:self.E].T, limit)  # its router's rows alone
 
     def value_planner(self, layer: int, limit: dict[int, int], k: int, t_layer: float, t_copy: float, host: float,
                       cache, queuer=None):
@@ -230,10 +232,9 @@ class Predictor:
         j = targets[0]
         if j != layer + 1:
             return []
-        counts = torch.bincount(logits[:, :E].topk(k, dim=-1).indices.flatten(), minlength=E)
-        order = counts.argsort(descending=True, stable=True).tolist()
+        counts_t = torch.bincount(logits[:, :E].topk(k, dim=-1).indices.flatten(), minlength=E)
+        order, counts = counts_t.argsort(descending=True, stable=True).tolist(), counts_t.tolist()
         ranked = [e for e in order if counts[e] > 0][:limit.get(j, 0)]
-        counts = counts.tolist()
         precisions = hybrid_precisions(ranked, counts, self.int2_share, self.decode_precision, self.low_precision)
         total = max(1, sum(counts[e] for e in ranked))
         return [Prediction(j, 1, ranked, [counts[e] / total for e in ranked], precisions, int(logits.shape[0]))]
