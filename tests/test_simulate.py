@@ -397,4 +397,40 @@ def test_the_value_rule_predicts_in_decode_only_where_the_reuse_curves_say_it_pa
         off.run_layer(layer, [0, 1], None, 1, predict, lambda e, s, p: link.compute(3e-4))
         link.compute(1e-3)
     assert told == [0, 1]  # decode: the gate inputs of layers 0 and 1 only
-    assert [off.wants_prediction(i, decode=False) for i in range(-1, 4)] == [True] * 4 + [False]
+    # prefill (4 tokens: up to 4 loads a layer, 2 held, 2 ms of copies against 0.5 × 4 × 2 × 0.3 ms): every one
+    assert [off.wants_prediction(i, decode=False, tokens=4) for i in range(-1, 4)] == [True] * 4 + [False]
+
+
+def test_a_prefill_under_the_value_rule_predicts_only_where_the_next_layers_loads_could_limit_it():
+    """The most a prefill's loads into layer j could take — every expert its tokens can route to that j does not
+    hold at the decode precision — against half its compute (tokens × top_k × one expert's product): with 2 of
+    4 experts held, 1 ms copies and 0.3 ms products, 4 tokens may load 2 (2 ms > 1.2 ms: predict) and 8 tokens
+    too (2 ms < 2.4 ms: not); with nothing held 8 tokens may load 4 (4 ms: predict).  INT2 copies count as not
+    held.  The paper's window rule predicts wherever its prefill does."""
+    cfg = type("Cfg", (), {"n_layers": 2, "n_experts": 4, "top_k": 2, "moe_layers": [True] * 2,
+                           "moe_layer_ids": [0, 1]})()
+
+    class Ahead:
+        def targets(self, layer):
+            return [layer + 1]
+
+    def offloader(rule="value"):
+        stats = ExpertStats(2)
+        cache = ExpertCache([4, 4], 4, on_evict=stats.evicted)
+        link = S.SimLink(cache, S.SimTiming(1e-3, 3e-4, {"q4": 1e-3, "q2": 5e-4}))
+        return Offloader(cfg, cache, link, stats, predictor=Ahead(), rule=rule, layer_seconds=1e-3,
+                         expert_seconds=3e-4, low_precision="q2"), cache
+
+    off, cache = offloader()
+    assert off.predicts_at(0, False, 8)  # nothing held: up to 4 loads
+    for e in (0, 1):
+        cache.reserve(1, e, "q4", prefetched=False)
+    assert off.predicts_at(0, False, 4) and not off.predicts_at(0, False, 8)
+    assert not off.predicts_at(1, False, 4)  # nothing after the last layer
+    cache.change_precision(1, 1, "q2")  # an INT2 copy is a load at the decode precision: 3 loads, 3 ms > 2.4 ms
+    assert off.predicts_at(0, False, 8)
+    for rule, predicts in (("value", False), ("window", True)):  # everything held: no loads to save
+        off, cache = offloader(rule)
+        for e in range(4):
+            cache.reserve(1, e, "q4", prefetched=False)
+        assert off.predicts_at(0, False, 8) is predicts

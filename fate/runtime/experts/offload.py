@@ -42,6 +42,9 @@ Prefetches a layer turns out not to need are cancelled while still queued.
 **Prefill** keeps the paper's rule: the next layer's predicted experts, most tokens first, INT2 for the
 least popular, queued behind this layer's demand loads so they land during this layer's compute — INT2 only
 where the link limits the layer (its copies would outlast half its compute, :meth:`Offloader._prefill_low`).
+Under the value rule a prefill predicts at all only where the next layer's loads could limit it (the most
+they could take by the same test, :meth:`Offloader._prefill_pays`): with a warm cache its demand loads
+cross while its cached experts compute, and the prediction would cost more than it saves.
 The INT2 copies a prefill leaves in the cache are rewritten at the decode precision by the decode steps that
 follow, one a step while the link is idle (:meth:`Offloader._upgrade_when_idle`).
 """
@@ -198,26 +201,46 @@ class Offloader:
 
         return [out[i] and (pays(i) or pays(i + 1)) for i in range(n + 1)]  # gate input i - 1 serves i, i + 1
 
-    def predicts_at(self, layer: int, decode: bool) -> bool:
-        """Whether a step (a one-token one: ``decode``) predicts at ``layer``'s gate input at all, whatever the
-        link's state: where not, the executor passes no prediction on (not even the gate input)."""
+    def predicts_at(self, layer: int, decode: bool, tokens: int = 1) -> bool:
+        """Whether a step (a one-token one: ``decode``; else of ``tokens`` tokens) predicts at ``layer``'s gate
+        input at all, whatever the link's state: where not, the executor passes no prediction on (not even the
+        gate input).  A prefill under the value rule predicts only where the next layer's loads could limit it
+        (:meth:`_prefill_pays`); the paper's rule predicts at every one."""
         if decode:
             return self._predicts_at[layer + 1]
-        return self._predicts and layer + 1 < self.cfg.n_layers
+        if not (self._predicts and layer + 1 < self.cfg.n_layers):
+            return False
+        return self.rule != "value" or self._prefill_pays(layer + 1, tokens)
 
-    def wants_prediction(self, layer: int, decode: bool = False, clock: float | None = None) -> bool:
+    def _prefill_pays(self, j: int, tokens: int) -> bool:
+        """Whether a ``tokens``-token prefill's prefetch into MoE layer ``j`` can save anything: only where the
+        most its loads could take — every expert the tokens can route to (``tokens × top_k``, at most all) that
+        the layer does not hold at the decode precision — would outlast half of its compute, the INT2 rule's
+        test (:func:`.hybrid.link_limits_prefill`).  Elsewhere its demand loads cross while its cached experts
+        compute, and the prediction (a router product and a ranking over every token: 70 µs a layer on
+        the trained offload model, 128 tokens) costs more than the stall it could save (docs/BENCHMARKS.md)."""
+        cfg = self.cfg
+        if not cfg.moe_layers[j]:
+            return False  # the prefill's prediction names the next layer's experts only
+        high, expert_at, precision_at = RANK[self.decode_precision], self.cache.expert_at[j], self.cache.precision_at[j]
+        held = sum(1 for x, e in enumerate(expert_at) if e >= 0 and RANK[precision_at[x]] >= high)
+        loads = max(0, min(cfg.n_experts, tokens * cfg.top_k) - held)
+        return link_limits_prefill(loads, self._t_copy, tokens, cfg.top_k, self.expert_seconds)
+
+    def wants_prediction(self, layer: int, decode: bool = False, clock: float | None = None, tokens: int = 1) -> bool:
         """Whether a prediction at ``layer``'s gate input can lead anywhere.  In decode with the value rule, not
         while the link is busy past the next layer's start and copies take no longer than a layer: then every
         candidate would either land too late or still land in time from the next layer (the rule fetches
         neither), so the prediction is not even computed.  ``clock``: the value rule's clock, one layer's
-        compute before the next layer starts (None: now; later while this layer's own loads cross the link)."""
-        return self._prediction_clocks(layer, decode, clock) is not None
+        compute before the next layer starts (None: now; later while this layer's own loads cross the link);
+        ``tokens``: a prefill step's (:meth:`predicts_at`)."""
+        return self._prediction_clocks(layer, decode, clock, tokens) is not None
 
-    def _prediction_clocks(self, layer: int, decode: bool, clock: float | None) -> tuple:
+    def _prediction_clocks(self, layer: int, decode: bool, clock: float | None, tokens: int = 1) -> tuple:
         """Where :meth:`wants_prediction` says yes, the clocks the value rule reads — ``(its clock, when the link
         is free)``, read once and handed on to it (each reading is a call into the copier) — or ``()`` where no
         value rule runs (prefill, the window rule); else None."""
-        if not self.predicts_at(layer, decode):
+        if not self.predicts_at(layer, decode, tokens):
             return None
         if not (decode and self.rule == "value"):
             return ()
@@ -377,7 +400,7 @@ class Offloader:
             want = self._want(layer, ranked, counts, decode, T) if waiting else None
         else:
             want = self._want(layer, ranked, counts, decode, T)
-            order, waiting, hits, late, misses, stall = self._classify(layer, ranked, want, counts, decode, predict)
+            order, waiting, hits, late, misses, stall = self._classify(layer, ranked, want, counts, T, predict)
             touched = False
         pending, precision_at = cache.pending[layer], cache.precision_at[layer]
         if waiting:
@@ -496,11 +519,13 @@ class Offloader:
                     stall += mover.now() - t
         return busy, stall
 
-    def _classify(self, layer: int, ranked: list[int], want: dict[int, str], counts, decode: bool, predict) -> tuple:
+    def _classify(self, layer: int, ranked: list[int], want: dict[int, str], counts, tokens: int, predict) -> tuple:
         """The part of :meth:`run_layer` before the experts are computed — the landed copies settled, unneeded
         prefetches cancelled, hits, late prefetches and misses told apart and the loads queued, then the
-        prediction — the reference of the native decode step (:mod:`.native_step`).  Returns (the experts
-        with their slots in compute order, the experts still without a slot, hits, late, misses, stall)."""
+        prediction — the reference of the native decode step (:mod:`.native_step`), for a step of ``tokens``
+        tokens.  Returns (the experts with their slots in compute order, the experts still without a slot,
+        hits, late, misses, stall)."""
+        decode = tokens == 1
         cache, mover = self.cache, self.mover
         pins = set(ranked)  # this step's experts are pinned (in-flight copies are never evicted either)
         mover.poll(layer)  # copies that landed since: their slots are ready
@@ -542,7 +567,7 @@ class Offloader:
             # this layer's own loads cross the link while its hits compute: layer i+1 starts a layer less
             # those hits after they have landed, if that is later
             clock = max(mover.now(), mover.free_at(demand_only=True) - len(ready) * self.expert_seconds)
-        clocks = None if predict is None else self._prediction_clocks(layer, decode, clock)
+        clocks = None if predict is None else self._prediction_clocks(layer, decode, clock, tokens)
         if clocks is not None:
             self._predict_and_prefetch(layer, predict, decode, clocks)  # their copies queue behind these loads
         return ready + later, waiting, hits, late, misses, stall
@@ -606,14 +631,14 @@ class OffloadedExperts:
         """The gate inputs :meth:`on_gate_input` acts on (the model passes no other): the embedding's and a
         dense layer's, where a step of ``tokens`` tokens predicts there (:meth:`Offloader.predicts_at`) — a MoE
         layer predicts the next ones from :meth:`moe`, once its own demand loads are queued."""
-        return (layer < 0 or not self.cfg.moe_layers[layer]) and self.offloader.predicts_at(layer, tokens == 1)
+        return (layer < 0 or not self.cfg.moe_layers[layer]) and self.offloader.predicts_at(layer, tokens == 1, tokens)
 
     def on_gate_input(self, layer: int, g: torch.Tensor) -> None:
         off = self.offloader
         if layer >= 0 and self.cfg.moe_layers[layer]:
             return  # a MoE layer predicts the next ones from moe(), once its own demand loads are queued
         decode = g.shape[0] == 1
-        clocks = off._prediction_clocks(layer, decode, None)
+        clocks = off._prediction_clocks(layer, decode, None, g.shape[0])
         if clocks is None:
             return
         off.stats.phase = "decode" if decode else "prefill"
@@ -644,6 +669,6 @@ class OffloadedExperts:
                 transfer.read_done(layer, s)
 
         off = self.offloader
-        predict = self._predict(layer, x) if self.predictor is not None and off.predicts_at(layer, one) else None
+        predict = self._predict(layer, x) if self.predictor is not None and off.predicts_at(layer, one, T) else None
         off.run_layer(layer, ranked, counts, T, predict, compute)
         return rows.combine()

@@ -252,7 +252,7 @@ def _prefill(trace: RoutingTrace, n: int, off: Offloader, link: SimLink, predict
     """Tokens ``0 .. n-1`` as one prefill step: each layer's experts by token count, the prefill prediction
     from all n tokens' gate inputs (the engine's order: its demand loads, then the next layer's)."""
     E = trace.n_experts
-    ahead = predictor is not None and hasattr(predictor, "predict_prefill") and off.wants_prediction(-1)
+    ahead = predictor is not None and hasattr(predictor, "predict_prefill") and off.wants_prediction(-1, tokens=n)
     if ahead:
         off.stats.phase = "prefill"
         off.prefetch(-1, predictor.predict_prefill(-1, n, off._limit), False)
