@@ -258,7 +258,7 @@ def _prefill(trace: RoutingTrace, n: int, off: Offloader, link: SimLink, predict
         off.prefetch(-1, predictor.predict_prefill(-1, n, off._limit), False)
     for i in range(trace.n_layers):
         if not trace.moe_layers[i]:
-            if ahead and i + 1 < trace.n_layers:
+            if ahead and off.wants_prediction(i, tokens=n):  # as the engine's observer asks (Offloader.predicts_at)
                 off.prefetch(i, predictor.predict_prefill(i, n, off._limit), False)
             continue
         counts = torch.bincount(trace.ids[:n, i].flatten(), minlength=E).tolist()
