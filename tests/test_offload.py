@@ -671,3 +671,21 @@ def test_native_decode_step_predicts_only_at_the_layers_it_is_told(converted):
         prefill = {(what, layer) for what, layer, T in seen if T > 1}  # prefill predicts everywhere
         assert ("input", -1) in prefill and ("predict", cfg.moe_layer_ids[-1]) not in prefill, prefill
         m.close()
+
+
+def test_a_prefill_predicts_only_where_the_next_layers_loads_could_limit_it(converted):
+    """fate's prefill predicts the next layer only where its loads could outlast half its compute
+    (``Offloader._prefill_pays``): with the profile's one-expert product made long (compute that hides any
+    copy) the prefill names no expert and queues no prefetch, with it made nil it names them at every layer
+    that loads anything; the tokens are resident's either way."""
+    path = converted["olmoe"][1]
+    want, _ = _tokens(path, n=4, policy="resident")
+    named = {}
+    for name, expert_s in (("long", 1.0), ("nil", 0.0)):
+        m = fate.load(path, experts="q4", mem="50%", link="ratio:1", int2_share=0.0)
+        m.offloading.executor.offloader.expert_seconds = expert_s
+        out = m.generate(PROMPT, 4, temperature=0.0, stop_at_eos=False)
+        assert out.token_ids == want
+        named[name] = m.last_stats.experts["prefill"]["named"]
+        m.close()
+    assert named["long"] == 0 and named["nil"] > 0
