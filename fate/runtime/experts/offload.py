@@ -214,18 +214,21 @@ class Offloader:
 
     def _prefill_pays(self, j: int, tokens: int) -> bool:
         """Whether a ``tokens``-token prefill's prefetch into MoE layer ``j`` can save anything: only where the
-        most its loads could take — every expert the tokens can route to (``tokens × top_k``, at most all) that
-        the layer does not hold at the decode precision — would outlast half of its compute, the INT2 rule's
+        most its loads could take — the experts the layer does not hold at the decode precision, at most the
+        ``tokens × top_k`` its tokens route to — would outlast half of its compute, the INT2 rule's
         test (:func:`.hybrid.link_limits_prefill`).  Elsewhere its demand loads cross while its cached experts
         compute, and the prediction (a router product and a ranking over every token: 70 µs a layer on
         the trained offload model, 128 tokens) costs more than the stall it could save (docs/BENCHMARKS.md)."""
         cfg = self.cfg
         if not cfg.moe_layers[j]:
             return False  # the prefill's prediction names the next layer's experts only
-        high, expert_at, precision_at = RANK[self.decode_precision], self.cache.expert_at[j], self.cache.precision_at[j]
-        held = sum(1 for x, e in enumerate(expert_at) if e >= 0 and RANK[precision_at[x]] >= high)
-        loads = max(0, min(cfg.n_experts, tokens * cfg.top_k) - held)
+        loads = min(tokens * cfg.top_k, self._loads(j, range(cfg.n_experts)))
         return link_limits_prefill(loads, self._t_copy, tokens, cfg.top_k, self.expert_seconds)
+
+    def _loads(self, layer: int, experts) -> int:
+        """How many of ``experts`` ``layer`` does not hold at the decode precision (a copy each, if needed)."""
+        slot_of, precision_at, high = self.cache.slot_of[layer], self.cache.precision_at[layer], RANK[self.decode_precision]
+        return sum(1 for e in experts if slot_of[e] < 0 or RANK[precision_at[slot_of[e]]] < high)
 
     def wants_prediction(self, layer: int, decode: bool = False, clock: float | None = None, tokens: int = 1) -> bool:
         """Whether a prediction at ``layer``'s gate input can lead anywhere.  In decode with the value rule, not
@@ -480,10 +483,7 @@ class Offloader:
         held at the decode precision) would outlast its compute (:func:`.hybrid.link_limits_prefill`)."""
         if self.low_precision is None or self.int2_share <= 0:
             return None
-        slot_of, precision_at = self.cache.slot_of[layer], self.cache.precision_at[layer]
-        high = RANK[self.decode_precision]
-        loads = sum(1 for e in experts if slot_of[e] < 0 or RANK[precision_at[slot_of[e]]] < high)
-        share = self.int2_link_share
+        loads, share = self._loads(layer, experts), self.int2_link_share
         if not link_limits_prefill(loads, self._t_copy, tokens, self.cfg.top_k, self.expert_seconds, share):
             return None
         return self.low_precision
