@@ -86,3 +86,25 @@ def test_host_paths_switches_the_decode_step_and_keeps_its_tokens(converted):
     assert set(by) == set(host_paths.PATHS)
     assert all(r["tokens_equal_python"] and r["host_us_per_layer"] >= 0 and "emulated" in r["link"] for r in rows)
     assert by["python"]["time_x_python"] == pytest.approx(1.0) and by["python"]["host_us_less_than_python"] == 0.0
+
+
+def test_layer_hits_splits_the_decode_by_layer(converted):
+    """benchmarks.layer_hits on a tiny bundle: per MoE layer the slots of the plan, hit rates that add up to
+    the run's decode hit rate, and the reuse curves at those slots (the allocation counts at least what an
+    LRU cache holds)."""
+    from benchmarks.layer_hits import measure
+
+    path = str(converted["qwen2_moe"][1])
+    rows = measure(path, "50%", "ratio:1", ["lru", "fate@even"], n=4, prompt_tokens=16)
+    assert [r["spec"] for r in rows] == ["lru", "fate@even"] and all(r["alloc"] == "even" for r in rows)
+    for r in rows:
+        d = r["decode"]
+        assert d["needed"] > 0 and len(r["slots"]) == len(r["hit"])
+        assert all(h is None or 0.0 <= h <= 1.0 for h in r["hit"])
+        assert min(r["slots"]) >= 1 and len(set(r["slots"])) <= 2  # even: what does not divide goes shallow
+        if r["lru"] is not None:
+            assert all(0.0 <= lo <= c + 1e-9 <= 1.0 + 1e-9 for lo, c in zip(r["lru"], r["counted"]))
+        assert sum(r["needed"]) == d["needed"]
+        assert sum((h or 0.0) * k for h, k in zip(r["hit"], r["needed"])) == pytest.approx(d["hits"])
+    lru = rows[0]
+    assert any(h is not None and h < 1.0 for h in lru["hit"])  # a 50 % cache misses somewhere

@@ -97,6 +97,10 @@ class ExpertStats:
             host += self._host[ph][i]
         return summarize(tot, stall, host)
 
+    def phase_layer(self, phase: str, layer: int) -> dict:
+        """The summary of one layer in one phase (``prefill`` or ``decode``)."""
+        return self._sum([(phase, layer)])
+
     def to_dict(self) -> dict:
         """``total``, ``prefill``, ``decode`` and ``layers`` (one per layer) summaries, and
         ``bytes_by_precision``: the expert figures of :mod:`fate.runtime.stats`' schema."""
