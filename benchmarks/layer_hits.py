@@ -30,6 +30,9 @@ def measure(bundle: str, mem: str, link: str, specs: list[str], n: int = 64, pro
         m = fate.load(bundle, policy=policy, mem=mem, link=link, threads=1, verify=False, cache_alloc=alloc or "auto")
         try:
             off, cfg = m.offloading, m.config
+            if off is None:
+                raise SystemExit(f"layer_hits: --mem {mem} holds every expert of {bundle}, so nothing is offloaded; "
+                                 "give a smaller --mem such as 50%")
             ids = synthetic_prompt(m.tokenizer, prompt_tokens)
             m.generate(ids, max(1, n // 2), temperature=0.0, stop_at_eos=False)
             off.stats.reset()
